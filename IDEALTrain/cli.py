@@ -1,0 +1,238 @@
+"""The ``idealtrain`` command line. Command names and flags are a contract that scripts rely on."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import IdealError, TrainingStopped
+
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+
+
+def _write_json(data: dict, path: Path) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(data, indent=2))
+
+
+def _frame_output(path: Path, frame: int) -> Path:
+    """``out.seg.nrrd`` -> ``out_frame03.seg.nrrd``."""
+    name = path.name
+    stem = name.split(".")[0]
+    return path.with_name(f"{stem}_frame{frame:02d}{name[len(stem):]}")
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_phantom(args: argparse.Namespace) -> None:
+    from .phantom import write_phantom_dataset
+
+    paths = write_phantom_dataset(args.out, args.cases, args.seed, pairs=args.pairs)
+    print(f"wrote {len(paths)} phantom volume(s) with labels to {args.out}/images and {args.out}/labels")
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from .predictor import Predictor
+    from .volume_files import read_frames, read_image, write_image
+
+    output = Path(args.output) if args.output else Path(Path(args.input).name.split(".")[0] + ".seg.nrrd")
+    if args.all_frames:
+        frames = list(enumerate(read_frames(args.input, args.series)))
+        targets = [(_frame_output(output, n), image) for n, image in frames]
+    else:
+        targets = [(output, read_image(args.input, args.frame, args.series))]
+    outputs = [path for path, _ in targets]
+    if args.uncertainty:
+        outputs += [_frame_output(Path(args.uncertainty), n) if args.all_frames else Path(args.uncertainty) for n in range(len(targets))]
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise IdealError(f"output already exists: {', '.join(existing)}; choose another --output or pass --overwrite")
+    predictor = Predictor(args.model, device=args.device)
+    for index, (path, image) in enumerate(targets):
+        prediction = predictor.predict(image)
+        write_image(prediction.labels, path, predictor.bundle.labels)
+        message = f"segmented {args.input} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
+        if args.uncertainty and prediction.uncertainty is not None:
+            uncertainty_path = _frame_output(Path(args.uncertainty), index) if args.all_frames else Path(args.uncertainty)
+            write_image(prediction.uncertainty, uncertainty_path)
+            message += f"; uncertainty -> {uncertainty_path}"
+        print(message)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .metrics import score
+    from .volume_files import read_image
+
+    pred, ref = read_image(args.pred), read_image(args.ref)
+    print(json.dumps(score(pred, ref), indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .datasets import load_cases
+    from .metrics import mean_scores, score
+    from .predictor import Predictor
+
+    predictor = Predictor(args.model, device=args.device)
+    names = {label.value: label.segment_id for label in predictor.bundle.labels}
+    cases = load_cases(args.data, default_list="val.list", require_labels=True)
+    per_case = {}
+    for case in cases:
+        per_case[case.name] = score(predictor.predict(case.image).labels, case.label, names)
+        print(f"{case.name}: mean Dice {per_case[case.name]['mean']['dice']:.4f}", file=sys.stderr)
+    results = {"model": args.model, "data": args.data, "cases": per_case, "mean": mean_scores(list(per_case.values()))}
+    _write_json(results, Path(args.out))
+    print(json.dumps(results["mean"], indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .bundle import save_bundle
+    from .datasets import load_cases
+    from .training import TrainConfig, train_supervised
+
+    output = Path(args.out)
+    if output.exists() and not args.overwrite:
+        raise IdealError(f"{output} already exists; choose another --out or pass --overwrite")
+    config = _train_config(args)
+    train_cases = load_cases(args.data, default_list="train_slices.list", require_labels=True)
+    val_cases = load_cases(args.val, default_list="val.list", require_labels=True) if args.val else None
+    bundle = train_supervised(
+        train_cases,
+        config,
+        val_cases=val_cases,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        progress_json=args.progress_json,
+    )
+    bundle.model_id, bundle.version = args.id, args.version
+    bundle.training["data"] = args.data
+    bundle.training["validation_data"] = args.val
+    save_bundle(bundle, output, half_precision=args.half, overwrite=args.overwrite)
+    print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
+
+
+def _train_config(args: argparse.Namespace):
+    from .networks import NetworkConfig
+    from .preprocessing import Preprocessing
+    from .training import TrainConfig
+
+    network = NetworkConfig(base_channels=args.base_channels, depth=args.depth, decoders=tuple(args.decoders.split(",")))
+    preprocessing = Preprocessing(inplane=args.inplane, size=(args.size, args.size), spacing=(args.spacing, args.spacing))
+    return TrainConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        network=network,
+        preprocessing=preprocessing,
+    )
+
+
+def cmd_bundle_info(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle, read_card
+
+    load_bundle(args.bundle)  # verifies checksum, label map and architecture first
+    print(json.dumps(read_card(args.bundle), indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), cases=args.cases, iterations=args.iterations, seed=args.seed, device=args.device)
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idealtrain", description="IDEAL cardiac MRI segmentation: data, training, inference, metrics.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("phantom", help="generate synthetic short-axis cardiac volumes with labels")
+    p.add_argument("--out", required=True, help="output folder (gets images/ and labels/)")
+    p.add_argument("--cases", type=int, default=10, help="number of phantoms (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", action="store_true", help="write an end-diastole/end-systole pair per case")
+    p.set_defaults(func=cmd_phantom)
+
+    p = commands.add_parser("segment", help="segment a volume file or DICOM folder")
+    p.add_argument("--model", required=True, help="model bundle (folder or .zip)")
+    p.add_argument("--input", required=True, help="volume file (.nii.gz, .nrrd, .mha) or DICOM folder")
+    p.add_argument("--output", help="label output (.nii.gz, .nrrd or .seg.nrrd; default INPUT.seg.nrrd here)")
+    p.add_argument("--uncertainty", help="also write the decoder-disagreement map (0-1) here")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    frame = p.add_mutually_exclusive_group()
+    frame.add_argument("--frame", type=int, help="frame of a cine/4D input (0-based)")
+    frame.add_argument("--all-frames", action="store_true", help="segment every frame (outputs get _frameNN)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_segment)
+
+    p = commands.add_parser("evaluate", help="segment a labelled dataset and score it (Dice, HD95, ASD)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder:DIR, ssl4mis:DIR[:LIST] (default val.list) or sunnybrook:DIR")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("train", help="supervised training (Dice + cross-entropy) on labelled slices")
+    p.add_argument("--data", required=True, help="labelled data: folder:DIR, ssl4mis:DIR[:LIST] (default train_slices.list), sunnybrook:DIR")
+    p.add_argument("--val", help="validation volumes (same SPEC forms; ssl4mis default val.list)")
+    p.add_argument("--iterations", type=int, required=True)
+    p.add_argument("--out", required=True, help="output bundle (folder, or .zip)")
+    p.add_argument("--checkpoint-dir", help="where to keep the resumable training state")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--validate-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--lr", type=float, default=0.01, help="initial SGD learning rate (poly decay)")
+    p.add_argument("--inplane", choices=("size", "spacing"), default="size", help="resize slices to --size, or resample to --spacing mm")
+    p.add_argument("--size", type=int, default=256, help="network in-plane size for --inplane size")
+    p.add_argument("--spacing", type=float, default=1.4, help="in-plane mm for --inplane spacing")
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--depth", type=int, default=5)
+    p.add_argument("--decoders", default="unet,fpn", help="comma-separated decoder kinds (unet, fpn)")
+    p.add_argument("--half", action="store_true", help="store float16 weights in the bundle")
+    p.add_argument("--id", default="idealsegment-model", help="model id written to the card")
+    p.add_argument("--version", default="0.1.0", help="model version written to the card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("score", help="per-class Dice, HD95 and ASD of a label file against a reference")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--ref", required=True)
+    p.set_defaults(func=cmd_score)
+
+    p = commands.add_parser("bundle", help="model bundle tools")
+    bundle_commands = p.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    info = bundle_commands.add_parser("info", help="verify a bundle and print its card")
+    info.add_argument("bundle")
+    info.set_defaults(func=cmd_bundle_info)
+
+    p = commands.add_parser("demo", help="end to end on phantoms: generate, train, segment held-out cases, print Dice")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--cases", type=int, default=12, help="training phantoms (default 12)")
+    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; user errors print one line and exit 2, a stopped training run exits 3."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except IdealError as error:
+        print(f"idealtrain: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingStopped as stopped:
+        print(f"idealtrain: {stopped}", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,34 @@
+"""Small builders shared by the tests: oblique, anisotropic, non-zero-origin volumes and tiny bundles."""
+from __future__ import annotations
+
+import numpy as np
+
+from IDEALTrain.bundle import Bundle
+from IDEALTrain.image import Image
+from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
+from IDEALTrain.preprocessing import Preprocessing
+
+
+def oblique_direction(seed: int = 3) -> np.ndarray:
+    """A proper rotation matrix that is clearly not axis-aligned."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def oblique_image(shape=(7, 40, 48), dtype=np.float32, seed: int = 0) -> Image:
+    """Random voxels on an oblique, anisotropic grid with a non-zero origin."""
+    rng = np.random.default_rng(seed)
+    array = (rng.random(shape) * 1000).astype(dtype)
+    return Image(array, spacing=(1.37, 1.21, 8.5), origin=(-112.5, 37.25, 201.0), direction=oblique_direction(seed + 3))
+
+
+def tiny_bundle(seed: int = 0, decoders=("unet", "fpn"), inplane: str = "spacing") -> Bundle:
+    """An untrained small network wrapped as a bundle (fast to save, load and run)."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = NetworkConfig(base_channels=4, depth=3, dropout=(0.0, 0.0, 0.0), decoders=decoders, fpn_channels=8)
+    network = SegmentationNetwork(config)
+    plan = Preprocessing(inplane=inplane, size=(32, 32), spacing=(2.0, 2.0))
+    return Bundle(config, plan, network.state_dict(), model_id="tiny-test", version="0.0.1")

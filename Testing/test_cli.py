@@ -1,0 +1,121 @@
+"""The idealtrain command line: every command end to end, and one clear line on bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from IDEALTrain.bundle import save_bundle
+from IDEALTrain.cli import main
+from IDEALTrain.volume_files import read_image, write_image
+
+from helpers import oblique_image, tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    return save_bundle(tiny_bundle(), tmp_path_factory.mktemp("bundle") / "tiny.zip")
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    assert main(["phantom", "--out", str(out), "--cases", "2", "--seed", "4"]) == 0
+    return out
+
+
+def _error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("idealtrain: error: ")
+    return lines[0]
+
+
+def test_phantom_writes_matching_pairs(phantoms):
+    images = sorted(p.name for p in (phantoms / "images").iterdir())
+    assert images == ["phantom_0000.nii.gz", "phantom_0001.nii.gz"]
+    assert images == sorted(p.name for p in (phantoms / "labels").iterdir())
+
+
+def test_segment_writes_on_the_input_grid_and_never_overwrites(bundle_path, phantoms, tmp_path, capsys):
+    source = phantoms / "images" / "phantom_0000.nii.gz"
+    out, uncertainty = tmp_path / "case.seg.nrrd", tmp_path / "case_uncertainty.nii.gz"
+    args = ["segment", "--model", str(bundle_path), "--input", str(source), "--output", str(out), "--uncertainty", str(uncertainty), "--device", "cpu"]
+    assert main(args) == 0
+    image = read_image(source)
+    assert read_image(out).same_grid(image, tolerance=1e-5) and read_image(uncertainty).same_grid(image, tolerance=1e-5)
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already exists" in _error_line(capsys)
+    assert out.read_bytes() == before
+
+
+def test_segment_every_frame_of_a_cine_file(bundle_path, tmp_path):
+    frames = [oblique_image().with_array(oblique_image(seed=t).array).to_sitk() for t in range(3)]
+    cine = sitk.JoinSeries(frames)
+    source = tmp_path / "cine.nii.gz"
+    sitk.WriteImage(cine, str(source))
+    assert main(["segment", "--model", str(bundle_path), "--input", str(source), "--output", str(tmp_path / "out.nii.gz"), "--all-frames", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("out_frame*")) == ["out_frame00.nii.gz", "out_frame01.nii.gz", "out_frame02.nii.gz"]
+
+
+def test_score_and_evaluate(bundle_path, phantoms, tmp_path, capsys):
+    label = phantoms / "labels" / "phantom_0001.nii.gz"
+    assert main(["score", "--pred", str(label), "--ref", str(label)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["unit"] == "mm" and scores["mean"]["dice"] == 1.0 and scores["mean"]["hd95"] == 0.0
+    results = tmp_path / "results.json"
+    assert main(["evaluate", "--model", str(bundle_path), "--data", f"folder:{phantoms}", "--out", str(results), "--device", "cpu"]) == 0
+    saved = json.loads(results.read_text())
+    assert set(saved["cases"]) == {"phantom_0000", "phantom_0001"} and saved["mean"]["volumes"] == 2
+
+
+def test_train_with_json_progress_then_bundle_info(phantoms, tmp_path, capsys):
+    out = tmp_path / "model"
+    args = ["train", "--data", f"folder:{phantoms}", "--iterations", "3", "--out", str(out), "--progress-json", "--device", "cpu",
+            "--base-channels", "4", "--depth", "3", "--inplane", "spacing", "--spacing", "4", "--batch-size", "2",
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]
+    assert main(args) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["iteration"] for e in progress] == [1, 2, 3] and all(e["total"] == 3 and "loss" in e and "eta_s" in e for e in progress)
+    assert [e["iteration"] for e in events if e["event"] == "checkpoint"] == [2, 3]
+    assert events[-1] == {"event": "done", "bundle": str(out)}
+    assert main(["bundle", "info", str(out)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["training"]["recipe"]["iterations"] == 3 and card["architecture"]["base_channels"] == 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["segment", "--model", "{bundle}", "--input", "{tmp}/absent.nii.gz"], "no such file"),
+        (["segment", "--model", "{tmp}/evil.pt", "--input", "{image}"], "pickle"),
+        (["segment", "--model", "{bundle}", "--input", "{flat}"], "constant"),
+        (["score", "--pred", "{image}", "--ref", "{other}"], "different voxel grids"),
+        (["evaluate", "--model", "{bundle}", "--data", "acdc:{tmp}", "--out", "{tmp}/r.json"], "invalid data spec"),
+        (["bundle", "info", "{tmp}"], "not a model bundle"),
+    ],
+)
+def test_bad_input_is_one_clear_line(bundle_path, tmp_path, capsys, args, message):
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04junk")
+    image = write_image(oblique_image(), tmp_path / "image.nrrd")
+    other = write_image(oblique_image((6, 40, 48)), tmp_path / "other.nrrd")
+    flat = write_image(oblique_image().with_array(np.ones((7, 40, 48), np.float32)), tmp_path / "flat.nii.gz")
+    values = {"bundle": bundle_path, "tmp": tmp_path, "image": image, "other": other, "flat": flat}
+    assert main([a.format(**values) for a in args]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_module_and_help_run_as_programs():
+    result = subprocess.run([sys.executable, "-m", "IDEALTrain", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("phantom", "segment", "evaluate", "train", "score", "bundle", "demo"):
+        assert command in result.stdout
+    result = subprocess.run([sys.executable, "-m", "IDEALTrain", "segment"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--model" in result.stderr
