@@ -68,10 +68,10 @@ class Bundle:
             "weights": {"file": WEIGHTS_NAME, "sha256": weights_sha256, "dtype": weights_dtype},
         }
 
-    def build_network(self) -> SegmentationNetwork:
-        """The network with this bundle's weights loaded, in eval mode."""
-        network = SegmentationNetwork(self.network)
-        expected = network.state_dict()
+    def check_weights(self) -> None:
+        """Refuse weights that do not fit the card's architecture (names and shapes)."""
+        with torch.device("meta"):
+            expected = SegmentationNetwork(self.network).state_dict()
         missing = sorted(set(expected) - set(self.weights))
         unexpected = sorted(set(self.weights) - set(expected))
         if missing or unexpected:
@@ -82,7 +82,12 @@ class Bundle:
         for name, tensor in self.weights.items():
             if tensor.shape != expected[name].shape:
                 raise IdealError(f"weight {name} has shape {tuple(tensor.shape)}, the card's architecture needs {tuple(expected[name].shape)}")
-        network.load_state_dict({name: t.to(expected[name].dtype) for name, t in self.weights.items()})
+
+    def build_network(self) -> SegmentationNetwork:
+        """The network with this bundle's weights loaded, in eval mode."""
+        self.check_weights()
+        network = SegmentationNetwork(self.network)
+        network.load_state_dict(self.weights)
         return network.eval()
 
 
@@ -201,5 +206,5 @@ def load_bundle(path: str | Path) -> Bundle:
         licence=card.get("licence", "unspecified"),
         created=card.get("created", ""),
     )
-    bundle.build_network()  # fail now, with a clear message, if weights and card disagree
+    bundle.check_weights()  # fail now, with a clear message, if weights and card disagree
     return bundle

@@ -67,9 +67,9 @@ def load_folder_cases(root: Path, require_labels: bool = False) -> list[Case]:
 
 def load_ssl4mis_cases(root: Path, list_name: str) -> list[Case]:
     """The volumes or slices named by an SSL4MIS list file (e.g. val.list, train_slices.list)."""
-    from .ssl4mis import read_ssl4mis_list
+    from .ssl4mis import list_cases, read_case
 
-    return [Case(name, image, label) for name, image, label in read_ssl4mis_list(root, list_name)]
+    return [Case(case.name, *read_case(case)) for case in list_cases(root, list_name)]
 
 
 def load_sunnybrook_cases(root: Path) -> list[Case]:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import IdealError
 
@@ -125,27 +126,28 @@ class UNetDecoder(nn.Module):
 
 
 class FPNDecoder(nn.Module):
-    """Decoder 2: a feature-pyramid decoder (1x1 laterals, additive top-down fusion, one 3x3
-    smoothing per level), deliberately unlike decoder 1 so the two streams disagree usefully."""
+    """Decoder 2: a feature-pyramid decoder, deliberately unlike decoder 1: 1x1 laterals, additive
+    top-down fusion, one 3x3 smoothing per level, logits at half resolution upsampled bilinearly."""
 
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         width = config.fpn_channels
-        self.laterals = nn.ModuleList([nn.Conv2d(c, width, 1) for c in config.channels])
+        self.laterals = nn.ModuleList([nn.Conv2d(c, width, 1) for c in config.channels[1:]])
         self.smooth = nn.ModuleList(
             [
                 nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.LeakyReLU(inplace=True))
-                for _ in config.channels[:-1]
+                for _ in config.channels[1:-1]
             ]
         )
         self.classifier = nn.Conv2d(width, config.num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        x = self.laterals[-1](features[-1])
-        for level in range(len(features) - 2, -1, -1):
-            x = F.interpolate(x, size=features[level].shape[-2:], mode="bilinear", align_corners=False)
-            x = self.smooth[level](x + self.laterals[level](features[level]))
-        return self.classifier(x)
+        pyramid = features[1:]
+        x = self.laterals[-1](pyramid[-1])
+        for level in range(len(pyramid) - 2, -1, -1):
+            x = F.interpolate(x, size=pyramid[level].shape[-2:], mode="bilinear", align_corners=False)
+            x = self.smooth[level](x + self.laterals[level](pyramid[level]))
+        return F.interpolate(self.classifier(x), size=features[0].shape[-2:], mode="bilinear", align_corners=False)
 
 
 class DenseProjectionHead(nn.Module):
@@ -175,3 +177,19 @@ class SegmentationNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = self.encoder(x)
         return [decoder(features) for decoder in self.decoders]
+
+
+def fold_batch_norm(module: nn.Module) -> nn.Module:
+    """Fold eval-mode batch norms into the convolutions before them (inference only).
+
+    The same affine maths in one pass instead of two, which matters for memory-bound 2D convs.
+    """
+    for child in module.children():
+        fold_batch_norm(child)
+    if isinstance(module, nn.Sequential):
+        layers = list(module)
+        for index, (layer, following) in enumerate(zip(layers, layers[1:])):
+            if isinstance(layer, nn.Conv2d) and isinstance(following, nn.BatchNorm2d):
+                module[index] = fuse_conv_bn_eval(layer, following)
+                module[index + 1] = nn.Identity()
+    return module

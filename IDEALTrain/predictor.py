@@ -6,11 +6,13 @@ variation distance between the two class distributions, 0-1) is a per-voxel unce
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ import torch
 from .bundle import Bundle, load_bundle
 from .errors import IdealError
 from .image import Image
+from .networks import fold_batch_norm
 from .preprocessing import SliceGrid, check_volume
 
 ProgressCallback = Callable[[int, int], None]
@@ -57,7 +60,7 @@ class Predictor:
         self.device = resolve_device(device)
         # One slice at a time keeps activations in cache on CPU; GPUs want big batches.
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
-        self.network = self.bundle.build_network()
+        self.network = fold_batch_norm(self.bundle.build_network())
         self._place(self.device)
 
     def _place(self, device: torch.device) -> None:
@@ -93,23 +96,47 @@ class Predictor:
                     warnings.warn("CUDA out of memory even one slice at a time: continuing on the CPU")
                     self._place(torch.device("cpu"))
 
-    @torch.inference_mode()
     def _run(self, slices: torch.Tensor, progress: ProgressCallback | None):
         """Mean class probabilities (S, C, H, W) and decoder disagreement (S, H, W) or None."""
-        cuda = self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
+        batches = torch.split(slices, self.batch_size)
         means, disagreements = [], []
-        total = len(slices)
-        for first in range(0, total, self.batch_size):
-            batch = slices[first : first + self.batch_size].to(self.device, non_blocking=cuda)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = self.network(batch)
-            streams = [torch.softmax(l.float(), dim=1) for l in logits]
-            means.append((sum(streams) / len(streams)).cpu())
-            if len(streams) > 1:
-                disagreements.append((0.5 * (streams[0] - streams[1]).abs().sum(dim=1)).cpu())
-            if progress is not None:
-                progress(min(first + self.batch_size, total), total)
-        mean = torch.cat(means)
-        return mean, (torch.cat(disagreements) if disagreements else None)
+        with _slice_workers(self.device) as run_all:
+            for done, (mean, disagreement) in enumerate(run_all(self._infer, batches), start=1):
+                means.append(mean)
+                if disagreement is not None:
+                    disagreements.append(disagreement)
+                if progress is not None:
+                    progress(min(done * self.batch_size, len(slices)), len(slices))
+        return torch.cat(means), (torch.cat(disagreements) if disagreements else None)
+
+    @torch.inference_mode()
+    def _infer(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = self.device.type == "cuda"
+        batch = batch.to(self.device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            logits = self.network(batch)
+        streams = [torch.softmax(stream.float(), dim=1) for stream in logits]
+        mean = (sum(streams) / len(streams)).cpu()
+        if len(streams) == 1:
+            return mean, None
+        return mean, (0.5 * (streams[0] - streams[1]).abs().sum(dim=1)).cpu()
+
+
+@contextlib.contextmanager
+def _slice_workers(device: torch.device) -> Iterator[Callable]:
+    """How batches are mapped: in order on a GPU; on a CPU one single-threaded worker per core.
+
+    Small 2D convolutions are memory-bound and scale poorly across threads, so running
+    different slices side by side is faster than splitting each convolution; the process's
+    torch thread count is restored afterwards.
+    """
+    workers = torch.get_num_threads()
+    if device.type != "cpu" or workers < 2:
+        yield map
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(workers)

@@ -82,3 +82,16 @@ def test_slice_grid_maps_back_exactly():
         assert grid.labels_to_network(labels).shape == x.shape[:1] + x.shape[-2:]
         back = grid.network_to_volume(x.repeat(1, 2, 1, 1))
         assert back.shape == (2, 6, 50, 37)
+
+
+def test_dicom_folder_prediction_keeps_the_series_grid(predictor, tmp_path):
+    from IDEALTrain.dicom_series import write_dicom_series
+
+    image = oblique_image().with_array(np.round(oblique_image().array).astype(np.int16))
+    write_dicom_series(image, tmp_path / "series")
+    dicom = read_image(tmp_path / "series")
+    assert dicom.same_grid(image, tolerance=1e-4)
+    labels = predictor.predict(dicom).labels
+    assert labels.same_grid(dicom, tolerance=0)
+    written = read_image(write_image(labels, tmp_path / "labels.seg.nrrd", predictor.bundle.labels))
+    assert written.same_grid(image, tolerance=1e-4)

@@ -25,19 +25,12 @@ SHAPE = (10, 256, 256)
 
 
 def _volume():
-    from IDEALTrain.image import Image
+    """A 10x256x256 phantom and a plan that feeds its slices to the network unresized."""
     from IDEALTrain.phantom import make_phantom
     from IDEALTrain.preprocessing import Preprocessing
 
-    image, _ = make_phantom(0)
-    # Resample the phantom's slices to 256x256 so both methods see network-sized slices.
-    import torch
-    import torch.nn.functional as F
-
-    slices = torch.from_numpy(image.array.astype(np.float32))[:, None]
-    array = F.interpolate(slices, size=SHAPE[1:], mode="bilinear", align_corners=False)[:, 0].numpy()
-    array = np.resize(array, SHAPE) if array.shape[0] != SHAPE[0] else array
-    return Image(np.ascontiguousarray(array), image.spacing, image.origin, image.direction), Preprocessing(inplane="size", size=SHAPE[1:])
+    image, _ = make_phantom(0, size=SHAPE[::-1])
+    return image, Preprocessing(inplane="size", size=SHAPE[1:])
 
 
 def _bundle(model: str | None):
@@ -54,13 +47,12 @@ def _bundle(model: str | None):
     return Bundle(config, plan, SegmentationNetwork(config).state_dict())
 
 
-def _plain_loop(bundle, image) -> np.ndarray:
+def _plain_loop(bundle, network, image) -> np.ndarray:
     """The reference: eval-mode network, fp32, default memory format, one slice at a time."""
     import torch
 
     from IDEALTrain.preprocessing import SliceGrid
 
-    network = bundle.build_network()
     grid = SliceGrid(image, bundle.preprocessing, bundle.network.size_multiple)
     slices = grid.image_to_network(image)
     labels = []
@@ -82,7 +74,8 @@ def worker(method: str, model: str | None, repeats: int, labels_out: str) -> Non
         predictor = Predictor(bundle, device="cpu")
         run = lambda: predictor.predict(image).labels.array  # noqa: E731
     else:
-        run = lambda: _plain_loop(bundle, image)  # noqa: E731
+        network = bundle.build_network()
+        run = lambda: _plain_loop(bundle, network, image)  # noqa: E731
     labels = run()  # warm-up
     times = []
     for _ in range(repeats):

@@ -1,0 +1,50 @@
+"""The network family: shapes, configuration round trip, and the dense projection head."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from IDEALTrain.errors import IdealError
+from IDEALTrain.networks import DenseProjectionHead, NetworkConfig, SegmentationNetwork
+
+
+def test_default_matches_the_ssl4mis_unet():
+    config = NetworkConfig()
+    assert config.channels == [16, 32, 64, 128, 256] and config.dropout == (0.05, 0.1, 0.2, 0.3, 0.5)
+    assert config.size_multiple == 16
+
+
+@pytest.mark.parametrize("decoders", [("unet",), ("fpn",), ("unet", "fpn")])
+def test_each_decoder_gives_full_resolution_logits(decoders):
+    config = NetworkConfig(base_channels=4, depth=4, decoders=decoders)
+    network = SegmentationNetwork(config).eval()
+    logits = network(torch.rand(2, 1, 48, 64))
+    assert [tuple(l.shape) for l in logits] == [(2, 4, 48, 64)] * len(decoders)
+
+
+def test_the_two_decoders_are_different_architectures():
+    network = SegmentationNetwork(NetworkConfig())
+    first, second = network.decoders
+    assert type(first) is not type(second)
+    assert sum(p.numel() for p in first.parameters()) != sum(p.numel() for p in second.parameters())
+
+
+def test_projection_head_is_dense_and_normalised():
+    config = NetworkConfig(base_channels=4, depth=3)
+    features = SegmentationNetwork(config).encoder(torch.rand(2, 1, 32, 32))
+    head = DenseProjectionHead(config.channels[-1], out_channels=16)
+    embedding = head(features[-1])
+    assert embedding.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(embedding.norm(dim=1), torch.ones(2, 8, 8))
+    assert all(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_config_json_round_trip_and_errors():
+    config = NetworkConfig(base_channels=8, depth=4, decoders=("fpn", "unet"))
+    assert NetworkConfig.from_json(config.to_json()) == config
+    with pytest.raises(IdealError, match="unknown decoder"):
+        NetworkConfig(decoders=("transformer",))
+    with pytest.raises(IdealError, match="unknown architecture field"):
+        NetworkConfig.from_json({**config.to_json(), "attention": True})
+    with pytest.raises(IdealError, match="one value per level"):
+        NetworkConfig(depth=3, dropout=(0.1, 0.2))
