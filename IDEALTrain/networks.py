@@ -30,7 +30,7 @@ class NetworkConfig:
     depth: int = 5
     decoders: tuple[str, ...] = ("unet", "fpn")
     dropout: tuple[float, ...] = ()  # per level; empty = the SSL4MIS schedule for this depth
-    fpn_channels: int = 32
+    fpn_channels: int = 16
     projection_dim: int = 128
     name: str = field(default="ideal-unet2d")
 
@@ -126,28 +126,27 @@ class UNetDecoder(nn.Module):
 
 
 class FPNDecoder(nn.Module):
-    """Decoder 2: a feature-pyramid decoder, deliberately unlike decoder 1: 1x1 laterals, additive
-    top-down fusion, one 3x3 smoothing per level, logits at half resolution upsampled bilinearly."""
+    """Decoder 2: a feature-pyramid decoder, deliberately unlike decoder 1: 1x1 laterals to one
+    narrow width, additive top-down fusion and a single 3x3 smoothing per level."""
 
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         width = config.fpn_channels
-        self.laterals = nn.ModuleList([nn.Conv2d(c, width, 1) for c in config.channels[1:]])
+        self.laterals = nn.ModuleList([nn.Conv2d(c, width, 1) for c in config.channels])
         self.smooth = nn.ModuleList(
             [
                 nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.LeakyReLU(inplace=True))
-                for _ in config.channels[1:-1]
+                for _ in config.channels[:-1]
             ]
         )
         self.classifier = nn.Conv2d(width, config.num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        pyramid = features[1:]
-        x = self.laterals[-1](pyramid[-1])
-        for level in range(len(pyramid) - 2, -1, -1):
-            x = F.interpolate(x, size=pyramid[level].shape[-2:], mode="bilinear", align_corners=False)
-            x = self.smooth[level](x + self.laterals[level](pyramid[level]))
-        return F.interpolate(self.classifier(x), size=features[0].shape[-2:], mode="bilinear", align_corners=False)
+        x = self.laterals[-1](features[-1])
+        for level in range(len(features) - 2, -1, -1):
+            x = F.interpolate(x, size=features[level].shape[-2:], mode="bilinear", align_corners=False)
+            x = self.smooth[level](x + self.laterals[level](features[level]))
+        return self.classifier(x)
 
 
 class DenseProjectionHead(nn.Module):

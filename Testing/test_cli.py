@@ -119,3 +119,31 @@ def test_module_and_help_run_as_programs():
         assert command in result.stdout
     result = subprocess.run([sys.executable, "-m", "IDEALTrain", "segment"], capture_output=True, text=True)
     assert result.returncode == 2 and "--model" in result.stderr
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(phantoms, tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    common = ["--data", f"folder:{phantoms}", "--iterations", "40", "--device", "cpu", "--base-channels", "4", "--depth", "3",
+              "--inplane", "spacing", "--spacing", "4", "--batch-size", "2", "--checkpoint-every", "1000", "--progress-json"]
+    program = [sys.executable, "-m", "IDEALTrain", "train"]
+    subprocess.run(program + common + ["--out", str(tmp_path / "straight")], check=True, capture_output=True)
+
+    checkpoints = tmp_path / "ckpt"
+    run = subprocess.Popen(program + common + ["--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(checkpoints)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:
+        if json.loads(line).get("iteration") == 5:
+            run.send_signal(signal.SIGTERM)
+            break
+    run.stdout.read()
+    assert run.wait(timeout=60) == 3, run.stderr.read()
+    assert (checkpoints / "last.safetensors").is_file() and not (tmp_path / "resumed").exists()
+    subprocess.run(program + common + ["--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(checkpoints), "--resume"],
+                   check=True, capture_output=True)
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(np.array_equal(straight[k].numpy(), resumed[k].numpy()) for k in straight)

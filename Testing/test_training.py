@@ -15,7 +15,7 @@ from IDEALTrain.preprocessing import Preprocessing
 from IDEALTrain.training import TrainConfig, train_supervised
 
 def small_config(iterations: int, **overrides) -> TrainConfig:
-    network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.1))
+    network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.0))
     plan = Preprocessing(inplane="spacing", spacing=(3.0, 3.0))
     return TrainConfig(iterations=iterations, batch_size=8, learning_rate=0.05, network=network, preprocessing=plan, **overrides)
 
@@ -27,13 +27,13 @@ def phantoms():
 
 def test_short_supervised_run_learns(phantoms):
     train, held_out = phantoms
-    bundle = train_supervised(train, small_config(150, validate_every=75), val_cases=held_out[:1], device="cpu")
+    bundle = train_supervised(train, small_config(200, validate_every=100), val_cases=held_out[:1], device="cpu")
     predictor = Predictor(bundle, device="cpu")
     result = mean_scores([score(predictor.predict(case.image).labels, case.label) for case in held_out[1:]])
     # Chance level for these thin structures is a Dice near 0; a learning network is far above.
     assert result["mean"]["dice"] > 0.6, result
     assert all(result["classes"][name]["dice"] > 0.4 for name in CLASS_NAMES.values()), result
-    assert bundle.training["selected_iteration"] in (75, 150)
+    assert bundle.training["selected_iteration"] in (100, 200)
     assert bundle.validation["mean"]["dice"] > 0.5
 
 
