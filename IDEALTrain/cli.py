@@ -53,7 +53,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
     for index, (path, image) in enumerate(targets):
         prediction = predictor.predict(image)
         write_image(prediction.labels, path, predictor.bundle.labels)
-        message = f"segmented {args.input} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
+        source = f"{args.input} frame {index}" if args.all_frames else args.input
+        message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
         if args.uncertainty and prediction.uncertainty is not None:
             uncertainty_path = _frame_output(Path(args.uncertainty), index) if args.all_frames else Path(args.uncertainty)
             write_image(prediction.uncertainty, uncertainty_path)

@@ -282,7 +282,7 @@ def read_dicom(folder: str | Path, series_uid: str | None = None, frame: int | N
         if len(frames) > 1:
             raise IdealError(
                 f"DICOM series {uid} is cine with {len(frames)} frames: choose one with --frame N "
-                f"(0-{len(frames) - 1}), or segment every frame"
+                f"(0-{len(frames) - 1}), or segment every frame with --all-frames"
             )
         frame = 0
     if not 0 <= frame < len(frames):

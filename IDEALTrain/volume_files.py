@@ -64,7 +64,11 @@ def read_frames(path: str | Path, series_uid: str | None = None) -> list[Image]:
 
 def read_image(path: str | Path, frame: int | None = None, series_uid: str | None = None) -> Image:
     """One 3D volume from a file or DICOM folder; ``frame`` picks one frame of a 4D/cine input."""
-    frames = read_frames(path, series_uid)
+    if Path(path).is_dir():
+        from .dicom_series import read_dicom
+
+        return read_dicom(path, series_uid, frame)  # reads only the chosen frame's files
+    frames = read_frames(path)
     if frame is None:
         if len(frames) > 1:
             raise IdealError(
