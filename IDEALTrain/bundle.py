@@ -31,6 +31,8 @@ WEIGHTS_NAME = "model.safetensors"
 BUNDLE_FORMAT = "idealsegment-bundle"
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
+#: A segmentation model, or an encoder from contrastive pretraining (weights ``encoder.*`` only).
+BUNDLE_KINDS = ("segmentation", "pretrained-encoder")
 
 
 @dataclass
@@ -48,12 +50,14 @@ class Bundle:
     validation: dict = field(default_factory=dict)
     licence: str = "unspecified"
     created: str = ""
+    kind: str = "segmentation"
 
     def card(self, weights_sha256: str = "", weights_dtype: str = "float32") -> dict:
         """The JSON card describing this bundle."""
         return {
             "format": BUNDLE_FORMAT,
             "format_version": FORMAT_VERSION,
+            "kind": self.kind,
             "id": self.model_id,
             "version": self.version,
             "description": self.description,
@@ -72,6 +76,8 @@ class Bundle:
         """Refuse weights that do not fit the card's architecture (names and shapes)."""
         with torch.device("meta"):
             expected = SegmentationNetwork(self.network).state_dict()
+        if self.kind == "pretrained-encoder":
+            expected = {name: t for name, t in expected.items() if name.startswith("encoder.")}
         missing = sorted(set(expected) - set(self.weights))
         unexpected = sorted(set(self.weights) - set(expected))
         if missing or unexpected:
@@ -85,6 +91,8 @@ class Bundle:
 
     def build_network(self) -> SegmentationNetwork:
         """The network with this bundle's weights loaded, in eval mode."""
+        if self.kind != "segmentation":
+            raise IdealError(f"model {self.model_id} is a {self.kind} bundle, not a segmentation model: finetune it first")
         self.check_weights()
         network = SegmentationNetwork(self.network)
         network.load_state_dict(self.weights)
@@ -170,6 +178,8 @@ def _parse_card(path: Path, card_text: str) -> dict:
         raise IdealError(f"{path}: {CARD_NAME} is not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
         raise IdealError(f"{path}: {CARD_NAME} is not an IDEALSegment bundle card (format field missing or wrong)")
+    if card.get("kind", "segmentation") not in BUNDLE_KINDS:
+        raise IdealError(f"{path}: unknown bundle kind {card.get('kind')!r}; expected one of {BUNDLE_KINDS}")
     if card.get("format_version", 0) > FORMAT_VERSION:
         raise IdealError(f"{path}: bundle format {card['format_version']} is newer than this IDEALTrain supports ({FORMAT_VERSION})")
     for section in ("architecture", "labels", "preprocessing", "weights"):
@@ -205,6 +215,7 @@ def load_bundle(path: str | Path) -> Bundle:
         validation=card.get("validation", {}),
         licence=card.get("licence", "unspecified"),
         created=card.get("created", ""),
+        kind=card.get("kind", "segmentation"),
     )
     bundle.check_weights()  # fail now, with a clear message, if weights and card disagree
     return bundle

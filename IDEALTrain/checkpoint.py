@@ -1,8 +1,8 @@
-"""Training checkpoints (weights, optimizer, random states) as one safetensors file, no pickle.
+"""Training checkpoints (module weights, optimizer, random states) as one safetensors file, no pickle.
 
-Tensors go into the safetensors body, everything else (iteration, optimizer hyper-parameters,
-run configuration) into its JSON metadata. Files are written atomically, so a run killed while
-saving leaves the previous checkpoint intact.
+Tensors go into the safetensors body, grouped by name (``network::encoder.levels.0...``); everything
+else (iteration, optimizer hyper-parameters, run configuration) goes into its JSON metadata. Files
+are written atomically, so a run killed while saving leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .atomic import atomic_path
 from .errors import IdealError
 
 CHECKPOINT_NAME = "last.safetensors"
+_OPTIMIZER = "optimizer"
 
 
 @dataclass
@@ -25,9 +26,8 @@ class TrainingState:
     """Everything needed to continue a run exactly where it stopped."""
 
     iteration: int
-    model: dict[str, torch.Tensor]
+    tensors: dict[str, dict[str, torch.Tensor]]  # group (a module, random states, ...) -> name -> tensor
     optimizer: dict
-    random_states: dict[str, torch.Tensor]
     info: dict  # JSON-serialisable: run configuration, best validation so far, ...
 
 
@@ -36,7 +36,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -44,10 +44,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for name, value in meta["scalars"].items():
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
@@ -55,15 +52,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(state: TrainingState, directory: str | Path) -> Path:
     """Atomically write ``directory/last.safetensors``."""
-    tensors = {f"model.{name}": t.detach().cpu().contiguous() for name, t in state.model.items()}
     optimizer_tensors, optimizer_meta = _flatten_optimizer(state.optimizer)
-    tensors.update(optimizer_tensors)
-    tensors.update({f"random.{name}": t.cpu().contiguous() for name, t in state.random_states.items()})
-    metadata = {
-        "iteration": str(state.iteration),
-        "optimizer": json.dumps(optimizer_meta),
-        "info": json.dumps(state.info),
-    }
+    groups = {**state.tensors, _OPTIMIZER: optimizer_tensors}
+    tensors = {f"{group}::{name}": t.detach().cpu().contiguous() for group, named in groups.items() for name, t in named.items()}
+    metadata = {"iteration": str(state.iteration), "optimizer": json.dumps(optimizer_meta), "info": json.dumps(state.info)}
     path = Path(directory) / CHECKPOINT_NAME
     with atomic_path(path) as temp:
         save_file(tensors, str(temp), metadata=metadata)
@@ -77,21 +69,16 @@ def load_checkpoint(directory: str | Path) -> TrainingState:
         raise IdealError(f"no checkpoint to resume from in {directory} (expected {CHECKPOINT_NAME})")
     try:
         with safe_open(str(path), "pt") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            flat = {name: handle.get_tensor(name) for name in handle.keys()}
             metadata = handle.metadata() or {}
         optimizer_meta = json.loads(metadata["optimizer"])
         info = json.loads(metadata["info"])
         iteration = int(metadata["iteration"])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise IdealError(f"checkpoint {path} is corrupt or incomplete ({error}); delete it to start over") from None
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "random": {}}
-    for name, tensor in tensors.items():
-        prefix, rest = name.split(".", 1)
-        groups[prefix][name if prefix == "optimizer" else rest] = tensor
-    return TrainingState(
-        iteration=iteration,
-        model=groups["model"],
-        optimizer=_unflatten_optimizer(groups["optimizer"], optimizer_meta),
-        random_states=groups["random"],
-        info=info,
-    )
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        group, name = key.split("::", 1)
+        groups.setdefault(group, {})[name] = tensor
+    optimizer = _unflatten_optimizer(groups.pop(_OPTIMIZER, {}), optimizer_meta)
+    return TrainingState(iteration, groups, optimizer, info)

@@ -87,40 +87,45 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(results["mean"], indent=2))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .bundle import save_bundle
-    from .datasets import load_cases
-    from .training import TrainConfig, train_supervised
-
+def _check_output(args: argparse.Namespace) -> Path:
     output = Path(args.out)
     if output.exists() and not args.overwrite:
         raise IdealError(f"{output} already exists; choose another --out or pass --overwrite")
-    config = _train_config(args)
-    train_cases = load_cases(args.data, default_list="train_slices.list", require_labels=True)
-    val_cases = load_cases(args.val, default_list="val.list", require_labels=True) if args.val else None
-    bundle = train_supervised(
-        train_cases,
-        config,
-        val_cases=val_cases,
-        device=args.device,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        progress_json=args.progress_json,
+    return output
+
+
+def _network_and_plan(args: argparse.Namespace, pretrained=None):
+    """Architecture and preprocessing from the flags, defaulting to the pretrained bundle's."""
+    from .networks import NetworkConfig
+    from .preprocessing import Preprocessing
+
+    base = pretrained.network if pretrained is not None else NetworkConfig()
+    network = NetworkConfig(
+        base_channels=args.base_channels or base.base_channels,
+        depth=args.depth or base.depth,
+        decoders=tuple(args.decoders.split(",")) if getattr(args, "decoders", None) else NetworkConfig().decoders,
     )
+    if args.inplane is None and pretrained is not None:
+        return network, pretrained.preprocessing
+    plan = Preprocessing(inplane=args.inplane or "size", size=(args.size, args.size), spacing=(args.spacing, args.spacing))
+    return network, plan
+
+
+def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) -> None:
+    from .bundle import save_bundle
+
+    if bundle is None:  # not rank 0 of a multi-process run
+        return
     bundle.model_id, bundle.version = args.id, args.version
-    bundle.training["data"] = args.data
-    bundle.training["validation_data"] = args.val
-    save_bundle(bundle, output, half_precision=args.half, overwrite=args.overwrite)
+    bundle.training.update(data)
+    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite)
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
 
 
-def _train_config(args: argparse.Namespace):
-    from .networks import NetworkConfig
-    from .preprocessing import Preprocessing
+def _train_config(args: argparse.Namespace, pretrained=None, **method):
     from .training import TrainConfig
 
-    network = NetworkConfig(base_channels=args.base_channels, depth=args.depth, decoders=tuple(args.decoders.split(",")))
-    preprocessing = Preprocessing(inplane=args.inplane, size=(args.size, args.size), spacing=(args.spacing, args.spacing))
+    network, plan = _network_and_plan(args, pretrained)
     return TrainConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -129,7 +134,72 @@ def _train_config(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
         network=network,
-        preprocessing=preprocessing,
+        preprocessing=plan,
+        **method,
+    )
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    from .datasets import load_cases
+
+    val_cases = load_cases(args.val, default_list="val.list", require_labels=True) if args.val else None
+    return dict(val_cases=val_cases, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_json=args.progress_json)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .datasets import load_cases
+    from .training import train_segmentation
+
+    output = _check_output(args)
+    config = _train_config(args, supervised_only=True)
+    train_cases = load_cases(args.data, default_list="train_slices.list", require_labels=True)
+    bundle = train_segmentation(train_cases, config, **_run_options(args))
+    _save_trained(bundle, args, output, {"data": args.data, "validation_data": args.val})
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle
+    from .selection import select_training_cases, selection_from_args
+    from .training import train_segmentation
+
+    output = _check_output(args)
+    pretrained = load_bundle(args.pretrained) if args.pretrained else None
+    if pretrained is not None and pretrained.kind != "pretrained-encoder":
+        raise IdealError(f"{args.pretrained} is a {pretrained.kind} bundle; --pretrained takes the output of idealtrain pretrain")
+    config = _train_config(args, pretrained, **_finetune_options(args))
+    selection = selection_from_args(args)
+    labeled, unlabeled = select_training_cases(args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only)
+    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, **_run_options(args))
+    data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
+    _save_trained(bundle, args, output, data)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .datasets import load_cases
+    from .pretraining import PretrainConfig, pretrain
+
+    output = _check_output(args)
+    network, plan = _network_and_plan(args)
+    config = PretrainConfig(
+        iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.lr, temperature=args.temperature,
+        samples_per_image=args.samples_per_image, key_momentum=args.key_momentum, queue_size=args.queue_size,
+        dense_level=args.dense_level, global_weight=args.global_weight, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, network=network, preprocessing=plan,
+    )
+    cases = [case for spec in args.data for case in load_cases(spec, default_list="train_slices.list")]
+    bundle = pretrain(cases, config, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_json=args.progress_json)
+    _save_trained(bundle, args, output, {"data": args.data})
+
+
+def _finetune_options(args: argparse.Namespace) -> dict:
+    return dict(
+        supervised_only=args.supervised_only,
+        unlabeled_batch_size=args.unlabeled_batch_size,
+        consistency_weight=args.consistency_weight,
+        ramp_up=args.ramp_up,
+        confidence_threshold=args.confidence_threshold,
+        ema_teacher=args.ema_teacher,
+        ema_decay=args.ema_decay,
     )
 
 
@@ -147,6 +217,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # -- parser ----------------------------------------------------------------------------------
+def _add_run_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float) -> None:
+    """Flags every training command shares: budget, output, checkpoints, progress, model shape."""
+    p.add_argument("--iterations", type=int, required=True)
+    p.add_argument("--out", required=True, help="output bundle (folder, or .zip)")
+    p.add_argument("--checkpoint-dir", help="where to keep the resumable training state")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"slices per iteration (default {batch_size})")
+    p.add_argument("--lr", type=float, default=lr, help=f"initial learning rate, poly decay (default {lr})")
+    p.add_argument("--inplane", choices=("size", "spacing"), help="resize slices to --size (default), or resample to --spacing mm")
+    p.add_argument("--size", type=int, default=256, help="network in-plane size for --inplane size")
+    p.add_argument("--spacing", type=float, default=1.4, help="in-plane mm for --inplane spacing")
+    p.add_argument("--base-channels", type=int, help="encoder width (default 16, or the pretrained bundle's)")
+    p.add_argument("--depth", type=int, help="encoder levels (default 5, or the pretrained bundle's)")
+    p.add_argument("--half", action="store_true", help="store float16 weights in the bundle")
+    p.add_argument("--id", default="idealsegment-model", help="model id written to the card")
+    p.add_argument("--version", default="0.1.0", help="model version written to the card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+
+
+def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that train a segmentation network (train, finetune)."""
+    _add_run_arguments(p, batch_size=12, lr=0.01)
+    p.add_argument("--val", help="validation volumes SPEC (ssl4mis default val.list); the best-scoring weights are kept")
+    p.add_argument("--validate-every", type=int, default=200)
+    p.add_argument("--decoders", help="comma-separated decoder kinds (default unet,fpn)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idealtrain", description="IDEAL cardiac MRI segmentation: data, training, inference, metrics.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -180,29 +281,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="supervised training (Dice + cross-entropy) on labelled slices")
     p.add_argument("--data", required=True, help="labelled data: folder:DIR, ssl4mis:DIR[:LIST] (default train_slices.list), sunnybrook:DIR")
-    p.add_argument("--val", help="validation volumes (same SPEC forms; ssl4mis default val.list)")
-    p.add_argument("--iterations", type=int, required=True)
-    p.add_argument("--out", required=True, help="output bundle (folder, or .zip)")
-    p.add_argument("--checkpoint-dir", help="where to keep the resumable training state")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--validate-every", type=int, default=200)
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
-    p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--lr", type=float, default=0.01, help="initial SGD learning rate (poly decay)")
-    p.add_argument("--inplane", choices=("size", "spacing"), default="size", help="resize slices to --size, or resample to --spacing mm")
-    p.add_argument("--size", type=int, default=256, help="network in-plane size for --inplane size")
-    p.add_argument("--spacing", type=float, default=1.4, help="in-plane mm for --inplane spacing")
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--decoders", default="unet,fpn", help="comma-separated decoder kinds (unet, fpn)")
-    p.add_argument("--half", action="store_true", help="store float16 weights in the bundle")
-    p.add_argument("--id", default="idealsegment-model", help="model id written to the card")
-    p.add_argument("--version", default="0.1.0", help="model version written to the card")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+    _add_segmentation_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("pretrain", help="IDEAL dense contrastive pretraining of the encoder on unlabelled slices")
+    p.add_argument("--data", required=True, action="append", help="unlabelled data SPEC (repeat for several sources; labels are ignored)")
+    _add_run_arguments(p, batch_size=16, lr=1e-3)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--samples-per-image", type=int, default=64, help="pixels sampled per image for the dense loss")
+    p.add_argument("--queue-size", type=int, default=0, help="keys kept from earlier batches as extra negatives (0: none)")
+    p.add_argument("--key-momentum", type=float, default=0.99, help="momentum of the key encoder's moving average")
+    p.add_argument("--dense-level", type=int, default=-1, help="encoder level projected for the dense loss (-1: deepest)")
+    p.add_argument("--global-weight", type=float, default=0.0, help="weight of the image-level InfoNCE term (0: off)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = commands.add_parser("finetune", help="IDEAL two-stream consistency finetuning (or --supervised-only, the baseline)")
+    p.add_argument("--labeled", required=True, help="labelled data SPEC (ssl4mis default list train_slices.list)")
+    p.add_argument("--unlabeled", help="unlabelled data SPEC; cases also in the labelled set are left out")
+    p.add_argument("--pretrained", help="pretrained-encoder bundle from idealtrain pretrain (default: random initialisation)")
+    p.add_argument("--supervised-only", action="store_true", help="the baseline: same network and code path, no unlabelled term")
+    p.add_argument("--unlabeled-batch-size", type=int, default=12)
+    p.add_argument("--consistency-weight", type=float, default=1.0, help="weight of the cross pseudo-label loss after ramp-up")
+    p.add_argument("--ramp-up", type=float, default=0.4, help="share of the iterations over which that weight ramps up (sigmoid)")
+    p.add_argument("--confidence-threshold", type=float, default=0.0, help="ignore pseudo-label pixels less confident than this")
+    p.add_argument("--ema-teacher", action="store_true", help="take pseudo-labels from an exponential moving average of the network")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    from .selection import add_selection_arguments
+
+    add_selection_arguments(p)
+    _add_segmentation_arguments(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = commands.add_parser("score", help="per-class Dice, HD95 and ASD of a label file against a reference")
     p.add_argument("--pred", required=True)

@@ -1,4 +1,5 @@
-"""Data specifications (``folder:DIR``, ``ssl4mis:DIR[:LIST]``, ``sunnybrook:DIR``) as lists of cases.
+"""Data specifications (``folder:DIR``, ``ssl4mis:DIR[:LIST]``, ``sunnybrook:DIR``, ``dicom:DIR``)
+as lists of cases.
 
 A case is one volume (or one SSL4MIS slice) with its optional label, both carrying geometry. The
 spec strings are part of the command-line contract.
@@ -12,7 +13,7 @@ from .errors import IdealError
 from .image import Image
 from .volume_files import VOLUME_SUFFIXES, has_volume_suffix, read_image
 
-SPEC_KINDS = ("folder", "ssl4mis", "sunnybrook")
+SPEC_KINDS = ("folder", "ssl4mis", "sunnybrook", "dicom")
 
 
 @dataclass
@@ -36,7 +37,7 @@ def parse_spec(spec: str) -> tuple[str, Path, str | None]:
     """Split ``KIND:DIR[:LIST]`` into its parts, checking the kind and that DIR exists."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in SPEC_KINDS:
-        raise IdealError(f"invalid data spec {spec!r}; use folder:DIR, ssl4mis:DIR[:LIST] or sunnybrook:DIR")
+        raise IdealError(f"invalid data spec {spec!r}; use folder:DIR, ssl4mis:DIR[:LIST], sunnybrook:DIR or dicom:DIR")
     path_text, _, list_name = rest.partition(":") if kind == "ssl4mis" else (rest, "", "")
     path = Path(path_text)
     if not path.is_dir():
@@ -83,12 +84,30 @@ def load_sunnybrook_cases(root: Path) -> list[Case]:
     return cases
 
 
+def load_dicom_cases(root: Path) -> list[Case]:
+    """Every frame of every DICOM series under ``root``, unlabelled (e.g. for pretraining)."""
+    from .dicom_series import list_series, read_dicom_frames
+
+    cases = []
+    for series in list_series(root):
+        frames = read_dicom_frames(root, series.uid)
+        for index, image in enumerate(frames):
+            suffix = f"_frame{index:02d}" if len(frames) > 1 else ""
+            cases.append(Case(f"{series.uid}{suffix}", image))
+    return cases
+
+
 def load_cases(spec: str, *, default_list: str = "val.list", require_labels: bool = False) -> list[Case]:
     """Load every case a data spec names."""
     kind, path, list_name = parse_spec(spec)
     if kind == "folder":
         return load_folder_cases(path, require_labels)
-    cases = load_ssl4mis_cases(path, list_name or default_list) if kind == "ssl4mis" else load_sunnybrook_cases(path)
+    if kind == "ssl4mis":
+        cases = load_ssl4mis_cases(path, list_name or default_list)
+    elif kind == "sunnybrook":
+        cases = load_sunnybrook_cases(path)
+    else:
+        cases = load_dicom_cases(path)
     if require_labels:
         missing = [case.name for case in cases if case.label is None]
         if missing:

@@ -12,7 +12,7 @@ from .networks import NetworkConfig
 from .phantom import write_phantom_dataset
 from .predictor import Predictor
 from .preprocessing import Preprocessing
-from .training import TrainConfig, train_supervised
+from .training import TrainConfig, train_segmentation
 from .volume_files import write_image
 
 HELD_OUT_CASES = 3
@@ -40,7 +40,7 @@ def run_demo(out: Path, *, cases: int = 12, iterations: int = 500, seed: int = 0
     )
     train_cases = load_folder_cases(train_dir, require_labels=True)
     val_cases = load_folder_cases(val_dir, require_labels=True)
-    bundle = train_supervised(train_cases, config, val_cases=val_cases, device=device)
+    bundle = train_segmentation(train_cases, config, val_cases=val_cases, device=device)
     bundle.model_id, bundle.version, bundle.description = "phantom-demo", "0.1.0", "Supervised demo model trained on phantoms"
     bundle.training["data"] = f"folder:{train_dir}"
     bundle.licence = "Apache-2.0 (trained on generated phantoms only)"

@@ -10,15 +10,19 @@ from tqdm import tqdm
 
 
 class Progress:
-    """Reports iterations of one phase; ``json_lines`` switches from tqdm to JSON events."""
+    """Reports iterations of one phase; ``json_lines`` switches from tqdm to JSON events, and a
+    disabled reporter (any rank but the first of a multi-process run) stays silent."""
 
-    def __init__(self, phase: str, total: int, start: int = 0, json_lines: bool = False) -> None:
-        self.phase, self.total, self.json_lines = phase, total, json_lines
+    def __init__(self, phase: str, total: int, start: int = 0, json_lines: bool = False, enabled: bool = True) -> None:
+        self.phase, self.total, self.json_lines, self.enabled = phase, total, json_lines, enabled
         self.start_iteration, self.start_time = start, time.monotonic()
-        self.bar = None if json_lines else tqdm(total=total, initial=start, desc=phase, file=sys.stderr, dynamic_ncols=True)
+        show_bar = enabled and not json_lines
+        self.bar = tqdm(total=total, initial=start, desc=phase, file=sys.stderr, dynamic_ncols=True) if show_bar else None
 
     def event(self, event: str, **fields: Any) -> None:
         """A one-off event (checkpoint, validation, done); printed as JSON or as a tqdm note."""
+        if not self.enabled:
+            return
         if self.json_lines:
             print(json.dumps({"event": event, "phase": self.phase, **fields}), flush=True)
         elif self.bar is not None:
@@ -26,6 +30,8 @@ class Progress:
 
     def update(self, iteration: int, **metrics: float) -> None:
         """Iteration ``iteration`` (1-based) finished with these metrics."""
+        if not self.enabled:
+            return
         done = iteration - self.start_iteration
         elapsed = time.monotonic() - self.start_time
         eta = elapsed / done * (self.total - iteration) if done > 0 else None

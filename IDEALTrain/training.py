@@ -1,46 +1,55 @@
-"""Supervised training of the segmentation network on 2D slices, validated on whole volumes.
+"""Training the segmentation network: supervised, or IDEAL's two-stream consistency finetuning.
 
-The recipe follows the SSL4MIS baselines (SGD, momentum 0.9, poly learning-rate decay, Dice + CE)
-so results compare with the literature. A run is seeded, checkpoints atomically, and resumes
-exactly: the resumed run ends with the same weights as an uninterrupted one.
+Both run through one code path. Labelled slices get Dice + cross-entropy on both decoders; with
+unlabelled slices (and not ``supervised_only``) each decoder's hard pseudo-label supervises the
+other decoder (cross pseudo-supervision), weighted by a sigmoid ramp-up. The recipe follows the
+SSL4MIS baselines (SGD, momentum 0.9, poly learning-rate decay) so results compare with the
+literature; runs are seeded, checkpoint atomically and resume exactly.
 """
 from __future__ import annotations
 
-import json
-import signal
+import copy
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .augment import Augmentation, augment_batch
 from .bundle import Bundle
-from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .datasets import Case
-from .errors import IdealError, TrainingStopped
-from .losses import dice_ce_loss
+from .distributed import setup_distributed
+from .errors import IdealError
+from .losses import cross_pseudo_label_loss, dice_ce_loss
 from .metrics import mean_scores, score
 from .networks import NetworkConfig, SegmentationNetwork
 from .predictor import Predictor, resolve_device
 from .preprocessing import Preprocessing, SliceGrid, check_volume
-from .progress import Progress
+from .training_loop import TrainingLoop
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of a supervised run (recorded in the bundle card)."""
+    """Hyper-parameters of a training run (recorded in the bundle card)."""
 
     iterations: int = 1000
-    batch_size: int = 12
+    batch_size: int = 12  # labelled slices per iteration
+    unlabeled_batch_size: int = 12
     learning_rate: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
     checkpoint_every: int = 500
     validate_every: int = 200
+    supervised_only: bool = True
+    consistency_weight: float = 1.0
+    ramp_up: float = 0.4  # share of the run over which the consistency weight ramps up
+    confidence_threshold: float = 0.0  # pseudo-label pixels less confident than this are ignored
+    ema_teacher: bool = False  # pseudo-labels from an exponential moving average of the network
+    ema_decay: float = 0.99
     network: NetworkConfig = field(default_factory=NetworkConfig)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -50,170 +59,216 @@ class TrainConfig:
         data.update(network=self.network.to_json(), preprocessing=self.preprocessing.to_json(), augmentation=self.augmentation.to_json())
         return data
 
+    @property
+    def method(self) -> str:
+        return "supervised" if self.supervised_only else "ideal-cross-pseudo-supervision"
 
-def slices_for_training(cases: list[Case], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """All labelled slices of ``cases`` prepared on the network grid: images (N,1,H,W), labels (N,H,W)."""
+
+def consistency_ramp(iteration: int, config: TrainConfig) -> float:
+    """Sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight over ``ramp_up`` of the run."""
+    length = config.ramp_up * config.iterations
+    if length <= 0:
+        return config.consistency_weight
+    t = min(1.0, iteration / length)
+    return config.consistency_weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def network_slices(
+    cases: list[Case], plan: Preprocessing, size_multiple: int, with_labels: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each case's slices on the network grid: images (S,1,H,W) and, if asked, labels (S,H,W) uint8."""
     images, labels = [], []
     for case in cases:
-        if case.label is None:
-            raise IdealError(f"case {case.name} has no label; supervised training needs labelled data")
+        if with_labels and case.label is None:
+            raise IdealError(f"case {case.name} has no label; it cannot be used as labelled data")
         check_volume(case.image)
-        grid = SliceGrid(case.image, config.preprocessing, config.network.size_multiple)
+        grid = SliceGrid(case.image, plan, size_multiple)
         images.append(grid.image_to_network(case.image))
-        labels.append(grid.labels_to_network(case.label))
-    if not images:
+        if with_labels:
+            labels.append(grid.labels_to_network(case.label).to(torch.uint8))
+    return images, labels
+
+
+def pad_and_stack(stacks: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Concatenate slice stacks after padding each (centred) to height x width."""
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        top, left = (height - x.shape[-2]) // 2, (width - x.shape[-1]) // 2
+        return F.pad(x, (left, width - x.shape[-1] - left, top, height - x.shape[-2] - top))
+
+    return torch.cat([pad(x) for x in stacks])
+
+
+def prepare_slices(
+    labeled: list[Case], unlabeled: list[Case], config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Labelled images (N,1,H,W) and labels (N,H,W) uint8, unlabelled images (M,1,H,W) or None.
+
+    Spacing-based plans give each volume its own slice size: all are padded to the largest.
+    """
+    if not labeled:
         raise IdealError("no labelled cases to train on")
-    # Spacing-based plans give each volume its own slice size: pad all to the largest, centred.
-    height = max(x.shape[-2] for x in images)
-    width = max(x.shape[-1] for x in images)
-    x = torch.cat([_pad_to(t, height, width) for t in images])
-    y = torch.cat([_pad_to(t, height, width) for t in labels])
-    if int(y.max()) >= config.network.num_classes or int(y.min()) < 0:
+    multiple = config.network.size_multiple
+    images, labels = network_slices(labeled, config.preprocessing, multiple, with_labels=True)
+    pool, _ = network_slices(unlabeled, config.preprocessing, multiple, with_labels=False)
+    height = max(x.shape[-2] for x in images + pool)
+    width = max(x.shape[-1] for x in images + pool)
+    x, y = pad_and_stack(images, height, width), pad_and_stack(labels, height, width)
+    if int(y.max()) >= config.network.num_classes:
         raise IdealError(f"labels contain values outside 0-{config.network.num_classes - 1}: {torch.unique(y).tolist()}")
-    return x, y
+    return x, y, (pad_and_stack(pool, height, width) if pool else None)
 
 
-def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    top, left = (height - x.shape[-2]) // 2, (width - x.shape[-1]) // 2
-    return F.pad(x, (left, width - x.shape[-1] - left, top, height - x.shape[-2] - top))
+def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle) -> None:
+    """Initialise the shared encoder from a pretrained bundle of the same encoder architecture."""
+    mine, theirs = network.config, pretrained.network
+    fields_ = ("in_channels", "base_channels", "depth")
+    if any(getattr(mine, f) != getattr(theirs, f) for f in fields_):
+        raise IdealError(
+            f"pretrained bundle {pretrained.model_id} has another encoder architecture "
+            f"({', '.join(f'{f}={getattr(theirs, f)}' for f in fields_)}) than this run "
+            f"({', '.join(f'{f}={getattr(mine, f)}' for f in fields_)})"
+        )
+    prefix = "encoder."
+    network.encoder.load_state_dict({k[len(prefix) :]: v for k, v in pretrained.weights.items() if k.startswith(prefix)})
 
 
-def _validate(network: SegmentationNetwork, config: TrainConfig, cases: list[Case], device: str) -> dict:
-    bundle = Bundle(config.network, config.preprocessing, network.state_dict())
-    predictor = Predictor(bundle, device=device)
-    results = [score(predictor.predict(case.image).labels, case.label) for case in cases]
-    return mean_scores(results)
+def _validate(network: SegmentationNetwork, config: TrainConfig, cases: list[Case], device: torch.device) -> dict:
+    predictor = Predictor(Bundle(config.network, config.preprocessing, network.state_dict()), device=str(device))
+    return mean_scores([score(predictor.predict(case.image).labels, case.label) for case in cases])
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to save and stop at the end of the iteration."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _update_ema(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.copy_(s)
 
 
-def train_supervised(
-    train_cases: list[Case],
+def train_segmentation(
+    labeled: list[Case],
     config: TrainConfig,
     *,
+    unlabeled: list[Case] | None = None,
+    pretrained: Bundle | None = None,
     val_cases: list[Case] | None = None,
     device: str = "auto",
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress_json: bool = False,
     stop_after: Callable[[int], bool] | None = None,
-) -> Bundle:
+) -> Bundle | None:
     """Train and return a bundle (best validation weights when validation cases are given).
 
-    ``stop_after(iteration)`` returning True saves a checkpoint and stops early, like a signal.
+    In a multi-process (torchrun) run only rank 0 returns the bundle; the other ranks get None.
     """
-    torch_device = resolve_device(device)
+    unlabeled = [] if config.supervised_only else list(unlabeled or [])
+    if not config.supervised_only:
+        if not unlabeled:
+            raise IdealError("finetuning needs unlabelled data: pass --unlabeled SPEC, or use --supervised-only")
+        if len(config.network.decoders) != 2:
+            raise IdealError(f"two-stream finetuning needs exactly two decoders, got {config.network.decoders}")
+    if any(case.label is not None for case in unlabeled):
+        unlabeled = [Case(case.name, case.image, None) for case in unlabeled]  # labels never leak in
+    context = setup_distributed(resolve_device(device))
+    torch_device = context.device
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    images, labels = slices_for_training(train_cases, config)
-    network = SegmentationNetwork(config.network).to(torch_device, memory_format=torch.channels_last)
+    images, labels, pool = prepare_slices(labeled, unlabeled, config)
+
+    network = SegmentationNetwork(config.network)
+    if pretrained is not None:
+        load_pretrained_encoder(network, pretrained)
+    network.to(torch_device, memory_format=torch.channels_last)
+    teacher = copy.deepcopy(network).requires_grad_(False) if config.ema_teacher and not config.supervised_only else None
+    model = context.wrap(network)
     optimizer = torch.optim.SGD(network.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
-    # Normalised through JSON so it compares equal to the copy stored in a checkpoint.
-    run_info = json.loads(json.dumps({"config": config.to_json(), "train_cases": [c.name for c in train_cases], "best": None}))
-    start = 0
-    best_weights = None
-    if resume:
-        if checkpoint_dir is None:
-            raise IdealError("--resume needs --checkpoint-dir")
-        state = load_checkpoint(checkpoint_dir)
-        if state.info.get("config") != run_info["config"] or state.info.get("train_cases") != run_info["train_cases"]:
-            raise IdealError(f"the checkpoint in {checkpoint_dir} is from a run with other settings or data; resume with the same command")
-        best_weights = _best_from_checkpoint(state)
-        network.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        torch.set_rng_state(state.random_states["torch"])
-        generator.set_state(state.random_states["sampler"])
-        run_info = state.info
-        start = state.iteration
+    run_info = {
+        "phase": "finetune" if not config.supervised_only else "train",
+        "config": config.to_json(),
+        "data": {"labeled": [c.name for c in labeled], "unlabeled": [c.name for c in unlabeled], "pretrained": pretrained.model_id if pretrained else None},
+        "best": None,
+    }
+    modules = {"network": network} | ({"teacher": teacher} if teacher is not None else {})
+    loop = TrainingLoop(
+        run_info["phase"], config.iterations, modules=modules, optimizer=optimizer, generator=generator, run_info=run_info,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=config.checkpoint_every, resume=resume,
+        progress_json=progress_json, stop_after=stop_after, is_main=context.is_main,
+    )
 
-    def save(iteration: int) -> None:
-        if checkpoint_dir is None:
+    def draw(source: torch.Tensor, targets: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(len(source), (count,), generator=generator)
+        y = targets[index] if targets is not None else torch.zeros((count, *source.shape[-2:]), dtype=torch.uint8)
+        x, y = augment_batch(source[index], y.long(), config.augmentation, generator)  # same stream on every rank
+        return context.shard(x).to(torch_device), context.shard(y).to(torch_device)
+
+    def step(iteration: int) -> dict[str, float]:
+        lr = config.learning_rate * (1 - iteration / config.iterations) ** 0.9
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = draw(images, labels, config.batch_size)
+        if pool is not None:
+            xu, _ = draw(pool, None, config.unlabeled_batch_size)
+            x = torch.cat([x, xu])
+        streams = model(x.contiguous(memory_format=torch.channels_last))
+        n = len(y)
+        supervised = sum(dice_ce_loss(stream[:n], y) for stream in streams) / len(streams)
+        metrics = {"loss_supervised": supervised.item(), "lr": lr}
+        loss = supervised
+        if pool is not None:
+            with torch.no_grad():
+                teachers = teacher(x[n:]) if teacher is not None else [s[n:] for s in streams]
+            cross = cross_pseudo_label_loss((streams[0][n:], streams[1][n:]), tuple(teachers), config.confidence_threshold)
+            weight = consistency_ramp(iteration, config)
+            loss = supervised + weight * cross
+            metrics.update(loss_consistency=cross.item(), consistency_weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if teacher is not None:
+            _update_ema(teacher, network, config.ema_decay)
+        return {"loss": loss.item(), **metrics}
+
+    def validate(done: int) -> None:
+        if not (val_cases and context.is_main and (done % config.validate_every == 0 or done == config.iterations)):
             return
-        random_states = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
-        model = dict(network.state_dict())
-        if best_weights is not None:
-            model.update({f"best::{name}": t for name, t in best_weights.items()})
-        save_checkpoint(TrainingState(iteration, model, optimizer.state_dict(), random_states, run_info), checkpoint_dir)
-        progress.event("checkpoint", iteration=iteration, path=str(checkpoint_dir))
+        network.eval()
+        metrics = _validate(network, config, val_cases, torch_device)
+        network.train()
+        best = loop.run_info["best"]
+        if best is None or metrics["mean"]["dice"] > best["dice"]:
+            loop.run_info["best"] = {"iteration": done, "dice": metrics["mean"]["dice"], "metrics": metrics}
+            loop.extra["best"] = {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
+        loop.progress.event("validation", iteration=done, dice=metrics["mean"]["dice"], best_iteration=loop.run_info["best"]["iteration"])
 
-    progress = Progress("train", config.iterations, start, progress_json)
     network.train()
-    iteration = start
-    with _StopRequest() as stop:
-        while iteration < config.iterations:
-            lr = config.learning_rate * (1 - iteration / config.iterations) ** 0.9
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            index = torch.randint(len(images), (config.batch_size,), generator=generator)
-            x, y = augment_batch(images[index].to(torch_device), labels[index].to(torch_device), config.augmentation, generator)
-            logits = network(x.contiguous(memory_format=torch.channels_last))
-            loss = sum(dice_ce_loss(stream, y) for stream in logits) / len(logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            progress.update(iteration, loss=loss.item(), lr=lr)
-
-            if val_cases and (iteration % config.validate_every == 0 or iteration == config.iterations):
-                network.eval()
-                metrics = _validate(network, config, val_cases, str(torch_device))
-                network.train()
-                best = run_info["best"]
-                if best is None or metrics["mean"]["dice"] > best["dice"]:
-                    run_info["best"] = {"iteration": iteration, "dice": metrics["mean"]["dice"], "metrics": metrics}
-                    best_weights = {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
-                progress.event("validation", iteration=iteration, dice=metrics["mean"]["dice"], best_iteration=run_info["best"]["iteration"])
-            if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-                save(iteration)
-            if stop.requested or (stop_after is not None and stop_after(iteration)):
-                if iteration % config.checkpoint_every and iteration != config.iterations:
-                    save(iteration)
-                progress.close()
-                raise TrainingStopped(iteration, checkpoint_dir)
-    progress.close()
-    final = best_weights if best_weights is not None else network.state_dict()
-    best = run_info["best"]
+    loop.run(step, validate)
+    agree = context.ranks_agree(network)
+    context.close()
+    if not agree:
+        raise IdealError("the training processes ended with different weights; the distributed run is inconsistent")
+    if not context.is_main:
+        return None  # rank 0 alone reports the result
+    best = loop.run_info["best"]
+    final = loop.extra.get("best") or network.state_dict()
     return Bundle(
         network=config.network,
         preprocessing=config.preprocessing,
         weights={name: t.detach().cpu().clone() for name, t in final.items()},
         training={
-            "method": "supervised",
+            "method": config.method,
             "recipe": config.to_json(),
-            "train_cases": len(train_cases),
-            "train_slices": len(images),
+            "labeled_cases": len(labeled),
+            "labeled_slices": len(images),
+            "unlabeled_cases": len(unlabeled),
+            "unlabeled_slices": 0 if pool is None else len(pool),
+            "pretrained": {"id": pretrained.model_id, "version": pretrained.version, "training": pretrained.training} if pretrained else None,
             "val_cases": len(val_cases or []),
             "selected_iteration": best["iteration"] if best else config.iterations,
             "device": str(torch_device),
+            "processes": context.world_size,
+            "ranks_agree": agree,
         },
         validation=best["metrics"] if best else {},
     )
-
-
-def _best_from_checkpoint(state: TrainingState) -> dict[str, torch.Tensor] | None:
-    best = {name.split("::", 1)[1]: t for name, t in state.model.items() if name.startswith("best::")}
-    for name in list(state.model):
-        if name.startswith("best::"):
-            del state.model[name]
-    return best or None

@@ -147,3 +147,17 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(phantoms, tmp_pat
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert straight.keys() == resumed.keys()
     assert all(np.array_equal(straight[k].numpy(), resumed[k].numpy()) for k in straight)
+
+
+def test_two_gloo_processes_train_in_step(phantoms, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "IDEALTrain",
+               "finetune", "--labeled", f"folder:{phantoms}", "--labeled-slices", "1", "--iterations", "3", "--out", str(out),
+               "--base-channels", "4", "--depth", "3", "--inplane", "spacing", "--spacing", "4", "--batch-size", "2",
+               "--unlabeled-batch-size", "2", "--progress-json", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    done = [json.loads(line) for line in result.stdout.splitlines() if '"done"' in line]
+    assert done == [{"event": "done", "bundle": str(out)}]  # rank 0 alone writes the bundle
+    training = json.loads((out / "card.json").read_text())["training"]
+    assert training["processes"] == 2 and training["ranks_agree"] is True

@@ -1,6 +1,8 @@
 """Supervised training learns, checkpoints atomically and resumes exactly."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,10 +14,11 @@ from IDEALTrain.networks import NetworkConfig
 from IDEALTrain.phantom import make_phantom
 from IDEALTrain.predictor import Predictor
 from IDEALTrain.preprocessing import Preprocessing
-from IDEALTrain.training import TrainConfig, train_supervised
+from IDEALTrain.losses import cross_pseudo_label_loss
+from IDEALTrain.training import TrainConfig, consistency_ramp, train_segmentation
 
 def small_config(iterations: int, **overrides) -> TrainConfig:
-    network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.0))
+    network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.0), fpn_channels=8)
     plan = Preprocessing(inplane="spacing", spacing=(3.0, 3.0))
     return TrainConfig(iterations=iterations, batch_size=8, learning_rate=0.05, network=network, preprocessing=plan, **overrides)
 
@@ -27,7 +30,7 @@ def phantoms():
 
 def test_short_supervised_run_learns(phantoms):
     train, held_out = phantoms
-    bundle = train_supervised(train, small_config(200, validate_every=100), val_cases=held_out[:1], device="cpu")
+    bundle = train_segmentation(train, small_config(200, validate_every=100), val_cases=held_out[:1], device="cpu")
     predictor = Predictor(bundle, device="cpu")
     result = mean_scores([score(predictor.predict(case.image).labels, case.label) for case in held_out[1:]])
     # Chance level for these thin structures is a Dice near 0; a learning network is far above.
@@ -40,28 +43,67 @@ def test_short_supervised_run_learns(phantoms):
 def test_same_seed_same_weights_and_exact_resume(phantoms, tmp_path):
     train = phantoms[0][:3]
     config = small_config(6, checkpoint_every=3)
-    uninterrupted = train_supervised(train, config, device="cpu")
+    uninterrupted = train_segmentation(train, config, device="cpu")
     with pytest.raises(TrainingStopped, match="stopped at iteration 4"):
-        train_supervised(train, config, device="cpu", checkpoint_dir=tmp_path, stop_after=lambda it: it == 4)
+        train_segmentation(train, config, device="cpu", checkpoint_dir=tmp_path, stop_after=lambda it: it == 4)
     assert load_checkpoint(tmp_path).iteration == 4
-    resumed = train_supervised(train, config, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    resumed = train_segmentation(train, config, device="cpu", checkpoint_dir=tmp_path, resume=True)
     for name, tensor in uninterrupted.weights.items():
         assert torch.equal(tensor, resumed.weights[name]), name
-    again = train_supervised(train, config, device="cpu")
+    again = train_segmentation(train, config, device="cpu")
     assert all(torch.equal(again.weights[n], t) for n, t in uninterrupted.weights.items())
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temporary files left
 
 
 def test_resume_refuses_a_different_run(phantoms, tmp_path):
     train = phantoms[0][:2]
-    train_supervised(train, small_config(2, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path)
+    train_segmentation(train, small_config(2, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path)
     with pytest.raises(IdealError, match="other settings"):
-        train_supervised(train, small_config(4, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path, resume=True)
+        train_segmentation(train, small_config(4, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(IdealError, match="no checkpoint"):
-        train_supervised(train, small_config(2), device="cpu", checkpoint_dir=tmp_path / "empty", resume=True)
+        train_segmentation(train, small_config(2), device="cpu", checkpoint_dir=tmp_path / "empty", resume=True)
 
 
 def test_unlabelled_case_is_refused(phantoms):
     image, _ = make_phantom(5)
     with pytest.raises(IdealError, match="no label"):
-        train_supervised([Case("x", image, None)], small_config(1), device="cpu")
+        train_segmentation([Case("x", image, None)], small_config(1), device="cpu")
+
+
+def test_consistency_ramp_rises_to_the_weight():
+    config = small_config(100, supervised_only=False, consistency_weight=2.0, ramp_up=0.5)
+    weights = [consistency_ramp(i, config) for i in (0, 25, 50, 99)]
+    assert weights[0] == pytest.approx(2.0 * math.exp(-5)) and weights[0] < weights[1] < weights[2] == weights[3] == 2.0
+
+
+def test_pseudo_labels_cross_between_streams():
+    first, second = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    first[:, 1], second[:, 3] = 10.0, 10.0  # stream 1 says class 1, stream 2 says class 3
+    agree_with_other = cross_pseudo_label_loss((second.clone(), first.clone()), (first, second))
+    agree_with_self = cross_pseudo_label_loss((first.clone(), second.clone()), (first, second))
+    assert agree_with_other < 0.01 < agree_with_self  # each stream is pulled towards the other's labels
+    unsure = torch.zeros(1, 4, 2, 2)  # uniform: confidence 0.25, below the threshold
+    assert cross_pseudo_label_loss((first, second), (unsure, unsure), threshold=0.5) == 0
+
+
+def test_finetuning_uses_unlabelled_data_and_resumes_exactly(phantoms, tmp_path):
+    train = phantoms[0]
+    config = small_config(6, checkpoint_every=3, supervised_only=False, ema_teacher=True, unlabeled_batch_size=4)
+    straight = train_segmentation(train[:2], config, unlabeled=train[2:5], device="cpu")
+    assert straight.training["method"] == "ideal-cross-pseudo-supervision" and straight.training["unlabeled_cases"] == 3
+    with pytest.raises(TrainingStopped):
+        train_segmentation(train[:2], config, unlabeled=train[2:5], device="cpu", checkpoint_dir=tmp_path, stop_after=lambda it: it == 3)
+    resumed = train_segmentation(train[:2], config, unlabeled=train[2:5], device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert all(torch.equal(t, resumed.weights[n]) for n, t in straight.weights.items())
+    supervised = train_segmentation(train[:2], small_config(6), unlabeled=train[2:5], device="cpu")
+    assert not all(torch.equal(t, supervised.weights[n]) for n, t in straight.weights.items())
+
+
+def test_finetuning_errors(phantoms):
+    train = phantoms[0]
+    with pytest.raises(IdealError, match="unlabelled data"):
+        train_segmentation(train[:2], small_config(1, supervised_only=False), device="cpu")
+    one_decoder = small_config(1, supervised_only=False)
+    one_decoder.network = NetworkConfig(base_channels=8, depth=4, decoders=("unet",))
+    with pytest.raises(IdealError, match="two decoders"):
+        train_segmentation(train[:2], one_decoder, unlabeled=train[2:3], device="cpu")

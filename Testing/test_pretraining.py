@@ -1,0 +1,66 @@
+"""IDEAL pretraining: learns, resumes exactly, and initialises finetuning's encoder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from IDEALTrain.bundle import load_bundle, save_bundle
+from IDEALTrain.datasets import Case
+from IDEALTrain.errors import IdealError, TrainingStopped
+from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
+from IDEALTrain.phantom import make_phantom
+from IDEALTrain.pretraining import PretrainConfig, pretrain
+from IDEALTrain.preprocessing import Preprocessing
+from IDEALTrain.training import load_pretrained_encoder
+
+NETWORK = NetworkConfig(base_channels=4, depth=3, projection_dim=16)
+PLAN = Preprocessing(inplane="spacing", spacing=(4.0, 4.0))
+
+
+@pytest.fixture(scope="module")
+def unlabelled():
+    return [Case(f"u{i}", make_phantom(50 + i)[0]) for i in range(4)]
+
+
+def small_config(iterations: int, **overrides) -> PretrainConfig:
+    return PretrainConfig(iterations=iterations, batch_size=4, samples_per_image=16, network=NETWORK, preprocessing=PLAN, **overrides)
+
+
+def test_dense_loss_falls_and_bundle_holds_the_encoder(unlabelled, capsys, tmp_path):
+    bundle = pretrain(unlabelled, small_config(40, learning_rate=3e-3), device="cpu", progress_json=True)
+    losses = [json.loads(line)["loss_dense"] for line in capsys.readouterr().out.splitlines() if '"progress"' in line]
+    assert len(losses) == 40
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8  # the contrastive task is being learnt
+    assert bundle.kind == "pretrained-encoder" and all(name.startswith("encoder.") for name in bundle.weights)
+    loaded = load_bundle(save_bundle(bundle, tmp_path / "pre"))
+    assert loaded.kind == "pretrained-encoder" and loaded.training["method"] == "ideal-dense-contrastive-pretraining"
+    with pytest.raises(IdealError, match="finetune it first"):
+        loaded.build_network()
+
+
+def test_resume_with_queue_and_global_term_is_exact(unlabelled, tmp_path):
+    config = small_config(6, queue_size=48, global_weight=0.5, checkpoint_every=100)
+    straight = pretrain(unlabelled, config, device="cpu")
+    with pytest.raises(TrainingStopped):
+        pretrain(unlabelled, config, device="cpu", checkpoint_dir=tmp_path, stop_after=lambda it: it == 4)
+    resumed = pretrain(unlabelled, config, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert all(torch.equal(t, resumed.weights[n]) for n, t in straight.weights.items())
+
+
+def test_finetuning_starts_from_the_pretrained_encoder(unlabelled):
+    bundle = pretrain(unlabelled, small_config(2), device="cpu")
+    network = SegmentationNetwork(NetworkConfig(base_channels=4, depth=3))
+    load_pretrained_encoder(network, bundle)
+    for name, tensor in network.encoder.state_dict().items():
+        assert torch.equal(tensor, bundle.weights[f"encoder.{name}"]), name
+    with pytest.raises(IdealError, match="another encoder architecture"):
+        load_pretrained_encoder(SegmentationNetwork(NetworkConfig(base_channels=8, depth=3)), bundle)
+
+
+def test_bad_pretraining_options(unlabelled):
+    with pytest.raises(IdealError, match="no unlabelled images"):
+        pretrain([], small_config(1), device="cpu")
+    with pytest.raises(IdealError, match="dense-level"):
+        pretrain(unlabelled, small_config(1, dense_level=5), device="cpu")
