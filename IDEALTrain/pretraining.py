@@ -105,6 +105,9 @@ def pretrain(
     stacks, _ = network_slices(cases, config.preprocessing, config.network.size_multiple, with_labels=False)
     images = pad_and_stack(stacks, max(x.shape[-2] for x in stacks), max(x.shape[-1] for x in stacks))
 
+    if context.device.type == "cuda":  # the whole set fits on a GPU: no loader round trips
+        images = images.to(context.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=context.device.type == "cuda")
     query = DenseEmbedder(config).to(context.device, memory_format=torch.channels_last)
     key = copy.deepcopy(query).requires_grad_(False)
     model = context.wrap(query)
@@ -123,13 +126,14 @@ def pretrain(
         lr = config.learning_rate * (1 - iteration / config.iterations) ** 0.9
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = torch.randint(len(images), (config.batch_size,), generator=generator)
+        index = torch.randint(len(images), (config.batch_size,), generator=generator).to(images.device)
         views = make_views(images[index], config.views, generator)  # the same stream on every rank
         view1, view2 = (context.shard(v).to(context.device) for v in (views.view1, views.view2))
         theta1, theta2 = (context.shard(t).to(context.device) for t in (views.theta1, views.theta2))
-        queries = model(view1.contiguous(memory_format=torch.channels_last))
-        with torch.no_grad():
-            keys = key(view2.contiguous(memory_format=torch.channels_last))
+        with autocast:
+            queries = model(view1.contiguous(memory_format=torch.channels_last))
+            with torch.no_grad():
+                keys = key(view2.contiguous(memory_format=torch.channels_last))
         points, valid = corresponding_points(theta1, theta2, tuple(queries.shape[-2:]))
         dense = dense_info_nce(
             queries, keys, points, valid, generator=generator, temperature=config.temperature,

@@ -197,9 +197,14 @@ def train_segmentation(
         progress_json=progress_json, stop_after=stop_after, is_main=context.is_main,
     )
 
+    if torch_device.type == "cuda":  # the whole training set fits on a GPU: no loader round trips
+        images, labels = images.to(torch_device), labels.to(torch_device)
+        pool = pool.to(torch_device) if pool is not None else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda")
+
     def draw(source: torch.Tensor, targets: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(len(source), (count,), generator=generator)
-        y = targets[index] if targets is not None else torch.zeros((count, *source.shape[-2:]), dtype=torch.uint8)
+        index = torch.randint(len(source), (count,), generator=generator).to(source.device)
+        y = targets[index] if targets is not None else torch.zeros((count, *source.shape[-2:]), dtype=torch.uint8, device=source.device)
         x, y = augment_batch(source[index], y.long(), config.augmentation, generator)  # same stream on every rank
         return context.shard(x).to(torch_device), context.shard(y).to(torch_device)
 
@@ -211,13 +216,14 @@ def train_segmentation(
         if pool is not None:
             xu, _ = draw(pool, None, config.unlabeled_batch_size)
             x = torch.cat([x, xu])
-        streams = model(x.contiguous(memory_format=torch.channels_last))
+        with autocast:
+            streams = model(x.contiguous(memory_format=torch.channels_last))
         n = len(y)
         supervised = sum(dice_ce_loss(stream[:n], y) for stream in streams) / len(streams)
         metrics = {"loss_supervised": supervised.item(), "lr": lr}
         loss = supervised
         if pool is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 teachers = teacher(x[n:]) if teacher is not None else [s[n:] for s in streams]
             cross = cross_pseudo_label_loss((streams[0][n:], streams[1][n:]), tuple(teachers), config.confidence_threshold)
             weight = consistency_ramp(iteration, config)
