@@ -1,4 +1,6 @@
-"""IDEALSegment's Slicer-facing logic: MRML nodes <-> IDEALTrain, with no Qt and no slicer.app.
+"""IDEALSegmentLogic: MRML nodes <-> IDEALTrain with exact geometry; no Qt, no slicer.app.
 
-Empty until the Logic layer lands; it will import IDEALTrain, never the other way round.
+Imported as ``IDEALSegmentLogic`` everywhere (see README.md here); submodules are imported
+explicitly (``from IDEALSegmentLogic.volumes import image_from_volume``) so that importing the
+package itself stays cheap and does not need Slicer.
 """

@@ -1,0 +1,153 @@
+"""Volumes, segmentations and whole scenes (.mrb) to and from files through MRML storage nodes.
+
+Works the same in Slicer and on slicer-core (which needs a cache and a data-IO manager on a scene
+to read a .mrb: :func:`load_scene_bundle` attaches them). Files are written atomically and an
+existing file is never replaced unless the caller says ``overwrite``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import slicer
+
+from IDEALTrain.errors import IdealError
+
+from .volumes import node_label, unique_node_name
+
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+VOLUME_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")  # for node names from file names
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise IdealError(f"{path}: already exists; choose another name or allow overwriting")
+    if not path.parent.is_dir():
+        raise IdealError(f"{path.parent}: no such folder")
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A path with ``path``'s exact name in a hidden folder beside it, moved onto ``path`` on success.
+
+    The same name matters: writers pick the format from the suffix, and a .mrb names its scene
+    folder and .mrml file after the file.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f".partial-{path.name}-", dir=path.parent))
+    try:
+        yield folder / path.name
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_node(node: object, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a volume or segmentation node to ``path`` with a throwaway storage node.
+
+    The node and its scene are not changed (the node keeps its own storage node, if any).
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".mhd"):
+        raise IdealError(f"{path}: .mhd writes two files; use .mha, .nrrd or .nii.gz")
+    _check_target(path, overwrite)
+    if node.IsA("vtkMRMLSegmentationNode"):
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+    elif node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLTensorVolumeNode"):
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    else:
+        raise IdealError(f"{node_label(node)} ({node.GetClassName()}) is not a scalar volume or segmentation")
+    with _atomic(path) as partial:
+        storage.SetFileName(str(partial))
+        if not storage.WriteData(node):
+            raise IdealError(f"{path}: could not write {node_label(node)} ({storage.GetClassName()} failed)")
+    return path
+
+
+def _load(scene: object, path: str | Path, node_class: str, storage_class: str, name: str | None) -> object:
+    """A new node of ``node_class`` read from ``path``, with its storage node in the scene."""
+    path = Path(path)
+    if not path.is_file():
+        raise IdealError(f"{path}: no such file")
+    node = scene.AddNewNodeByClass(node_class, unique_node_name(scene, name or _stem(path)))
+    storage = scene.AddNewNodeByClass(storage_class)
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(storage)
+        scene.RemoveNode(node)
+        raise IdealError(f"{path}: could not be read as a {node_class.removeprefix('vtkMRML').removesuffix('Node')}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (SEGMENTATION_SUFFIX,) + VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def load_volume(scene: object, path: str | Path, name: str | None = None) -> object:
+    """A new scalar volume node read from a 3D image file (NRRD, NIfTI, MHA)."""
+    return _load(scene, path, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", name)
+
+
+def load_segmentation(scene: object, path: str | Path, name: str | None = None) -> object:
+    """A new segmentation node read from a ``.seg.nrrd`` file (segment IDs, names, tags kept)."""
+    from .segmentations import register_converter_rules
+
+    register_converter_rules()
+    return _load(scene, path, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", name)
+
+
+def save_scene_bundle(scene: object, path: str | Path, overwrite: bool = False) -> Path:
+    """Write the whole scene as a Slicer scene bundle (.mrb), atomically.
+
+    Storable nodes without a storage node get a default one (as Slicer's Save dialog does).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".mrb":
+        raise IdealError(f"{path}: a scene bundle must end in .mrb")
+    _check_target(path, overwrite)
+    nodes = scene.GetNodesByClass("vtkMRMLStorableNode")
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if node.GetStorageNode() is None and node.GetSaveWithScene():
+            node.AddDefaultStorageNode()
+    messages = slicer.vtkMRMLMessageCollection()
+    with _atomic(path) as partial:
+        if not scene.WriteToMRB(str(partial), None, messages):
+            raise IdealError(f"{path}: could not write the scene bundle: {_text(messages)}")
+    return path
+
+
+def load_scene_bundle(path: str | Path) -> object:
+    """A NEW scene read from a .mrb file (with the cache and data-IO managers reading needs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IdealError(f"{path}: no such file")
+    from .segmentations import register_converter_rules
+
+    register_converter_rules()
+    scene = slicer.vtkMRMLScene()
+    messages = slicer.vtkMRMLMessageCollection()
+    with tempfile.TemporaryDirectory(prefix="idealsegment-mrb-") as cache:
+        cache_manager = slicer.vtkCacheManager()
+        cache_manager.SetRemoteCacheDirectory(cache)
+        scene.SetCacheManager(cache_manager)
+        data_io = slicer.vtkDataIOManager()
+        data_io.SetCacheManager(cache_manager)
+        scene.SetDataIOManager(data_io)
+        if not scene.ReadFromMRB(str(path), True, messages):
+            raise IdealError(f"{path}: could not read the scene bundle: {_text(messages)}")
+    return scene
+
+
+def _text(messages: object) -> str:
+    texts = [messages.GetNthMessageText(index) for index in range(messages.GetNumberOfMessages())]
+    return "; ".join(text for text in texts if text) or "no details"
