@@ -192,3 +192,15 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
                 module[index] = fuse_conv_bn_eval(layer, following)
                 module[index + 1] = nn.Identity()
     return module
+
+
+def update_moving_average(average: nn.Module, current: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * current for parameters; buffers copied.
+
+    Used for the momentum key encoder of pretraining and the EMA teacher of finetuning.
+    """
+    with torch.no_grad():
+        for mine, theirs in zip(average.parameters(), current.parameters()):
+            mine.mul_(decay).add_(theirs.detach(), alpha=1 - decay)
+        for mine, theirs in zip(average.buffers(), current.buffers()):
+            mine.copy_(theirs)

@@ -23,7 +23,7 @@ from .contrastive import KeyQueue, ViewConfig, corresponding_points, dense_info_
 from .datasets import Case
 from .distributed import setup_distributed
 from .errors import IdealError
-from .networks import DenseProjectionHead, NetworkConfig, UNetEncoder
+from .networks import DenseProjectionHead, NetworkConfig, UNetEncoder, update_moving_average
 from .predictor import resolve_device
 from .preprocessing import Preprocessing
 from .training import network_slices, pad_and_stack
@@ -73,14 +73,6 @@ class DenseEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x)[self.level])
-
-
-def _momentum_update(key: nn.Module, query: nn.Module, momentum: float) -> None:
-    with torch.no_grad():
-        for k, q in zip(key.parameters(), query.parameters()):
-            k.mul_(momentum).add_(q.detach(), alpha=1 - momentum)
-        for k, q in zip(key.buffers(), query.buffers()):
-            k.copy_(q)
 
 
 def pretrain(
@@ -149,7 +141,7 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _momentum_update(key, query, config.key_momentum)
+        update_moving_average(key, query, config.key_momentum)
         if queue is not None:
             queue.enqueue(dense.keys)
             loop.extra["queue"] = queue.state_dict()

@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .augment import Augmentation, augment_batch
 from .bundle import Bundle
@@ -25,7 +24,7 @@ from .distributed import setup_distributed
 from .errors import IdealError
 from .losses import cross_pseudo_label_loss, dice_ce_loss
 from .metrics import mean_scores, score
-from .networks import NetworkConfig, SegmentationNetwork
+from .networks import NetworkConfig, SegmentationNetwork, update_moving_average
 from .predictor import Predictor, resolve_device
 from .preprocessing import Preprocessing, SliceGrid, check_volume
 from .training_loop import TrainingLoop
@@ -138,14 +137,6 @@ def _validate(network: SegmentationNetwork, config: TrainConfig, cases: list[Cas
     return mean_scores([score(predictor.predict(case.image).labels, case.label) for case in cases])
 
 
-def _update_ema(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for t, s in zip(teacher.parameters(), student.parameters()):
-            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-        for t, s in zip(teacher.buffers(), student.buffers()):
-            t.copy_(s)
-
-
 def train_segmentation(
     labeled: list[Case],
     config: TrainConfig,
@@ -233,7 +224,7 @@ def train_segmentation(
         loss.backward()
         optimizer.step()
         if teacher is not None:
-            _update_ema(teacher, network, config.ema_decay)
+            update_moving_average(teacher, network, config.ema_decay)
         return {"loss": loss.item(), **metrics}
 
     def validate(done: int) -> None:
