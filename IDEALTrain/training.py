@@ -44,8 +44,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     validate_every: int = 200
     supervised_only: bool = True
-    consistency_weight: float = 1.0
-    ramp_up: float = 0.4  # share of the run over which the consistency weight ramps up
+    consistency_weight: float = 0.1  # SSL4MIS cross pseudo supervision uses 0.1
+    ramp_up: float = 1.0  # share of the run over which the consistency weight ramps up (SSL4MIS: all of it)
     confidence_threshold: float = 0.0  # pseudo-label pixels less confident than this are ignored
     ema_teacher: bool = False  # pseudo-labels from an exponential moving average of the network
     ema_decay: float = 0.99

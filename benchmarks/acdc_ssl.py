@@ -35,13 +35,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--unlabeled-batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--consistency-weight", type=float, default=0.1, help="cross pseudo-label weight after ramp-up")
+    parser.add_argument("--ramp-up", type=float, default=1.0, help="share of the run over which that weight ramps up")
+    parser.add_argument("--pretrained", help="reuse this pretrained-encoder bundle instead of pretraining again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     import torch
 
-    from IDEALTrain.bundle import save_bundle
+    from IDEALTrain.bundle import load_bundle, save_bundle
     from IDEALTrain.datasets import load_cases
     from IDEALTrain.metrics import mean_scores, score
     from IDEALTrain.networks import NetworkConfig
@@ -60,7 +63,7 @@ def main() -> None:
     network, plan = NetworkConfig(), Preprocessing(inplane="size", size=(args.size, args.size))
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
-        "budget": {k: getattr(args, k) for k in ("iterations", "pretrain_iterations", "size", "batch_size", "unlabeled_batch_size", "lr", "seed")},
+        "budget": {k: getattr(args, k) for k in ("iterations", "pretrain_iterations", "size", "batch_size", "unlabeled_batch_size", "lr", "seed", "consistency_weight", "ramp_up", "pretrained")},
         "device": args.device,
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "units": "voxel",
@@ -71,8 +74,8 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=2))
 
     val_cases = load_cases(f"ssl4mis:{data}:val.list", require_labels=True)
-    pretrained = None
-    if "ideal" in args.methods:
+    pretrained = load_bundle(args.pretrained) if args.pretrained else None
+    if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
         config = PretrainConfig(iterations=args.pretrain_iterations, seed=args.seed, network=network, preprocessing=plan)
@@ -88,6 +91,7 @@ def main() -> None:
             config = TrainConfig(
                 iterations=args.iterations, batch_size=args.batch_size, unlabeled_batch_size=args.unlabeled_batch_size,
                 learning_rate=args.lr, seed=args.seed, supervised_only=method == "supervised-only",
+                consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
                 checkpoint_every=max(args.iterations, 1), network=network, preprocessing=plan,
             )
             bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
