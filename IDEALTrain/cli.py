@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        if args.command in ("train", "pretrain", "finetune"):
+            from .distributed import finish_distributed
+
+            finish_distributed()
     except IdealError as error:
         print(f"idealtrain: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,23 @@ class Distributed:
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-    def close(self) -> None:
-        """Leave the process group together, so no rank exits while another still talks to it."""
-        if self.enabled and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+def finish_distributed() -> None:
+    """Leave the process group together, after rank 0 has written its results (called once by
+    the command line at the very end).
+
+    Worker ranks then exit at once: with gloo under load, interpreter teardown after the group is
+    destroyed sometimes aborts in torch's C++ threads ("terminate called without an active
+    exception"), which would fail a run whose results are already written and verified.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    worker = dist.get_rank() != 0
+    dist.barrier()
+    dist.destroy_process_group()
+    if worker:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def setup_distributed(device: torch.device) -> Distributed:

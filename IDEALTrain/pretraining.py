@@ -150,7 +150,6 @@ def pretrain(
     query.train()
     loop.run(step)
     agree = context.ranks_agree(query)
-    context.close()
     if not agree:
         raise IdealError("the pretraining processes ended with different weights; the distributed run is inconsistent")
     if not context.is_main:

@@ -242,7 +242,6 @@ def train_segmentation(
     network.train()
     loop.run(step, validate)
     agree = context.ranks_agree(network)
-    context.close()
     if not agree:
         raise IdealError("the training processes ended with different weights; the distributed run is inconsistent")
     if not context.is_main:
