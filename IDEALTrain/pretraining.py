@@ -55,9 +55,7 @@ class PretrainConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data.update(network=self.network.to_json(), preprocessing=self.preprocessing.to_json(), views=self.views.to_json())
-        return data
+        return asdict(self)  # nested configs are dataclasses too
 
 
 class DenseEmbedder(nn.Module):

@@ -54,9 +54,7 @@ class TrainConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data.update(network=self.network.to_json(), preprocessing=self.preprocessing.to_json(), augmentation=self.augmentation.to_json())
-        return data
+        return asdict(self)  # nested configs are dataclasses too
 
     @property
     def method(self) -> str:
