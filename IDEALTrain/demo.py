@@ -80,7 +80,10 @@ def run_demo(
             prediction = predictor.predict(case.image)
             per_case[case.name] = score(prediction.labels, case.label)
             write_image(prediction.labels, out / "predictions" / method / f"{case.name}.seg.nrrd", model.labels)
-            panels = [overlay_rgb(case.image, case.label), overlay_rgb(case.image, prediction.labels)]
+            # Show the slice with the most reference heart, rather than a possibly apical middle one.
+            axis = case.label.slice_axis
+            index = int(np.argmax((np.moveaxis(case.label.array, axis, 0) > 0).sum(axis=(1, 2))))
+            panels = [overlay_rgb(case.image, labels, index) for labels in (case.label, prediction.labels)]
             save_png(np.concatenate(panels, axis=1), out / "overlays" / method / f"{case.name}.png")
         results["methods"][method] = {"cases": per_case, "mean": mean_scores(list(per_case.values()))}
     results["seconds"] = time.perf_counter() - started
