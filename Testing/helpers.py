@@ -32,3 +32,13 @@ def tiny_bundle(seed: int = 0, decoders=("unet", "fpn"), inplane: str = "spacing
     network = SegmentationNetwork(config)
     plan = Preprocessing(inplane=inplane, size=(32, 32), spacing=(2.0, 2.0))
     return Bundle(config, plan, network.state_dict(), model_id="tiny-test", version="0.0.1")
+
+
+def import_slicer_core():
+    """The slicer-core ``slicer`` module, or skip the calling test module with the reason."""
+    import pytest
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[test]')")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the installed 'slicer' module is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
+    return slicer

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[test]')")
+from helpers import import_slicer_core  # noqa: E402
+
+import_slicer_core()
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"

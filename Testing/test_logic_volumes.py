@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[test]')")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' module is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
+from helpers import import_slicer_core  # noqa: E402
+
+slicer = import_slicer_core()
 
 import vtk  # noqa: E402
 
