@@ -8,7 +8,6 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from helpers import import_slicer_core  # noqa: E402
 
