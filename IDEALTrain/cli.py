@@ -123,6 +123,7 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) ->
 
 
 def _train_config(args: argparse.Namespace, pretrained=None, **method):
+    from .augment import Augmentation
     from .training import TrainConfig
 
     network, plan = _network_and_plan(args, pretrained)
@@ -135,6 +136,7 @@ def _train_config(args: argparse.Namespace, pretrained=None, **method):
         validate_every=args.validate_every,
         network=network,
         preprocessing=plan,
+        augmentation=Augmentation(rotation_degrees=args.rotation, scale_range=tuple(args.scale_range)),
         **method,
     )
 
@@ -168,7 +170,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise IdealError(f"{args.pretrained} is a {pretrained.kind} bundle; --pretrained takes the output of idealtrain pretrain")
     config = _train_config(args, pretrained, **_finetune_options(args))
     selection = selection_from_args(args)
-    labeled, unlabeled = select_training_cases(args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only)
+    labeled, unlabeled = select_training_cases(
+        args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only,
+        keep_labeled=args.unlabeled_includes_labeled,
+    )
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
     _save_trained(bundle, args, output, data)
@@ -249,6 +254,11 @@ def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", help="validation volumes SPEC (ssl4mis default val.list); the best-scoring weights are kept")
     p.add_argument("--validate-every", type=int, default=200)
     p.add_argument("--decoders", help="comma-separated decoder kinds (default unet,fpn)")
+    p.add_argument("--rotation", type=float, default=20.0, help="augmentation: largest in-plane rotation in degrees (default 20)")
+    p.add_argument(
+        "--scale-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("MIN", "MAX"),
+        help="augmentation: zoom range, wider for fields of view unlike the training data (default 0.85 1.15)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", help="unlabelled data SPEC; cases also in the labelled set are left out")
     p.add_argument("--pretrained", help="pretrained-encoder bundle from idealtrain pretrain (default: random initialisation)")
     p.add_argument("--supervised-only", action="store_true", help="the baseline: same network and code path, no unlabelled term")
+    p.add_argument(
+        "--unlabeled-includes-labeled", action="store_true",
+        help="keep the labelled cases' images in the unlabelled set too (when every available scan is labelled)",
+    )
     p.add_argument("--unlabeled-batch-size", type=int, default=12)
     p.add_argument("--consistency-weight", type=float, default=0.1, help="weight of the cross pseudo-label loss after ramp-up (default 0.1)")
     p.add_argument("--ramp-up", type=float, default=1.0, help="share of the iterations over which that weight ramps up, sigmoid (default 1.0)")

@@ -125,12 +125,18 @@ def _data_key(spec: str) -> tuple[str, Path, str | None]:
 
 
 def select_training_cases(
-    labeled_spec: str, unlabeled_spec: str | None, selection: LabelSelection, *, require_unlabeled: bool
+    labeled_spec: str,
+    unlabeled_spec: str | None,
+    selection: LabelSelection,
+    *,
+    require_unlabeled: bool,
+    keep_labeled: bool = False,
 ) -> tuple[list[Case], list[Case]]:
     """Labelled and unlabelled training cases; unlabelled ones never carry a label.
 
-    The unlabelled set is the unlabelled spec minus every case named like a labelled one or, with
-    no unlabelled spec, the cases of the labelled spec that the selection leaves out.
+    The unlabelled set is the unlabelled spec minus every case named like a labelled one (unless
+    ``keep_labeled``) or, with no unlabelled spec, the cases of the labelled spec that the
+    selection leaves out (all of them with ``keep_labeled``).
     """
     labeled_key = _data_key(labeled_spec)
     same_data = unlabeled_spec is not None and _data_key(unlabeled_spec) == labeled_key
@@ -142,10 +148,10 @@ def select_training_cases(
     if missing:
         raise IdealError(f"{labeled_spec}: {len(missing)} labelled case(s) have no label, e.g. {', '.join(missing[:3])}")
     if unlabeled_spec is None:
-        pool = rest
+        pool = cases if keep_labeled else rest
     else:
         pool = cases if same_data else load_cases(unlabeled_spec, default_list=TRAIN_LIST)
-    labeled_names = {case.name for case in labeled}
+    labeled_names = set() if keep_labeled else {case.name for case in labeled}
     unlabeled = [Case(case.name, case.image, None) for case in pool if case.name not in labeled_names]
     if require_unlabeled and not unlabeled:
         source = unlabeled_spec or labeled_spec
