@@ -117,6 +117,7 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) ->
     if bundle is None:  # not rank 0 of a multi-process run
         return
     bundle.model_id, bundle.version = args.id, args.version
+    bundle.licence, bundle.description = args.licence, args.description
     bundle.training.update(data)
     save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite)
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
@@ -208,6 +209,20 @@ def _finetune_options(args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_bundle_edit(args: argparse.Namespace) -> None:
+    """Re-save a bundle with new card text, id or version, or float16 weights; training record kept."""
+    from .bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(args.bundle)
+    for option, attribute in (("id", "model_id"), ("version", "version"), ("description", "description"), ("licence", "licence")):
+        if getattr(args, option) is not None:
+            setattr(bundle, attribute, getattr(args, option))
+    if args.validation_json:
+        bundle.validation = {**bundle.validation, "external": json.loads(Path(args.validation_json).read_text())}
+    save_bundle(bundle, args.out, half_precision=args.half, overwrite=args.overwrite)
+    print(f"wrote model bundle {args.out}")
+
+
 def cmd_bundle_info(args: argparse.Namespace) -> None:
     from .bundle import load_bundle, read_card
 
@@ -245,7 +260,16 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float
     p.add_argument("--half", action="store_true", help="store float16 weights in the bundle")
     p.add_argument("--id", default="idealsegment-model", help="model id written to the card")
     p.add_argument("--version", default="0.1.0", help="model version written to the card")
+    _add_card_text_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+
+
+def _add_card_text_arguments(p: argparse.ArgumentParser, default: str | None = "") -> None:
+    p.add_argument("--description", default=default, help="what the model is for and how it was made (card text)")
+    p.add_argument(
+        "--licence", default="unspecified" if default is not None else None,
+        help="licence of the weights, e.g. CC-BY-NC-SA-4.0 when trained on ACDC",
+    )
 
 
 def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
@@ -339,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = bundle_commands.add_parser("info", help="verify a bundle and print its card")
     info.add_argument("bundle")
     info.set_defaults(func=cmd_bundle_info)
+    edit = bundle_commands.add_parser("edit", help="copy a bundle with a new id, version, card text or float16 weights")
+    edit.add_argument("bundle")
+    edit.add_argument("--out", required=True, help="the new bundle (folder or .zip)")
+    edit.add_argument("--id")
+    edit.add_argument("--version")
+    _add_card_text_arguments(edit, default=None)
+    edit.add_argument("--validation-json", help="JSON file of external test results to add to the card under validation.external")
+    edit.add_argument("--half", action="store_true", help="store float16 weights")
+    edit.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+    edit.set_defaults(func=cmd_bundle_edit)
 
     p = commands.add_parser("demo", help="IDEAL vs supervised-only on phantoms with few labels: Dice table, bundle, overlays")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from IDEALTrain.bundle import save_bundle
+from IDEALTrain.bundle import read_card, save_bundle
 from IDEALTrain.cli import main
 from IDEALTrain.volume_files import read_image, write_image
 
@@ -89,6 +89,21 @@ def test_train_with_json_progress_then_bundle_info(phantoms, tmp_path, capsys):
     assert main(["bundle", "info", str(out)]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["training"]["recipe"]["iterations"] == 3 and card["architecture"]["base_channels"] == 4
+    assert card["training"]["recipe"]["augmentation"]["rotation_degrees"] == 20.0
+
+
+def test_bundle_edit_keeps_the_training_record(bundle_path, tmp_path, capsys):
+    external = tmp_path / "external.json"
+    external.write_text(json.dumps({"sunnybrook": {"lv_dice": 0.9}}))
+    out = tmp_path / "edited"
+    args = ["bundle", "edit", str(bundle_path), "--out", str(out), "--version", "2.0.0", "--licence", "CC-BY-NC-SA-4.0",
+            "--description", "for tests", "--validation-json", str(external), "--half"]
+    assert main(args) == 0
+    original, edited = read_card(bundle_path), read_card(out)
+    assert (edited["version"], edited["licence"], edited["description"]) == ("2.0.0", "CC-BY-NC-SA-4.0", "for tests")
+    assert edited["id"] == original["id"] and edited["training"] == original["training"]
+    assert edited["validation"]["external"] == {"sunnybrook": {"lv_dice": 0.9}} and edited["weights"]["dtype"] == "float16"
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err  # never replaced silently
 
 
 @pytest.mark.parametrize(
