@@ -1,0 +1,227 @@
+"""Cine (4D) segmentation on real MRML (slicer-core): a segmentation per frame, ED/ES, table, browser, cancel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import import_slicer_core, tiny_bundle  # noqa: E402
+
+slicer = import_slicer_core()
+
+from IDEALSegmentLogic import cine as cine_module  # noqa: E402
+from IDEALSegmentLogic.cancel import CancelToken, Cancelled  # noqa: E402
+from IDEALSegmentLogic.cine import is_cine, segment_sequence, sequence_frames  # noqa: E402
+from IDEALSegmentLogic.measurements import table_measurements  # noqa: E402
+from IDEALSegmentLogic.segmentations import labels_from_segmentation, read_provenance  # noqa: E402
+from IDEALSegmentLogic.volumes import image_from_volume, volume_from_image  # noqa: E402
+from IDEALTrain.errors import IdealError  # noqa: E402
+from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
+from IDEALTrain.metrics import cardiac_function, label_volume_ml  # noqa: E402
+from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.predictor import Predictor  # noqa: E402
+
+#: ED -> ES -> back, as intensity blends of the phantom's two phases (index values in ms).
+BLENDS = (0.0, 0.4, 0.8, 1.0, 0.5)
+TIMES = ("0", "45.5", "91", "136.5", "182")
+
+
+def responsive_bundle():
+    """A tiny untrained net whose labels follow the image (untrained, it predicts one class everywhere).
+
+    Its classifiers are scaled up with zero bias so the features, not the biases, pick the class:
+    the LV volume then differs between frames, which the ED/ES logic needs.
+    """
+    bundle = tiny_bundle(0)
+    for key in list(bundle.weights):
+        if key.endswith("classifier.bias"):
+            bundle.weights[key] = torch.zeros_like(bundle.weights[key])
+        elif key.endswith("classifier.weight"):
+            bundle.weights[key] = bundle.weights[key] * 50.0
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor(responsive_bundle(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_phantom_pair(5, size=(48, 40, 6), spacing=(1.5, 1.5, 8.0))  # oblique, anisotropic, origin != 0
+
+
+def make_cine(scene, pair, blends=BLENDS, times=TIMES, name="cine"):
+    """A volume sequence in ``scene``, as Slicer holds a loaded 4D cine (frames live in the sequence)."""
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("ms")
+    scratch = slicer.vtkMRMLScene()
+    for index, (weight, time) in enumerate(zip(blends, times)):
+        array = ((1 - weight) * pair.ed_image.array + weight * pair.es_image.array).astype(np.float32)
+        sequence.SetDataNodeAtValue(volume_from_image(pair.ed_image.with_array(array), scratch, f"{name} frame {index}"), time)
+    return sequence
+
+
+def node_ids(scene):
+    return sorted(scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes()))
+
+
+def test_every_frame_gets_a_segmentation_with_its_grid_and_index(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    seen = []
+    result = segment_sequence(sequence, predictor, progress=seen.append)
+    segmentations = result.segmentation_sequence
+    assert segmentations.GetScene() is scene and segmentations.GetName() == "cine segmentation"
+    assert segmentations.GetDataNodeClassName() == "vtkMRMLSegmentationNode"
+    assert segmentations.GetNumberOfDataNodes() == len(BLENDS)
+    assert [segmentations.GetNthIndexValue(n) for n in range(len(BLENDS))] == list(TIMES)
+    assert (segmentations.GetIndexName(), segmentations.GetIndexUnit()) == ("time", "ms")
+    frames = sequence_frames(sequence)
+    for index, frame in enumerate(frames):
+        segmentation = segmentations.GetNthDataNode(index)
+        assert segmentation.GetName() == f"cine frame {index} segmentation"
+        assert list(segmentation.GetSegmentation().GetSegmentIDs()) == [label.segment_id for label in CARDIAC_LABELS]
+        assert read_provenance(segmentation).model_id == "tiny-test"
+        assert read_provenance(segmentation).model_version == "0.0.1"
+        image = image_from_volume(frame)
+        back = labels_from_segmentation(segmentation, frame)
+        assert back.same_grid(image, tolerance=1e-9)
+        assert np.array_equal(back.array, predictor.predict(image).labels.array)  # voxel-exact, frame by frame
+        assert result.frame_labels_ml[index] == {
+            label.segment_id: pytest.approx(label_volume_ml(back, label.value)) for label in CARDIAC_LABELS
+        }
+    assert read_provenance(segmentations).model_id == "tiny-test"
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > len(BLENDS)
+
+
+def test_ed_es_and_the_measurements_table(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    result = segment_sequence(sequence, predictor)
+    lv = [frame["LV"] for frame in result.frame_labels_ml]
+    assert len(set(lv)) > 1  # the responsive net really does vary between frames
+    assert (result.ed_index, result.es_index) == (int(np.argmax(lv)), int(np.argmin(lv)))
+    frames = sequence_frames(sequence)
+    labels = [labels_from_segmentation(result.segmentation_sequence.GetNthDataNode(n), frames[n]) for n in range(len(frames))]
+    expected = {**cardiac_function(labels[result.ed_index], labels[result.es_index]),
+                "ed_frame": result.ed_index, "es_frame": result.es_index}
+    assert result.measurements == pytest.approx(expected)
+    assert result.table.GetScene() is scene and result.table.GetName() == "cine measurements"
+    assert table_measurements(result.table) == pytest.approx(expected)
+    units = [result.table.GetTable().GetValue(row, 2).ToString() for row in range(result.table.GetTable().GetNumberOfRows())]
+    assert units == ["ml", "ml", "ml", "%", "ml", "ml", "ml", "%", "g", "frame index", "frame index"]
+
+
+def test_a_new_browser_synchronises_cine_and_segmentations(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    result = segment_sequence(sequence, predictor)
+    browser = result.browser
+    assert browser is not None and browser.GetName() == "cine browser"
+    assert browser.GetMasterSequenceNode() is sequence
+    assert browser.IsSynchronizedSequenceNodeID(result.segmentation_sequence.GetID(), False)
+    volume_proxy, segmentation_proxy = browser.GetProxyNode(sequence), browser.GetProxyNode(result.segmentation_sequence)
+    assert volume_proxy.GetScene() is scene and segmentation_proxy.IsA("vtkMRMLSegmentationNode")
+    first = labels_from_segmentation(result.segmentation_sequence.GetNthDataNode(0), sequence_frames(sequence)[0])
+    assert np.array_equal(labels_from_segmentation(segmentation_proxy, volume_proxy).array, first.array)
+
+
+def test_the_cines_own_browser_is_reused(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    own = add_browser(scene, sequence, selected=2)
+    result = segment_sequence(sequence, predictor)
+    assert result.browser is own and own.GetSelectedItemNumber() == 2
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode") == 1
+    assert own.IsSynchronizedSequenceNodeID(result.segmentation_sequence.GetID(), False)
+    volume_proxy, segmentation_proxy = own.GetProxyNode(sequence), own.GetProxyNode(result.segmentation_sequence)
+    shown = labels_from_segmentation(result.segmentation_sequence.GetNthDataNode(2), sequence_frames(sequence)[2])
+    assert np.array_equal(labels_from_segmentation(segmentation_proxy, volume_proxy).array, shown.array)
+
+
+@pytest.mark.parametrize("when", ["before", "after the first frame"])
+def test_cancel_leaves_the_scene_unchanged(predictor, pair, when):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    before = node_ids(scene)
+    token = CancelToken()
+    if when == "before":
+        token.cancel()
+    seen = []
+
+    def progress(fraction):
+        seen.append(fraction)
+        if fraction >= 0.95 / len(BLENDS):  # the first frame is done
+            token.cancel()
+
+    with pytest.raises(Cancelled, match="segmenting the cine was cancelled"):
+        segment_sequence(sequence, predictor, progress=progress, cancel=token)
+    assert node_ids(scene) == before
+    assert sequence.GetNumberOfDataNodes() == len(BLENDS)
+    if when != "before":
+        assert max(seen) < 2 * 0.95 / len(BLENDS)  # stopped after one frame, not at the end
+
+
+def add_browser(scene, sequence, selected=0):
+    """A browser showing the cine, as after loading a 4D file in Slicer and browsing to ``selected``."""
+    logic = slicer.vtkSlicerSequencesLogic()
+    logic.SetMRMLScene(scene)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "loaded cine browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(selected)
+    logic.UpdateProxyNodesFromSequences(browser)
+    logic.SetMRMLScene(None)
+    return browser
+
+
+@pytest.mark.parametrize("with_browser", [False, True])
+def test_a_failure_after_adding_nodes_removes_them(predictor, pair, monkeypatch, with_browser):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    browser = add_browser(scene, sequence) if with_browser else None
+    before = node_ids(scene)
+
+    def broken_table(*args, **kwargs):
+        raise IdealError("disk full")
+
+    monkeypatch.setattr(cine_module, "measurements_table", broken_table)
+    with pytest.raises(IdealError, match="disk full"):
+        segment_sequence(sequence, predictor)
+    assert node_ids(scene) == before
+    if browser is not None:
+        assert browser.GetNumberOfSynchronizedSequenceNodes() == 0  # only the master, as before
+
+
+def test_degenerate_cines_are_refused_with_the_scene_unchanged(pair):
+    scene = slicer.vtkMRMLScene()
+    one_frame = make_cine(scene, pair, blends=(0.0,), times=("0",), name="single")
+    cine = make_cine(scene, pair)
+    before = node_ids(scene)
+    # Untrained tiny nets predict one class everywhere: seed 1 only RV, seed 2 only LV.
+    with pytest.raises(IdealError, match="only one frame"):
+        segment_sequence(one_frame, Predictor(tiny_bundle(1), "cpu"))
+    with pytest.raises(IdealError, match="no LV blood pool was found in any of the 5 frames"):
+        segment_sequence(cine, Predictor(tiny_bundle(1), "cpu"))
+    with pytest.raises(IdealError, match="in every frame: end-diastole and end-systole cannot be told apart"):
+        segment_sequence(cine, Predictor(tiny_bundle(2), "cpu"))
+    assert node_ids(scene) == before
+
+
+def test_what_counts_as_a_cine(pair):
+    scene = slicer.vtkMRMLScene()
+    cine = make_cine(scene, pair, blends=(0.0, 1.0), times=("0", "1"))
+    volume = volume_from_image(pair.ed_image, scene, "volume")
+    empty = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "empty")
+    assert is_cine(cine) and not is_cine(volume) and not is_cine(empty) and not is_cine(None)
+    assert [frame.GetName() for frame in sequence_frames(cine)] == ["cine frame 0", "cine frame 1"]
+    with pytest.raises(IdealError, match="is not a sequence node"):
+        sequence_frames(volume)
+    with pytest.raises(IdealError, match="'empty' has no frames"):
+        sequence_frames(empty)
+    labelmaps = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "labelmaps")
+    labelmaps.SetDataNodeAtValue(volume_from_image(pair.ed_label, slicer.vtkMRMLScene(), "l", labelmap=True), "0")
+    assert not is_cine(labelmaps)
+    with pytest.raises(IdealError, match="frame 0 of sequence 'labelmaps'.*labelmap"):
+        sequence_frames(labelmaps)
