@@ -1,0 +1,265 @@
+"""Batch segmentation through real MRML: every input volume becomes a Slicer .seg.nrrd (and .mrb).
+
+Run it inside Slicer or in plain Python with slicer-core installed::
+
+    Slicer --no-main-window --python-script IDEALSegment/batch.py --model BUNDLE --input IN --output OUT
+    python IDEALSegment/batch.py --model BUNDLE --input IN --output OUT
+
+IN is a volume file, a DICOM folder, or a folder of volume files (or of DICOM sub-folders). Each
+case is loaded into a fresh scene, segmented with IDEALSegmentLogic.inference.segment_volume and
+written to OUT/<case>.seg.nrrd. A failing case is reported and skipped; the exit status is the
+number of failed cases (at most 125), 2 for unusable arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+
+def _register_packages(here):
+    """Import IDEALTrain and IDEALSegmentLogic by name from the folders shipped beside this module."""
+    import importlib.util
+    import sys
+
+    for name, folders in (
+        ("IDEALTrain", (here / "IDEALTrain", here.parent / "IDEALTrain")),
+        ("IDEALSegmentLogic", (here / "Logic",)),
+    ):
+        folder = next((f for f in folders if (f / "__init__.py").is_file()), None)
+        if name in sys.modules or folder is None:
+            continue
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+
+
+# The same registration as IDEALSegment.py (Logic/README.md); Slicer's --python-script may not set __file__.
+_register_packages(Path(globals().get("__file__") or sys.argv[0]).resolve().parent)
+
+from IDEALTrain.errors import IdealError  # noqa: E402
+from IDEALTrain.volume_files import VOLUME_SUFFIXES, has_volume_suffix  # noqa: E402
+
+MAX_EXIT_STATUS = 125  # higher statuses mean "killed by a signal" or "command not found" to shells
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+
+
+def case_name(path: Path) -> str:
+    """A case's name: the file name without its volume suffix (``a.nii.gz`` -> ``a``), or the folder name."""
+    name = path.name
+    for suffix in (SEGMENTATION_SUFFIX,) + VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_cases(source: Path) -> list[Path]:
+    """The inputs in ``source``: a file; a folder's volume files; else the folder (DICOM) or its sub-folders."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise IdealError(f"{source}: no such file or folder")
+    entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
+    volumes = [p for p in entries if p.is_file() and has_volume_suffix(p) and not p.name.lower().endswith(SEGMENTATION_SUFFIX)]
+    if volumes:
+        return volumes
+    if any(p.is_file() for p in entries):
+        return [source]  # one DICOM series
+    folders = [p for p in entries if p.is_dir()]
+    if not folders:
+        raise IdealError(f"{source}: holds no volume files ({', '.join(VOLUME_SUFFIXES)}) and no DICOM files")
+    return folders
+
+
+def load_case(scene: object, path: Path) -> object:
+    """A new volume node for one case: a file through MRML storage, a DICOM folder through IDEALTrain."""
+    from IDEALSegmentLogic.scene_files import load_volume
+    from IDEALSegmentLogic.volumes import volume_from_image
+
+    if path.is_file():
+        return load_volume(scene, path, case_name(path))
+    from IDEALTrain.volume_files import read_image
+
+    return volume_from_image(read_image(path), scene, case_name(path))
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr, or plain lines where tqdm is not installed (e.g. Slicer's Python)."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+    return tqdm(total=total, desc="segmenting", unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def segment_case(path: Path, args: argparse.Namespace, predictor: object, outputs: dict[str, Path]) -> dict:
+    """Segment one case into its own scene and write its files; a row of the summary."""
+    import slicer
+
+    from IDEALSegmentLogic.inference import segment_volume
+    from IDEALSegmentLogic.scene_files import save_node, save_scene_bundle
+    from IDEALSegmentLogic.segmentations import labels_from_segmentation
+
+    scene = slicer.vtkMRMLScene()
+    try:
+        volume = load_case(scene, path)
+        result = segment_volume(volume, predictor, with_uncertainty=args.mrb is not None)
+        save_node(result.segmentation, outputs["segmentation"], overwrite=args.overwrite)
+        if "mrb" in outputs:
+            save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite)
+        row = {"case": case_name(path), "status": "ok", "seconds": result.seconds, "summary": result.summary()}
+        if args.measurements_csv is not None:
+            row["labels"] = labels_from_segmentation(result.segmentation, volume, predictor.bundle.labels)
+        return row
+    finally:
+        scene.Clear(True)
+
+
+def _outputs(path: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Output files of one case, refused up front when they exist and --overwrite is not given."""
+    name = case_name(path)
+    outputs = {"segmentation": args.output / f"{name}{SEGMENTATION_SUFFIX}"}
+    if args.mrb is not None:
+        outputs["mrb"] = args.mrb / f"{name}.mrb"
+    existing = [str(p) for p in outputs.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise IdealError(f"output already exists: {', '.join(existing)}; pass --overwrite to replace it")
+    return outputs
+
+
+def write_measurements(rows: list[dict], path: Path, label_map: tuple, overwrite: bool) -> str:
+    """Per-case label volumes (ml); with IDEALSegmentLogic.measurements, ED/ES function per case pair.
+
+    Cases named ``<name>_ED`` and ``<name>_ES`` (ACDC and phantom naming) form a pair whose row gets
+    ejection fractions and mass from ``measurements.cardiac_measurements``. Returns a note for the summary.
+    """
+    from IDEALTrain.atomic import atomic_path
+    from IDEALTrain.metrics import label_volume_ml
+
+    if path.exists() and not overwrite:
+        raise IdealError(f"{path}: already exists; pass --overwrite to replace it")
+    try:
+        from IDEALSegmentLogic import measurements
+    except ImportError:  # written by another part of the project; optional here
+        measurements = None
+    done = [row for row in rows if row["status"] == "ok"]
+    table = [{"case": row["case"], **{f"{label.name} (ml)": round(label_volume_ml(row["labels"], label.value), 3) for label in label_map}} for row in done]
+    note = "ED/ES measurements skipped (IDEALSegmentLogic.measurements is not available)" if measurements is None else ""
+    if measurements is not None:
+        by_name = {row["case"]: row["labels"] for row in done}
+        for name in sorted(by_name):
+            if name.upper().endswith("_ED") and f"{name[:-3]}_ES" in by_name:
+                try:
+                    values = measurements.cardiac_measurements(by_name[name], by_name[f"{name[:-3]}_ES"])
+                except IdealError as error:
+                    note += f"{name[:-3]}: no ED/ES measurements ({error}); "
+                    continue
+                table.append({"case": f"{name[:-3]} (ED/ES)", **values})
+    columns = list(dict.fromkeys(key for row in table for key in row))
+    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(table)
+    return note.rstrip("; ")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch.py", description="Segment volumes with an IDEALSegment model through Slicer MRML.")
+    parser.add_argument("--model", required=True, help="model bundle (folder or .zip)")
+    parser.add_argument("--input", required=True, type=Path, help="volume file, DICOM folder, or folder of volume files / DICOM folders")
+    parser.add_argument("--output", required=True, type=Path, help="folder for <case>.seg.nrrd (created if missing)")
+    parser.add_argument("--mrb", nargs="?", const=True, default=None, help="also write <case>.mrb scenes (with the uncertainty map) to this folder (default: --output)")
+    parser.add_argument("--measurements-csv", type=Path, help="write per-case volumes (and ED/ES function for <name>_ED/_ES pairs) here")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Segment every case; the exit status is the number of failed cases (capped at 125), 2 for bad arguments."""
+    args = build_parser().parse_args(argv)
+    _vtk_messages_to_stderr()
+    args.mrb = args.output if args.mrb is True else (Path(args.mrb) if args.mrb else None)
+    try:
+        cases = find_cases(args.input)
+        for folder in (args.output, args.mrb):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        from IDEALSegmentLogic.inference import load_predictor
+
+        predictor = load_predictor(args.model, args.device)
+    except IdealError as error:
+        print(f"batch: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # e.g. PyTorch not yet installed into Slicer's Python
+        print(f"batch: error: Python package '{error.name}' is not installed; install it first", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows = []
+    bar = _progress(len(cases))
+    for path in cases:
+        try:
+            rows.append(segment_case(path, args, predictor, _outputs(path, args)))
+        except Exception as error:  # one bad case must not stop the batch
+            message = str(error) if isinstance(error, IdealError) else f"{type(error).__name__}: {error}"
+            rows.append({"case": case_name(path), "status": "failed", "error": message})
+            _say(bar, f"FAILED {path}: {message}")
+        if bar is not None:
+            bar.update(1)
+        else:
+            print(f"[{len(rows)}/{len(cases)}] {rows[-1]['case']}: {rows[-1]['status']}", file=sys.stderr)
+    if bar is not None:
+        bar.close()
+    failed = [row for row in rows if row["status"] == "failed"]
+    note = ""
+    if args.measurements_csv is not None:
+        try:
+            note = write_measurements(rows, args.measurements_csv, predictor.bundle.labels, args.overwrite)
+        except (IdealError, OSError) as error:
+            print(f"batch: error: measurements not written: {error}", file=sys.stderr)
+    print(f"segmented {len(rows) - len(failed)} of {len(rows)} case(s) with {predictor.bundle.model_id} "
+          f"{predictor.bundle.version} on {predictor.device} in {time.perf_counter() - start:.1f} s -> {args.output}")
+    for row in failed:
+        print(f"  failed: {row['case']}: {row['error']}")
+    if note:
+        print(f"  note: {note}")
+    return min(len(failed), MAX_EXIT_STATUS)
+
+
+def _vtk_messages_to_stderr() -> None:
+    """Keep stdout for the summary: VTK/MRML messages (e.g. .mrb zip notes) go to stderr."""
+    import vtk
+
+    vtk.vtkOutputWindow.GetInstance().SetDisplayModeToAlwaysStdErr()
+
+
+def _say(bar: object, text: str) -> None:
+    if bar is not None:
+        bar.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
+
+
+def _exit(status: int) -> None:
+    """Exit with ``status``: through the Slicer application when running inside Slicer."""
+    try:
+        import slicer
+
+        app = getattr(slicer, "app", None)
+    except ImportError:
+        app = None
+    if app is not None:
+        slicer.util.exit(status)  # ends Slicer's event loop with this status (--python-script keeps it running otherwise)
+    else:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    _exit(main())

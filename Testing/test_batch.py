@@ -1,0 +1,135 @@
+"""IDEALSegment/batch.py as a program: MRML batch output equals ``idealtrain segment`` voxel for voxel."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from helpers import import_slicer_core  # noqa: E402
+
+slicer = import_slicer_core()
+
+from IDEALSegmentLogic.scene_files import load_scene_bundle  # noqa: E402
+from IDEALTrain.bundle import save_bundle  # noqa: E402
+from IDEALTrain.cli import main as idealtrain  # noqa: E402
+from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.volume_files import write_image  # noqa: E402
+
+from helpers import tiny_bundle  # noqa: E402
+
+BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
+
+
+def varied_bundle(seed: int = 0):
+    """A tiny untrained bundle with scaled-up conv weights, so every class appears (see test_logic_inference)."""
+    bundle = tiny_bundle(seed)
+    bundle.weights = {k: v * 4 if k.endswith("weight") and v.ndim == 4 else v for k, v in bundle.weights.items()}
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An end-diastole/end-systole pair of small oblique phantoms, one corrupt file, and a tiny bundle."""
+    root = tmp_path_factory.mktemp("batch")
+    (root / "in").mkdir()
+    pair = make_phantom_pair(1, size=(48, 40, 6))
+    write_image(pair.ed_image, root / "in" / "heart_ED.nii.gz")
+    write_image(pair.es_image, root / "in" / "heart_ES.nii.gz")
+    (root / "in" / "corrupt.nii.gz").write_bytes(b"not an image")
+    return root, save_bundle(varied_bundle(), root / "model")
+
+
+def run_batch(*arguments, site=True):
+    """Run batch.py as a program; with ``site=False`` as from a source checkout without pip install."""
+    command = [sys.executable] + ([] if site else ["-S"]) + [str(BATCH), *map(str, arguments)]
+    environment = dict(os.environ)
+    if not site:  # no editable-install hook: only third-party libraries, as Slicer's Python has them
+        environment["PYTHONPATH"] = sysconfig.get_paths()["purelib"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+
+
+def read(path):
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def test_batch_matches_idealtrain_segment_and_reports_the_bad_case(inputs, tmp_path):
+    root, model = inputs
+    out = tmp_path / "out"
+    result = run_batch("--model", model, "--input", root / "in", "--output", out, "--device", "cpu", "--mrb",
+                       "--measurements-csv", tmp_path / "volumes.csv", site=False)
+    assert result.returncode == 1, result.stderr[-3000:]  # one failed case
+    assert sorted(p.name for p in out.iterdir()) == ["heart_ED.mrb", "heart_ED.seg.nrrd", "heart_ES.mrb", "heart_ES.seg.nrrd"]
+    assert "segmented 2 of 3 case(s)" in result.stdout and "failed: corrupt:" in result.stdout
+    assert "FAILED" in result.stderr and "Zip" not in result.stdout
+    for name in ("heart_ED", "heart_ES"):
+        reference = tmp_path / f"{name}.reference.seg.nrrd"
+        assert idealtrain(["segment", "--model", str(model), "--input", str(root / "in" / f"{name}.nii.gz"),
+                           "--output", str(reference), "--device", "cpu"]) == 0
+        ours, our_image = read(out / f"{name}.seg.nrrd")
+        theirs, their_image = read(reference)
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs)
+        assert len(np.unique(theirs)) == 4  # every class present
+        np.testing.assert_allclose(our_image.GetSpacing(), their_image.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(our_image.GetOrigin(), their_image.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(our_image.GetDirection(), their_image.GetDirection(), atol=1e-6)
+    scene = load_scene_bundle(out / "heart_ED.mrb")
+    names = {scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())}
+    assert {"heart_ED", "heart_ED segmentation", "heart_ED segmentation uncertainty"} <= names
+    rows = list(csv.DictReader((tmp_path / "volumes.csv").open()))
+    assert [row["case"] for row in rows[:2]] == ["heart_ED", "heart_ES"]
+    assert float(rows[0]["Left ventricle blood pool (ml)"]) > 0
+    try:
+        import IDEALSegmentLogic.measurements  # noqa: F401  (optional: written by another part of the project)
+    except ImportError:
+        assert "ED/ES measurements skipped" in result.stdout
+    else:
+        assert rows[2]["case"] == "heart (ED/ES)" and rows[2]["lv_ef_percent"] != ""
+
+
+def test_existing_outputs_are_never_overwritten(inputs, tmp_path):
+    root, model = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / "heart_ED.seg.nrrd"
+    kept.write_bytes(b"the user's file")
+    result = run_batch("--model", model, "--input", root / "in" / "heart_ED.nii.gz", "--output", out, "--device", "cpu")
+    assert result.returncode == 1 and "--overwrite" in result.stdout
+    assert kept.read_bytes() == b"the user's file"
+    result = run_batch("--model", model, "--input", root / "in" / "heart_ED.nii.gz", "--output", out, "--device", "cpu", "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read(kept)[0].shape == (6, 40, 48)
+    result = run_batch("--model", tmp_path / "absent", "--input", root / "in", "--output", out)
+    assert result.returncode == 2 and "no such model bundle" in result.stderr
+
+
+def test_dicom_folders_are_cases_too(inputs, tmp_path):
+    import importlib.util
+
+    from IDEALTrain.dicom_series import write_dicom_series
+
+    root, model = inputs
+    image = make_phantom_pair(3, size=(48, 40, 6)).ed_image
+    for name, scale in (("patientA", 1000), ("patientB", 900)):
+        write_dicom_series(image.with_array((image.array * scale).astype(np.int16)), tmp_path / "dicom" / name)
+    spec = importlib.util.spec_from_file_location("idealsegment_batch", BATCH)
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    out = tmp_path / "out"
+    assert batch.main(["--model", str(model), "--input", str(tmp_path / "dicom"), "--output", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patientA.seg.nrrd", "patientB.seg.nrrd"]
+    reference = tmp_path / "reference.seg.nrrd"
+    assert idealtrain(["segment", "--model", str(model), "--input", str(tmp_path / "dicom" / "patientA"),
+                       "--output", str(reference), "--device", "cpu"]) == 0
+    ours, our_image = read(out / "patientA.seg.nrrd")
+    theirs, their_image = read(reference)
+    assert np.array_equal(ours, theirs)
+    np.testing.assert_allclose(our_image.GetOrigin(), their_image.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(our_image.GetDirection(), their_image.GetDirection(), atol=1e-6)

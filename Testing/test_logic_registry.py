@@ -1,0 +1,127 @@
+"""The model registry: shipped + user bundles, numeric version order, default, broken bundles, register."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import import_slicer_core  # noqa: E402
+
+import_slicer_core()
+
+from IDEALSegmentLogic.registry import (  # noqa: E402
+    DEFAULT_MODEL_ID,
+    SHIPPED_MODELS_DIR,
+    ModelRegistry,
+    default_user_dir,
+    next_patch_version,
+    version_key,
+)
+from IDEALTrain.bundle import load_bundle, save_bundle  # noqa: E402
+from IDEALTrain.errors import IdealError  # noqa: E402
+
+from helpers import tiny_bundle  # noqa: E402
+
+
+def write_bundle(folder, model_id, version, **card):
+    bundle = tiny_bundle()
+    bundle.model_id, bundle.version = model_id, version
+    for key, value in card.items():
+        setattr(bundle, key, value)
+    return save_bundle(bundle, folder / f"{model_id}-{version}")
+
+
+@pytest.fixture
+def folders(tmp_path):
+    shipped, user = tmp_path / "shipped", tmp_path / "user"
+    shipped.mkdir()
+    return shipped, user
+
+
+def test_versions_compare_numerically():
+    versions = ["1.9.0", "1.10.0", "1.10.0-rc1", "0.2", "1.9.1", "10.0.0"]
+    assert sorted(versions, key=version_key) == ["0.2", "1.9.0", "1.9.1", "1.10.0-rc1", "1.10.0", "10.0.0"]
+    assert next_patch_version("1.2.9") == "1.2.10" and next_patch_version("2.0") == "2.0.1"
+
+
+def test_entries_find_and_default_prefer_the_shipped_default(folders):
+    shipped, user = folders
+    write_bundle(shipped, DEFAULT_MODEL_ID, "1.9.0")
+    write_bundle(shipped, DEFAULT_MODEL_ID, "1.10.0", validation={"dice": 0.875}, training={"labeled_data": "ssl4mis:acdc", "recipe": {"iterations": 30000}})
+    write_bundle(user, "my-model", "0.3.0", created="2099-01-01T00:00:00+00:00")
+    registry = ModelRegistry(user, shipped)
+    entries = registry.entries()
+    assert [(e.model_id, e.version, e.source) for e in entries] == [
+        (DEFAULT_MODEL_ID, "1.10.0", "shipped"), (DEFAULT_MODEL_ID, "1.9.0", "shipped"), ("my-model", "0.3.0", "user"),
+    ]
+    assert registry.problems == []
+    latest = registry.find(DEFAULT_MODEL_ID)
+    assert latest.version == "1.10.0" and latest.validation_dice == 0.875
+    assert "ssl4mis:acdc" in latest.training_summary and "30000 iterations" in latest.training_summary
+    assert registry.find(DEFAULT_MODEL_ID, "1.9.0").path == shipped / f"{DEFAULT_MODEL_ID}-1.9.0"
+    assert registry.default() == latest  # shipped default wins over the newer user model
+    assert entries[2].display_name == "my-model 0.3.0 (yours)"
+    with pytest.raises(IdealError, match="has no version 2.0.0.*1.10.0, 1.9.0"):
+        registry.find(DEFAULT_MODEL_ID, "2.0.0")
+    with pytest.raises(IdealError, match="no model 'absent'.*my-model"):
+        registry.find("absent")
+
+
+def test_default_without_the_shipped_model_is_the_newest_and_none_is_a_clear_error(folders):
+    shipped, user = folders
+    registry = ModelRegistry(user, shipped)
+    with pytest.raises(IdealError, match="no segmentation model is installed.*register"):
+        registry.default()
+    write_bundle(user, "old", "5.0.0", created="2024-01-01T00:00:00+00:00")
+    write_bundle(user, "new", "0.1.0", created="2025-06-01T00:00:00+00:00")
+    assert registry.default().model_id == "new"
+
+
+def test_broken_bundles_are_reported_not_raised(folders):
+    shipped, user = folders
+    good = write_bundle(shipped, "good", "1.0.0")
+    (shipped / "junk-card").mkdir()
+    (shipped / "junk-card" / "card.json").write_text("{not json")
+    (shipped / "junk-card" / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    truncated = write_bundle(shipped, "truncated", "1.0.0")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    encoder = tiny_bundle()
+    encoder.kind, encoder.model_id = "pretrained-encoder", "encoder"
+    encoder.weights = {k: v for k, v in encoder.weights.items() if k.startswith("encoder.")}
+    save_bundle(encoder, user / "encoder")
+    (shipped / ".partial-x").mkdir()  # an interrupted copy is not a bundle and not a problem
+    registry = ModelRegistry(user, shipped)
+    assert [e.path for e in registry.entries()] == [good]
+    problems = "\n".join(registry.problems)
+    assert len(registry.problems) == 3, problems
+    assert "junk-card" in problems and "not valid JSON" in problems
+    assert "truncated" in problems and "checksum" in problems
+    assert "pretrained-encoder bundle, not a segmentation model" in problems
+
+
+def test_register_copies_a_new_version_and_never_replaces(folders, tmp_path):
+    shipped, user = folders
+    trained = write_bundle(tmp_path, "my-model", "0.1.0")
+    original_card = (trained / "card.json").read_text()
+    registry = ModelRegistry(user, shipped)
+    first = registry.register(trained)
+    second = registry.register(trained)  # the same version again: next free patch version
+    assert (first.version, second.version) == ("0.1.0", "0.1.1")
+    assert second.path == user / "my-model-0.1.1" and second.source == "user"
+    card = json.loads((second.path / "card.json").read_text())
+    assert card["version"] == "0.1.1" and card["registered_from"] == {"path": str(trained.resolve()), "version": "0.1.0"}
+    assert load_bundle(second.path).version == "0.1.1"  # still verifies (checksum covers the weights)
+    assert (trained / "card.json").read_text() == original_card
+    with pytest.raises(IdealError, match="version 0.1.0 is already installed"):
+        registry.register(trained, version="0.1.0")
+    third = registry.register(trained, version="2.0.0")
+    assert registry.find("my-model").path == third.path
+    assert sorted(p.name for p in user.iterdir()) == ["my-model-0.1.0", "my-model-0.1.1", "my-model-2.0.0"]  # no leftovers
+    with pytest.raises(IdealError, match="no such model bundle"):
+        registry.register(tmp_path / "absent")
+
+
+def test_default_locations():
+    assert SHIPPED_MODELS_DIR.parts[-3:] == ("IDEALSegment", "Resources", "Models")
+    assert default_user_dir().parts[-2:] == ("IDEALSegment", "Models")
