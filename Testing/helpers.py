@@ -34,6 +34,14 @@ def tiny_bundle(seed: int = 0, decoders=("unet", "fpn"), inplane: str = "spacing
     return Bundle(config, plan, network.state_dict(), model_id="tiny-test", version="0.0.1")
 
 
+def varied_bundle(seed: int = 0) -> Bundle:
+    """A tiny untrained bundle whose conv weights are scaled up, so every class and real decoder
+    disagreement appear (an unscaled one predicts one class everywhere)."""
+    bundle = tiny_bundle(seed)
+    bundle.weights = {k: v * 4 if k.endswith("weight") and v.ndim == 4 else v for k, v in bundle.weights.items()}
+    return bundle
+
+
 def import_slicer_core():
     """The slicer-core ``slicer`` module, or skip the calling test module with the reason."""
     import pytest

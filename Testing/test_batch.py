@@ -22,16 +22,10 @@ from IDEALTrain.cli import main as idealtrain  # noqa: E402
 from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
 from IDEALTrain.volume_files import write_image  # noqa: E402
 
-from helpers import tiny_bundle  # noqa: E402
+from helpers import varied_bundle  # noqa: E402
 
 BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
 
-
-def varied_bundle(seed: int = 0):
-    """A tiny untrained bundle with scaled-up conv weights, so every class appears (see test_logic_inference)."""
-    bundle = tiny_bundle(seed)
-    bundle.weights = {k: v * 4 if k.endswith("weight") and v.ndim == 4 else v for k, v in bundle.weights.items()}
-    return bundle
 
 
 @pytest.fixture(scope="module")

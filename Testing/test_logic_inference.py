@@ -31,15 +31,8 @@ from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.image import Image  # noqa: E402
 from IDEALTrain.predictor import Predictor  # noqa: E402
 
-from helpers import oblique_image, tiny_bundle  # noqa: E402
+from helpers import oblique_image, varied_bundle  # noqa: E402
 
-
-def varied_bundle(seed: int = 0):
-    """A tiny untrained bundle whose conv weights are scaled up, so every class and real decoder
-    disagreement appear (an unscaled one predicts one class everywhere)."""
-    bundle = tiny_bundle(seed)
-    bundle.weights = {k: v * 4 if k.endswith("weight") and v.ndim == 4 else v for k, v in bundle.weights.items()}
-    return bundle
 
 
 @pytest.fixture(scope="module")
