@@ -298,8 +298,8 @@ def _ds(value: float) -> str:
     return f"{value:.10g}"
 
 
-def _rescale_for(array: np.ndarray) -> tuple[str, str] | None:
-    """(RescaleSlope, RescaleIntercept) strings for these voxels, or None to store them as they are.
+def _rescale_for(array: np.ndarray) -> tuple[float, float] | None:
+    """(RescaleSlope, RescaleIntercept) for these voxels, or None to store them as they are.
 
     Integer values within int16 are stored unchanged (exact round trip). Anything else (fractional or
     out-of-range values) is mapped linearly onto -32767..32767; GDCM rounds to the nearest stored
@@ -311,7 +311,7 @@ def _rescale_for(array: np.ndarray) -> tuple[str, str] | None:
     if np.all(np.mod(array, 1) == 0) and -INT16_MAX - 1 <= low and high <= INT16_MAX:
         return None
     slope = float(_ds((high - low) / (2 * INT16_MAX))) or 1.0
-    return _ds(slope), _ds((high + low) / 2)
+    return slope, float(_ds((high + low) / 2))
 
 
 def _write_frames(
@@ -344,15 +344,15 @@ def _write_frames(
         "0018|0050": _ds(first.spacing[2]),
         "0018|0088": _ds(first.spacing[2]),
     }
-    if rescale is not None:
-        common.update({"0028|1053": rescale[0], "0028|1052": rescale[1], "0028|0100": "16",
-                       "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"})
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
     n_frames, n_slices = len(frames), first.array.shape[0]
     for n, frame in enumerate(frames):
-        voxels = frame.array.astype(np.int16 if rescale is None else np.float64)
+        # Stored values are int16 either way: handing GDCM float voxels makes it switch, depending on
+        # global reader state, to Enhanced MR without per-file positions. The rescale tags go in after.
+        stored = frame.array if rescale is None else np.rint((frame.array - rescale[1]) / rescale[0]).clip(-INT16_MAX, INT16_MAX)
+        voxels = stored.astype(np.int16)
         volume = frame.with_array(voxels).to_sitk()
         for k in range(n_slices):
             plane = volume[:, :, k : k + 1]  # a one-slice 3D image keeps the full geometry
@@ -368,8 +368,17 @@ def _write_frames(
             path = folder / f"IM_{instance:05d}.dcm"
             writer.SetFileName(str(path))
             writer.Execute(plane)
+            if rescale is not None:
+                _set_rescale(path, *rescale)
             paths.append(path)
     return paths
+
+
+def _set_rescale(path: Path, slope: float, intercept: float) -> None:
+    """Add RescaleSlope/Intercept to a written file (GDCM refuses fractional ones on int16 voxels)."""
+    dataset = pydicom.dcmread(path)
+    dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
+    dataset.save_as(path)
 
 
 def write_dicom_series(

@@ -50,7 +50,8 @@ def test_oblique_volume_round_trip(tmp_path: Path) -> None:
 def test_float_voxels_are_rescaled_within_half_a_step(tmp_path: Path) -> None:
     values = np.random.default_rng(0).uniform(-0.5, 2.0, (3, 4, 5))
     image = Image(values, spacing=(1.5, 1.5, 6.0), origin=(3.0, -2.0, 1.0))
-    write_dicom_series(image, tmp_path)
+    files = write_dicom_series(image, tmp_path)
+    assert pydicom.dcmread(files[0]).SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"  # classic MR, per-file geometry
     back = read_dicom(tmp_path)
     step = (values.max() - values.min()) / 65534
     assert back.same_grid(image)
