@@ -10,7 +10,7 @@ DATA="${IDEAL_DATA:?set IDEAL_DATA to the shared data folder}/acdc"
 OUT="${1:-runs/default_model}"
 SIZE="${SIZE:-192}"
 PRETRAIN_ITERATIONS="${PRETRAIN_ITERATIONS:-800}"
-ITERATIONS="${ITERATIONS:-3000}"
+ITERATIONS="${ITERATIONS:-4500}"
 IDEALTRAIN="${IDEALTRAIN:-idealtrain}"
 mkdir -p "$OUT"
 resume_if() { [ -d "$1" ] && [ -n "$(ls -A "$1" 2>/dev/null)" ] && echo --resume || true; }
