@@ -26,29 +26,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 
-def _register_packages(here):
-    """Import IDEALTrain and IDEALSegmentLogic by name from the folders shipped beside this module."""
-    import importlib.util
-    import sys
-
-    for name, folders in (
-        ("IDEALTrain", (here / "IDEALTrain", here.parent / "IDEALTrain")),
-        ("IDEALSegmentLogic", (here / "Logic",)),
-    ):
-        folder = next((f for f in folders if (f / "__init__.py").is_file()), None)
-        if name in sys.modules or folder is None:
-            continue
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-
-
-_register_packages(Path(__file__).resolve().parent)
+import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLogic by name
 
 TRAINING_DEVICE_KEY = "IDEALSegment/TrainingDevice"
 TRAINING_FOLDER_KEY = "IDEALSegment/TrainingFolder"

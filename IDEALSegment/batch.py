@@ -19,30 +19,11 @@ import time
 from pathlib import Path
 
 
-def _register_packages(here):
-    """Import IDEALTrain and IDEALSegmentLogic by name from the folders shipped beside this module."""
-    import importlib.util
-    import sys
-
-    for name, folders in (
-        ("IDEALTrain", (here / "IDEALTrain", here.parent / "IDEALTrain")),
-        ("IDEALSegmentLogic", (here / "Logic",)),
-    ):
-        folder = next((f for f in folders if (f / "__init__.py").is_file()), None)
-        if name in sys.modules or folder is None:
-            continue
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-
-
-# The same registration as IDEALSegment.py (Logic/README.md); Slicer's --python-script may not set __file__.
-_register_packages(Path(globals().get("__file__") or sys.argv[0]).resolve().parent)
+# Slicer's --python-script may not set __file__ or put this folder on sys.path. Installed, this file
+# sits one folder below the modules (qt-scripted-modules/IDEALSegmentBatch/), in the source tree beside them.
+_here = Path(globals().get("__file__") or sys.argv[0]).resolve().parent
+sys.path.insert(0, str(next((d for d in (_here, _here.parent) if (d / "IDEALSegmentPackages").is_dir()), _here)))
+import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLogic by name
 
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.volume_files import VOLUME_SUFFIXES, has_volume_suffix  # noqa: E402

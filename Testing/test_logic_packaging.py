@@ -16,31 +16,6 @@ import_slicer_core()
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
 
-# What IDEALSegment/IDEALSegment.py runs at import (README: "Importing the Logic"); keep in step.
-SLICER_MODULE_PRELUDE = '''
-def _register_packages(here):
-    """Import IDEALTrain and IDEALSegmentLogic by name from the folders shipped beside this module."""
-    import importlib.util
-    import sys
-
-    for name, folders in (
-        ("IDEALTrain", (here / "IDEALTrain", here.parent / "IDEALTrain")),
-        ("IDEALSegmentLogic", (here / "Logic",)),
-    ):
-        folder = next((f for f in folders if (f / "__init__.py").is_file()), None)
-        if name in sys.modules or folder is None:
-            continue
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-'''
-
-
 def test_pip_install_maps_the_logic_folder():
     import IDEALSegmentLogic
     import IDEALTrain
@@ -53,7 +28,7 @@ def test_slicer_style_import_without_pip(tmp_path):
     # Slicer: the scripted module's folder is on sys.path and nothing is pip-installed. Run Python
     # without site processing so the editable install's import hook is absent, keeping only the
     # third-party libraries (numpy, vtk, slicer-core) that Slicer itself would provide.
-    script = SLICER_MODULE_PRELUDE + textwrap.dedent(
+    script = textwrap.dedent(
         f"""
         import sys
         from pathlib import Path
@@ -66,7 +41,7 @@ def test_slicer_style_import_without_pip(tmp_path):
                 pass
             else:
                 raise SystemExit(name + " importable without the prelude: the test does not model Slicer")
-        _register_packages(Path({str(MODULE_DIR)!r}))
+        import IDEALSegmentPackages  # what the module files import first
         import slicer
         import IDEALSegmentLogic, IDEALTrain
         from IDEALSegmentLogic.volumes import image_from_volume, volume_from_image
