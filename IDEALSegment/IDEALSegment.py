@@ -230,7 +230,6 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._task: Optional[BackgroundTask] = None
         self._taskDone: Optional[Callable] = None
-        self._cineCancel = None
         self._entries = []
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
@@ -396,7 +395,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        busy = self._task is not None or self._cineCancel is not None
+        busy = self._task is not None
         self.ui.segmentButton.enabled = bool(p.inputVolume) and not busy
         self.ui.segmentButton.toolTip = "Segment the selected image" if p.inputVolume else "Select an image (volume or cine) first"
         hasResult = bool(p.segmentation) and not busy
@@ -425,7 +424,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- segmenting -----------------------------------------------------------------------------
     def onSegment(self) -> None:
         """Check, then segment in the background; the result is added when the worker is done."""
-        if self._task is not None or self._cineCancel is not None:
+        if self._task is not None:
             return
         if not ensureDependencies(self.parent):
             return
@@ -437,7 +436,10 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
             entry = self._selectedEntry()
             if self.logic.isCine(p.inputVolume):
-                self._segmentCine(p.inputVolume, entry, device)
+                sequence = p.inputVolume
+                images = self.logic.cineImages(sequence)
+                work = lambda progress, cancel: self.logic.predictCine(images, entry, device, progress, cancel)  # noqa: E731
+                self._start(BackgroundTask(work), lambda task: self._finishCine(sequence, entry, task))
                 return
             inputs = self.logic.prepareInputs(p.inputVolume, p.esVolume)
             work = lambda progress, cancel: self.logic.predict(inputs, entry, device, progress, cancel)  # noqa: E731
@@ -506,31 +508,10 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceUsedLabel.text = f"Ran on {first.device}"
         self.logic.showSegmentation(inputs[0][0], first.segmentation)
 
-    def _segmentCine(self, sequence, entry, device: str) -> None:
-        """Cine: the Logic segments every frame, then adds one segmentation sequence.
-
-        segment_sequence adds nodes at its end, so it runs on the main thread; the progress
-        callback keeps Slicer responsive (and Cancel clickable) by processing events between slices.
-        """
-        from IDEALSegmentLogic.cancel import CancelToken
-
-        self._cineCancel = CancelToken()
-        self._setRunning(True)
-        started = time.perf_counter()
-
-        def progress(fraction: float) -> None:
-            self.ui.progressBar.value = int(round(100 * fraction))
-            slicer.app.processEvents()
-
-        try:
-            result, used = self.logic.segmentCine(sequence, entry, device, progress, self._cineCancel)
-        except Exception as error:
-            self._cineCancel = None
-            self._setRunning(False)
-            self._reportFailure(error)
-            return
-        self._cineCancel = None
-        self._setRunning(False)
+    def _finishCine(self, sequence, entry, task: BackgroundTask) -> None:
+        """Main thread: add the cine's segmentation sequence, browser sync and measurements, and show them."""
+        result = self.logic.addCine(sequence, task.result)
+        used = task.result[1][0].device
         p = self._parameterNode
         with slicer.util.NodeModify(p.parameterNode):
             p.segmentation = result.browser.GetProxyNode(result.segmentation_sequence) if result.browser else None
@@ -540,7 +521,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.measurementsTable = result.table
             p.statusText = (
                 f"{sequence.GetName()}: {entry.model_id} {entry.version} on {used}, {len(result.frame_labels_ml)} frames in "
-                f"{time.perf_counter() - started:.1f} s; ED frame {result.ed_index}, ES frame {result.es_index}"
+                f"{time.perf_counter() - task.started:.1f} s; ED frame {result.ed_index}, ES frame {result.es_index}"
             )
         self.ui.deviceUsedLabel.text = f"Ran on {used}"
         if result.browser is not None:
@@ -553,8 +534,6 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = "Cancelling..."
         if self._task is not None:
             self._task.cancel.cancel()
-        if self._cineCancel is not None:
-            self._cineCancel.cancel()
 
     # -- reviewing and correcting -----------------------------------------------------------------
     def onNextReviewSlice(self) -> None:
@@ -729,13 +708,29 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
             raise
         return results, table
 
-    def segmentCine(self, sequence, entry, device: str, progress: Callable, cancel) -> tuple:
-        """(CineResult, device used): every frame of a cine, ED/ES and measurements (main thread)."""
-        from IDEALSegmentLogic.cine import segment_sequence
+    def cineImages(self, sequence) -> list:
+        """Every frame of a cine as an Image (voxels and geometry); read on the main thread."""
+        from IDEALSegmentLogic.cine import frame_images
+
+        return frame_images(sequence)
+
+    def predictCine(self, images: list, entry, device: str, progress: Callable, cancel) -> tuple:
+        """Worker thread: (bundle, predictions) for every cine frame; touches no scene."""
+        from IDEALSegmentLogic.cine import predict_sequence
         from IDEALSegmentLogic.inference import load_predictor
 
         predictor = load_predictor(entry, device)
-        return segment_sequence(sequence, predictor, progress=progress, cancel=cancel), str(predictor.device)
+        return predictor.bundle, predict_sequence(images, predictor, progress, cancel)
+
+    def addCine(self, sequence, predicted: tuple):
+        """Main thread: the CineResult (segmentation sequence, browser, ED/ES, measurements table).
+
+        Everything is added or, on failure, everything this call added is removed again.
+        """
+        from IDEALSegmentLogic.cine import add_sequence_to_scene
+
+        bundle, predictions = predicted
+        return add_sequence_to_scene(sequence, predictions, bundle)
 
     def reviewSlices(self, review: list) -> list:
         """Slice indices to visit, most uncertain first: the flagged ones, else every slice with heart."""

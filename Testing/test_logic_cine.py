@@ -1,6 +1,8 @@
 """Cine (4D) segmentation on real MRML (slicer-core): a segmentation per frame, ED/ES, table, browser, cancel."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,14 @@ slicer = import_slicer_core()
 
 from IDEALSegmentLogic import cine as cine_module  # noqa: E402
 from IDEALSegmentLogic.cancel import CancelToken, Cancelled  # noqa: E402
-from IDEALSegmentLogic.cine import is_cine, segment_sequence, sequence_frames  # noqa: E402
+from IDEALSegmentLogic.cine import (  # noqa: E402
+    add_sequence_to_scene,
+    frame_images,
+    is_cine,
+    predict_sequence,
+    segment_sequence,
+    sequence_frames,
+)
 from IDEALSegmentLogic.measurements import table_measurements  # noqa: E402
 from IDEALSegmentLogic.segmentations import labels_from_segmentation, read_provenance  # noqa: E402
 from IDEALSegmentLogic.volumes import image_from_volume, volume_from_image  # noqa: E402
@@ -177,10 +186,12 @@ def add_browser(scene, sequence, selected=0):
 
 
 @pytest.mark.parametrize("with_browser", [False, True])
-def test_a_failure_after_adding_nodes_removes_them(predictor, pair, monkeypatch, with_browser):
+@pytest.mark.parametrize("call", ["segment_sequence", "add_sequence_to_scene"])
+def test_a_failure_after_adding_nodes_removes_them(predictor, pair, monkeypatch, with_browser, call):
     scene = slicer.vtkMRMLScene()
     sequence = make_cine(scene, pair)
     browser = add_browser(scene, sequence) if with_browser else None
+    predictions = predict_sequence(frame_images(sequence), predictor)
     before = node_ids(scene)
 
     def broken_table(*args, **kwargs):
@@ -188,10 +199,34 @@ def test_a_failure_after_adding_nodes_removes_them(predictor, pair, monkeypatch,
 
     monkeypatch.setattr(cine_module, "measurements_table", broken_table)
     with pytest.raises(IdealError, match="disk full"):
-        segment_sequence(sequence, predictor)
+        if call == "segment_sequence":
+            segment_sequence(sequence, predictor)
+        else:
+            add_sequence_to_scene(sequence, predictions, predictor.bundle)
     assert node_ids(scene) == before
     if browser is not None:
         assert browser.GetNumberOfSynchronizedSequenceNodes() == 0  # only the master, as before
+
+
+def test_predictions_that_no_longer_fit_the_cine_are_refused(predictor, pair):
+    """The scene may change while the worker predicts: stale predictions add nothing."""
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    predictions = predict_sequence(frame_images(sequence), predictor)
+    shorter = make_cine(scene, pair, blends=BLENDS[:3], times=TIMES[:3], name="shorter")
+    moved = make_cine(scene, pair, name="moved")
+    moved.GetNthDataNode(2).SetOrigin(1.0, 2.0, 3.0)
+    before = node_ids(scene)
+    with pytest.raises(IdealError, match="'shorter' has 3 frames but 5 were segmented"):
+        add_sequence_to_scene(shorter, predictions, predictor.bundle)
+    with pytest.raises(IdealError, match="frame 2 of sequence 'moved' is not on the grid it was segmented on"):
+        add_sequence_to_scene(moved, predictions, predictor.bundle)
+    assert node_ids(scene) == before
+    scene.RemoveNode(sequence)
+    before = node_ids(scene)
+    with pytest.raises(IdealError, match="'cine' is not in a scene"):
+        add_sequence_to_scene(sequence, predictions, predictor.bundle)
+    assert node_ids(scene) == before
 
 
 def test_degenerate_cines_are_refused_with_the_scene_unchanged(pair):
@@ -225,3 +260,92 @@ def test_what_counts_as_a_cine(pair):
     assert not is_cine(labelmaps)
     with pytest.raises(IdealError, match="frame 0 of sequence 'labelmaps'.*labelmap"):
         sequence_frames(labelmaps)
+
+
+def run_in_worker(work):
+    """Run ``work()`` in a worker thread, as the module's widget does; (result, error)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # handed back to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="cine test worker")
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    return outcome.get("result"), outcome.get("error")
+
+
+def watch_scene(scene):
+    """Every node added to or removed from ``scene`` (from any thread), as a list that grows."""
+    events = []
+    for event in (slicer.vtkMRMLScene.NodeAddedEvent, slicer.vtkMRMLScene.NodeRemovedEvent):
+        scene.AddObserver(event, lambda caller, name: events.append(name))
+    return events
+
+
+def test_predict_in_a_worker_then_add_equals_segment_sequence(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    add_browser(scene, sequence, selected=1)
+    images = frame_images(sequence)  # main thread
+    frames = sequence_frames(sequence)
+    assert len(images) == len(BLENDS)
+    for image, frame in zip(images, frames):
+        expected = image_from_volume(frame)
+        assert image.same_grid(expected, tolerance=0) and np.array_equal(image.array, expected.array)
+    before, events = node_ids(scene), watch_scene(scene)
+    seen = []
+    predictions, error = run_in_worker(lambda: predict_sequence(images, predictor, seen.append, CancelToken()))
+    assert error is None
+    assert node_ids(scene) == before and events == []  # the worker added, removed and changed no node
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > len(BLENDS)
+    assert len(predictions) == len(BLENDS)
+    for image, prediction in zip(images, predictions):
+        assert prediction.labels.same_grid(image, tolerance=0) and prediction.device == "cpu"
+        assert np.array_equal(prediction.labels.array, predictor.predict(image).labels.array)
+        assert prediction.probabilities.size == 0 and prediction.uncertainty is None  # one label map kept per frame
+
+    split = add_sequence_to_scene(sequence, predictions, predictor.bundle)  # main thread
+    assert events  # now the nodes are added
+    other = slicer.vtkMRMLScene()
+    other_sequence = make_cine(other, pair)
+    add_browser(other, other_sequence, selected=1)
+    whole = segment_sequence(other_sequence, predictor)
+    assert (split.ed_index, split.es_index) == (whole.ed_index, whole.es_index)
+    assert split.frame_labels_ml == whole.frame_labels_ml
+    assert split.measurements == whole.measurements
+    assert table_measurements(split.table) == table_measurements(whole.table) == pytest.approx(split.measurements)
+    assert split.segmentation_sequence.GetName() == whole.segmentation_sequence.GetName() == "cine segmentation"
+    assert split.browser.GetName() == whole.browser.GetName() == "loaded cine browser"  # the cine's own
+    assert split.browser.GetSelectedItemNumber() == 1
+    for index in range(len(BLENDS)):
+        split_labels = labels_from_segmentation(split.segmentation_sequence.GetNthDataNode(index), frames[index])
+        whole_labels = labels_from_segmentation(whole.segmentation_sequence.GetNthDataNode(index), sequence_frames(other_sequence)[index])
+        assert np.array_equal(split_labels.array, predictions[index].labels.array)
+        assert np.array_equal(split_labels.array, whole_labels.array)
+        assert read_provenance(split.segmentation_sequence.GetNthDataNode(index)).model_id == "tiny-test"
+
+
+def test_cancel_within_a_frame_in_the_worker_leaves_the_scene_unchanged(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    sequence = make_cine(scene, pair)
+    images = frame_images(sequence)
+    before, events = node_ids(scene), watch_scene(scene)
+    token = CancelToken()
+    seen = []
+
+    def progress(fraction):
+        seen.append(fraction)
+        if fraction > 2 / len(BLENDS):  # a slice batch of the third frame is done
+            token.cancel()
+
+    small_batches = Predictor(responsive_bundle(), "cpu", batch_size=2)  # several batches per 6-slice frame
+    _, error = run_in_worker(lambda: predict_sequence(images, small_batches, progress, token))
+    assert isinstance(error, Cancelled) and "segmenting the cine was cancelled" in str(error)
+    assert 2 / len(BLENDS) < seen[-1] < 3 / len(BLENDS)  # stopped inside the third frame, at once
+    assert node_ids(scene) == before and events == []
+    assert sequence.GetNumberOfDataNodes() == len(BLENDS)

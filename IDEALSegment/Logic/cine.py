@@ -2,34 +2,48 @@
 
 A cine is a ``vtkMRMLSequenceNode`` whose data nodes are scalar volumes. The result is a new
 sequence of segmentation nodes with the same index values, synchronised with the cine in a
-sequence browser (the cine's own browser when it has one), and a measurements table. Nothing is
-added to the scene until every frame has been segmented: a cancel or an error leaves the scene as it was.
+sequence browser (the cine's own browser when it has one), and a measurements table.
+
+As in :mod:`.inference`, the work is split so that a GUI can keep Slicer responsive:
+:func:`frame_images` reads the frames (main thread, cheap), :func:`predict_sequence` runs the
+network on them and touches no scene (worker thread, cancellable), and :func:`add_sequence_to_scene`
+adds the nodes (main thread) or, if anything fails, removes what it added. :func:`segment_sequence`
+does all three in one call. A cancel or an error leaves the scene as it was.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import slicer
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
 from IDEALTrain.metrics import label_volume_ml
 
-from .cancel import CancelToken
+from .cancel import CancelToken, Cancelled
+from .inference import _node_ids, _remove_added, predict_volume
 from .measurements import cardiac_measurements, find_ed_es, measurements_table
 from .segmentations import Provenance, segmentation_from_labels
-from .volumes import check_scalar_volume, image_from_volume, node_label, unique_node_name, volume_from_image
+from .volumes import check_scalar_volume, image_from_volume, node_label, unique_node_name, volume_from_image, volume_grid
+
+if TYPE_CHECKING:  # torch-importing modules, only for annotations
+    from IDEALTrain.bundle import Bundle
+    from IDEALTrain.predictor import Prediction, Predictor
 
 SEQUENCE_CLASS = "vtkMRMLSequenceNode"
 BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
-#: Share of the progress bar spent predicting (the rest builds the nodes).
+#: Share of segment_sequence's progress spent predicting (the rest builds the nodes).
 _PREDICTION_SHARE = 0.95
+#: What a cancelled cine reports ("segmenting the cine was cancelled; the scene is unchanged").
+_WHAT = "segmenting the cine"
 
 
 @dataclass
 class CineResult:
-    """What :func:`segment_sequence` added to the scene, and the numbers it measured."""
+    """What :func:`add_sequence_to_scene` added to the scene, and the numbers it measured."""
 
     segmentation_sequence: object
     browser: object | None  # None where no sequence browser can be made (no Sequences module)
@@ -69,49 +83,91 @@ def sequence_frames(sequence_node: object) -> list[object]:
     return frames
 
 
-def segment_sequence(
-    sequence_node: object,
-    predictor: object,
-    *,
-    progress: Callable[[float], None] | None = None,
-    cancel: CancelToken | None = None,
-) -> CineResult:
-    """Segment every frame of a cine with ``predictor`` (an IDEALTrain Predictor) into a new segmentation sequence.
-
-    ED and ES are the frames with the largest and smallest LV blood pool; their measurements go
-    into a new table node. ``progress`` gets 0..1; ``cancel`` is checked between frames.
-    """
+def _cine_frames(sequence_node: object) -> list[object]:
+    """The frames of a cine that can be segmented: in a scene, with at least two frames (for ED and ES)."""
     frames = sequence_frames(sequence_node)
-    scene = sequence_node.GetScene()
-    if scene is None:
+    if sequence_node.GetScene() is None:
         raise IdealError(f"sequence {node_label(sequence_node)} is not in a scene")
     if len(frames) < 2:
         raise IdealError(
             f"sequence {node_label(sequence_node)} has only one frame: ED and ES need a cine with several "
             "frames (segment a single volume instead)"
         )
-    bundle = predictor.bundle
+    return frames
+
+
+def frame_images(sequence_node: object) -> list[Image]:
+    """Each frame's voxels (a copy) with its world geometry, in index order; main thread, no network."""
+    return [image_from_volume(frame, allow_labelmap=False) for frame in _cine_frames(sequence_node)]
+
+
+def predict_sequence(
+    images: Sequence[Image],
+    predictor: "Predictor",
+    progress: Callable[[float], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> list["Prediction"]:
+    """Run the predictor on every frame image; touches no scene, so it is safe in a worker thread.
+
+    ``progress`` gets the done fraction (0..1) over all frames; ``cancel`` is checked between frames
+    and between slice batches, raising :class:`~IDEALSegmentLogic.cancel.Cancelled`. Only the labels
+    are needed per frame, so each prediction keeps its labels, device and time but drops its
+    class probabilities and uncertainty (an empty array and None): a long cine's probabilities
+    would otherwise take hundreds of MB.
+    """
     report = progress or (lambda fraction: None)
     report(0.0)
-    labels = []
-    for index, frame in enumerate(frames):
+    predictions = []
+    for index, image in enumerate(images):
         if cancel is not None:
-            cancel.check("segmenting the cine")
-        image = image_from_volume(frame, allow_labelmap=False)
+            cancel.check(_WHAT)
 
-        def frame_progress(done: int, total: int, index: int = index) -> None:
-            report(_PREDICTION_SHARE * (index + done / max(total, 1)) / len(frames))
+        def frame_progress(fraction: float, index: int = index) -> None:
+            report((index + fraction) / len(images))
 
-        labels.append(predictor.predict(image, frame_progress).labels)
+        try:
+            prediction = predict_volume(image, predictor, frame_progress, cancel)
+        except Cancelled:
+            if cancel is not None:
+                cancel.check(_WHAT)  # the token is set: raise the cine's own message
+            raise
+        classes = prediction.probabilities.shape[0]
+        predictions.append(replace(prediction, probabilities=np.empty((classes, 0, 0, 0), np.float32), uncertainty=None))
     if cancel is not None:
-        cancel.check("segmenting the cine")
+        cancel.check(_WHAT)
+    report(1.0)
+    return predictions
+
+
+def add_sequence_to_scene(sequence_node: object, predictions: Sequence["Prediction"], bundle: "Bundle") -> CineResult:
+    """A NEW segmentation sequence for the cine's ``predictions``, synchronised with it, and a measurements table; main thread.
+
+    ED and ES are the frames with the largest and smallest LV blood pool. The nodes record the
+    bundle's model id and version. If anything fails, every node this call added is removed (and the
+    cine's own browser no longer synchronises the segmentation) and the error is raised: the scene
+    is left as it was.
+    """
+    frames = _cine_frames(sequence_node)
+    if len(predictions) != len(frames):
+        raise IdealError(
+            f"sequence {node_label(sequence_node)} has {len(frames)} frames but {len(predictions)} were segmented: "
+            "it changed while segmenting; segment it again"
+        )
+    labels = [prediction.labels for prediction in predictions]
+    for index, (frame, frame_labels) in enumerate(zip(frames, labels)):
+        if not frame_labels.same_grid(volume_grid(frame)):
+            raise IdealError(
+                f"frame {index} of sequence {node_label(sequence_node)} is not on the grid it was segmented on: "
+                "it changed while segmenting; segment it again"
+            )
     volumes_ml = [{label.segment_id: label_volume_ml(frame, label.value) for label in CARDIAC_LABELS} for frame in labels]
     ed, es = find_ed_es([frame["LV"] for frame in volumes_ml])
     measurements = {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}
 
+    scene = sequence_node.GetScene()
     provenance = Provenance.now(bundle.model_id, bundle.version)
     segmentation_sequence = _segmentation_sequence(sequence_node, frames, labels, provenance)
-    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    before = _node_ids(scene)
     existing = _cine_browser(scene, sequence_node)
     try:
         scene.AddNode(segmentation_sequence)
@@ -120,10 +176,31 @@ def segment_sequence(
     except BaseException:
         if existing is not None and existing.IsSynchronizedSequenceNodeID(segmentation_sequence.GetID(), False):
             existing.RemoveSynchronizedSequenceNode(segmentation_sequence.GetID())
-        _remove_added_nodes(scene, before)
+        _remove_added(scene, before)
         raise
-    report(1.0)
     return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table)
+
+
+def segment_sequence(
+    sequence_node: object,
+    predictor: "Predictor",
+    *,
+    progress: Callable[[float], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> CineResult:
+    """Segment every frame of a cine with ``predictor`` (an IDEALTrain Predictor), all in one call.
+
+    :func:`frame_images`, :func:`predict_sequence` and :func:`add_sequence_to_scene` in turn, on the
+    calling thread. ``progress`` gets 0..1; cancelling raises
+    :class:`~IDEALSegmentLogic.cancel.Cancelled` and leaves the scene unchanged.
+    """
+    images = frame_images(sequence_node)
+    scaled = None if progress is None else (lambda fraction: progress(_PREDICTION_SHARE * fraction))
+    predictions = predict_sequence(images, predictor, scaled, cancel)
+    result = add_sequence_to_scene(sequence_node, predictions, predictor.bundle)
+    if progress is not None:
+        progress(1.0)
+    return result
 
 
 def _segmentation_sequence(sequence_node: object, frames: list[object], labels: list, provenance: Provenance) -> object:
@@ -191,11 +268,3 @@ def _follow_volume_transform(browser: object, volume_sequence: object, segmentat
 
 def _nodes_of_class(scene: object, class_name: str) -> list[object]:
     return [scene.GetNthNodeByClass(index, class_name) for index in range(scene.GetNumberOfNodesByClass(class_name))]
-
-
-def _remove_added_nodes(scene: object, before: set[str]) -> None:
-    """Remove every node added to the scene since ``before`` (the IDs that were there)."""
-    added = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
-    for node in added:
-        if node is not None and node.GetID() not in before and scene.IsNodePresent(node):
-            scene.RemoveNode(node)
