@@ -685,12 +685,12 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
         Everything is added or, on failure, everything this call added is removed again.
         """
-        from IDEALSegmentLogic.inference import add_prediction_to_scene
+        from IDEALSegmentLogic.inference import add_prediction_to_scene, node_ids, remove_nodes_added_since
         from IDEALSegmentLogic.measurements import measurements_from_segmentations, measurements_table
 
         bundle, predictions = predicted
         scene = inputs[0][0].GetScene()
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        before = node_ids(scene)
         try:
             results = [
                 add_prediction_to_scene(volume, prediction, bundle, with_uncertainty=withUncertainty and number == 0)
@@ -701,10 +701,7 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
                 measured = measurements_from_segmentations(results[0].segmentation, inputs[0][0], results[1].segmentation, inputs[1][0])
                 table = measurements_table(scene, measured, f"{inputs[0][0].GetName()} measurements")
         except BaseException:
-            for nodeID in {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())} - before:
-                node = scene.GetNodeByID(nodeID)
-                if node is not None:
-                    scene.RemoveNode(node)
+            remove_nodes_added_since(scene, before)
             raise
         return results, table
 

@@ -24,7 +24,7 @@ from IDEALTrain.labels import CARDIAC_LABELS
 from IDEALTrain.metrics import label_volume_ml
 
 from .cancel import CancelToken, Cancelled
-from .inference import _node_ids, _remove_added, predict_volume
+from .inference import node_ids, predict_volume, remove_nodes_added_since
 from .measurements import cardiac_measurements, find_ed_es, measurements_table
 from .segmentations import Provenance, segmentation_from_labels
 from .volumes import check_scalar_volume, image_from_volume, node_label, unique_node_name, volume_from_image, volume_grid
@@ -167,7 +167,7 @@ def add_sequence_to_scene(sequence_node: object, predictions: Sequence["Predicti
     scene = sequence_node.GetScene()
     provenance = Provenance.now(bundle.model_id, bundle.version)
     segmentation_sequence = _segmentation_sequence(sequence_node, frames, labels, provenance)
-    before = _node_ids(scene)
+    before = node_ids(scene)
     existing = _cine_browser(scene, sequence_node)
     try:
         scene.AddNode(segmentation_sequence)
@@ -176,7 +176,7 @@ def add_sequence_to_scene(sequence_node: object, predictions: Sequence["Predicti
     except BaseException:
         if existing is not None and existing.IsSynchronizedSequenceNodeID(segmentation_sequence.GetID(), False):
             existing.RemoveSynchronizedSequenceNode(segmentation_sequence.GetID())
-        _remove_added(scene, before)
+        remove_nodes_added_since(scene, before)
         raise
     return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table)
 

@@ -117,13 +117,14 @@ def predict_volume(
     return prediction
 
 
-def _node_ids(scene: object) -> set[str]:
+def node_ids(scene: object) -> set[str]:
+    """IDs of every node in the scene (to undo additions with :func:`remove_nodes_added_since`)."""
     return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
 
 
-def _remove_added(scene: object, before: set[str]) -> None:
+def remove_nodes_added_since(scene: object, before: set[str]) -> None:
     """Remove every node whose ID was not in ``before`` (newest first): the scene is as it was."""
-    for node_id in sorted(_node_ids(scene) - before, key=_id_order, reverse=True):
+    for node_id in sorted(node_ids(scene) - before, key=_id_order, reverse=True):
         node = scene.GetNodeByID(node_id)
         if node is not None:
             scene.RemoveNode(node)
@@ -153,7 +154,7 @@ def add_prediction_to_scene(
     if scene is None:
         raise IdealError(f"volume {node_label(volume)} is not in a scene")
     provenance = Provenance.now(bundle.model_id, bundle.version)
-    before = _node_ids(scene)
+    before = node_ids(scene)
     try:
         segmentation = segmentation_from_labels(prediction.labels, volume, bundle.labels, provenance, name)
         uncertainty_node, review = None, []
@@ -163,7 +164,7 @@ def add_prediction_to_scene(
                 uncertainty_node.SetAttribute(key, value)
             review = review_order(prediction.uncertainty, prediction.labels)
     except BaseException:
-        _remove_added(scene, before)
+        remove_nodes_added_since(scene, before)
         raise
     return SegmentationResult(
         segmentation=segmentation,
