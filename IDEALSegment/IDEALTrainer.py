@@ -6,7 +6,6 @@ no torch (or anything that needs it) at the top level.
 """
 import enum
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,8 +30,6 @@ import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSe
 TRAINING_DEVICE_KEY = "IDEALSegment/TrainingDevice"
 TRAINING_FOLDER_KEY = "IDEALSegment/TrainingFolder"
 POLL_MILLISECONDS = 250
-#: With 3 or more reviewed cases, every HOLD_OUT_EVERY-th (at least the last) is kept out of training to compare models.
-HOLD_OUT_EVERY = 5
 
 
 def _segmentModule():
@@ -126,7 +123,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._phase = ""
         self._comparison = None  # IDEALSegment.BackgroundTask comparing old and new
-        self._run = None  # IDEALTrainerModuleLogic.prepareRun's folders of the current run
+        self._run = None  # the current run's folders (IDEALSegmentLogic.retraining.RetrainingRun)
         self._oldEntry = None  # the model the new one is compared with
         self._device = "auto"
         self._timer = qt.QTimer()
@@ -256,6 +253,9 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pretrainedEncoderPathLineEdit.enabled = p.encoderStart == EncoderStart.REUSE
         self.ui.pretrainIterationsSpinBox.enabled = p.encoderStart == EncoderStart.PRETRAIN
         self.ui.useModelButton.enabled = bool(p.newBundle) and Path(p.newBundle).exists() and not busy
+        comparison = self.logic.comparison(p.comparisonTable)
+        better = comparison is not None and comparison.new_is_better()
+        self.ui.useModelButton.text = "Use this model" if better or not p.newBundle else "Use this model anyway..."
         if self.ui.comparisonTableView.mrmlTableNode() is not p.comparisonTable:
             self.ui.comparisonTableView.setMRMLTableNode(p.comparisonTable)
 
@@ -275,7 +275,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.runFolder = str(runFolder)
                 p.newBundle = ""
                 p.comparisonTable = None
-                p.statusText = f"Training in {runFolder} ({len(run['train_cases'])} training case(s), {len(run['held_out'])} held out)"
+                p.statusText = f"Training in {runFolder} ({len(run.train_cases)} training case(s), {len(run.held_out_cases)} held out)"
             self._run = run
             self._oldEntry = oldEntry
             self._device = device
@@ -349,19 +349,19 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finishTraining(self) -> None:
         p = self._parameterNode
-        p.newBundle = str(self._run["bundle"])
+        p.newBundle = str(self._run.bundle)
         self.ui.progressLabel.text = "Training done."
-        if not self._run["held_out"] or self._oldEntry is None:
+        if not self._run.held_out_cases or self._oldEntry is None:
             self._timer.stop()
             self.ui.trainingProgressBar.hide()
             self.ui.cancelTrainingButton.hide()
-            why = "no earlier model is installed to compare with" if self._run["held_out"] else "review at least 3 cases to get a held-out comparison"
+            why = "no earlier model is installed to compare with" if self._run.held_out_cases else "review at least 3 cases to get a held-out comparison"
             p.statusText = f"New model trained: {p.newBundle} ({why})."
             self._updateGui()
             return
         segment = _segmentModule()
         run, old, device = self._run, self._oldEntry, self._device
-        work = lambda progress, cancel: self.logic.compareModels(old.path, run["bundle"], run["held_out_dir"], device, progress, cancel)  # noqa: E731
+        work = lambda progress, cancel: self.logic.compareModels(old, run.bundle, run.held_out_dir, device, progress, cancel)  # noqa: E731
         self.ui.progressLabel.text = "Comparing the old and the new model on the held-out cases..."
         self._comparison = segment.BackgroundTask(work)
 
@@ -379,8 +379,8 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.statusText = f"New model trained ({p.newBundle}), but the comparison failed: {task.error}"
         else:
             p.comparisonTable = self.logic.comparisonTable(slicer.mrmlScene, task.result, self._oldEntry)
-            old, new = task.result["old"]["mean"], task.result["new"]["mean"]
-            p.statusText = f"Mean Dice on {task.result['cases']} held-out case(s): old {old:.3f}, new {new:.3f}. Use this model registers it as a new version."
+            advice = "Use this model registers it as a new version." if task.result.new_is_better() else "Keeping the current model is advised."
+            p.statusText = f"{task.result.summary()} {advice}"
         self.ui.progressLabel.text = ""
         self._updateGui()
 
@@ -395,8 +395,20 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._comparison.cancel.cancel()
 
     def onUseModel(self) -> None:
-        """Register the new bundle as a new version (never replacing one) and make it IDEALSegment's choice."""
+        """Register the new bundle as a new version (never replacing one) and make it IDEALSegment's choice.
+
+        Only a model that beat the old one on the held-out cases is switched to without asking.
+        """
         p = self._parameterNode
+        comparison = self.logic.comparison(p.comparisonTable)
+        if comparison is None:
+            question = "The new model was not compared with the current one on held-out reviewed cases, so it is not known to be better."
+        elif not comparison.new_is_better():
+            question = comparison.summary()
+        else:
+            question = None
+        if question and not slicer.util.confirmYesNoDisplay(f"{question}\n\nUse the new model anyway?", windowTitle="IDEALTrainer"):
+            return
         with slicer.util.tryWithErrorDisplay("The model could not be registered.", waitCursor=True):
             entry = self.logic.register(Path(p.newBundle))
             segment = _segmentModule()
@@ -431,102 +443,45 @@ class IDEALTrainerModuleLogic(ScriptedLoadableModuleLogic):
         folder.mkdir(parents=True, exist_ok=False)
         return folder
 
-    def prepareRun(self, correctionsFolder: Path, runFolder: Path) -> dict:
-        """Split the reviewed cases into training and held-out folders (copies; the data set is not changed)."""
-        from IDEALSegmentLogic.corrections import LABELED, read_manifest
-        from IDEALTrain.errors import IdealError
+    def prepareRun(self, correctionsFolder: Path, runFolder: Path):
+        """Copy the reviewed cases into training and held-out folders (the data set is not changed)."""
+        from IDEALSegmentLogic.retraining import prepare_run
 
-        correctionsFolder = Path(correctionsFolder)
-        cases = [case for case in read_manifest(correctionsFolder) if case["kind"] == LABELED]
-        if not cases:
-            raise IdealError(f"no reviewed cases in {correctionsFolder}: mark cases as reviewed in IDEALSegment first")
-        heldOut = []
-        if len(cases) >= 3:
-            heldOut = cases[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY] or cases[-1:]
-        train = [case for case in cases if case not in heldOut]
-        for folderName, subset in (("train", train), ("held_out", heldOut)):
-            for case in subset:
-                for kind in ("image", "label"):
-                    target = runFolder / folderName / f"{kind}s" / Path(case["files"][kind]).name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(correctionsFolder / case["files"][kind], target)
-        pool = correctionsFolder / "unlabeled"
-        return {
-            "train_dir": runFolder / "train",
-            "train_cases": [case["case_id"] for case in train],
-            "held_out_dir": runFolder / "held_out" if heldOut else None,
-            "held_out": [case["case_id"] for case in heldOut],
-            "unlabeled_dir": pool if (pool / "images").is_dir() and any((pool / "images").iterdir()) else None,
-            "encoder": runFolder / "encoder",
-            "bundle": runFolder / "model",
-        }
+        return prepare_run(correctionsFolder, runFolder)
 
-    def trainingPlan(self, run: dict, encoderStart, encoderPath, pretrainIterations: int, iterations: int, labelBudget: int, device: str, oldEntry) -> list:
-        """[(phase, idealtrain arguments)]: optional pretraining, then finetuning to a bundle of the old model's id."""
-        from IDEALSegmentLogic.jobs import finetune_arguments
-        from IDEALTrain.errors import IdealError
+    def trainingPlan(self, run, encoderStart: EncoderStart, encoderPath, pretrainIterations: int, iterations: int, labelBudget: int, device: str, oldEntry) -> list:
+        """[(phase, idealtrain arguments)]: optional pretraining, then finetuning with the old model's architecture."""
+        from IDEALSegmentLogic.retraining import training_plan
 
-        plan, pretrained = [], None
-        if encoderStart == EncoderStart.PRETRAIN:
-            data = ["--data", f"folder:{run['train_dir']}"] + (["--data", f"folder:{run['unlabeled_dir']}"] if run["unlabeled_dir"] else [])
-            plan.append(("Pretraining the encoder", ["pretrain", *data, "--iterations", str(pretrainIterations), "--out", str(run["encoder"]), "--device", device]))
-            pretrained = run["encoder"]
-        elif encoderStart == EncoderStart.REUSE:
-            if not encoderPath or str(encoderPath) in ("", ".") or not Path(encoderPath).exists():
-                raise IdealError("choose the pretrained encoder bundle to reuse (a folder or .zip made by idealtrain pretrain)")
-            pretrained = Path(encoderPath)
-        extra = ["--checkpoint-dir", str(run["bundle"].parent / "checkpoints")]
-        if labelBudget:
-            extra += ["--labeled-slices", str(labelBudget)]
-        if run["held_out_dir"] is not None:
-            extra += ["--val", f"folder:{run['held_out_dir']}"]
-        if oldEntry is not None:
-            extra += ["--id", oldEntry.model_id, "--version", oldEntry.version]  # registered as the next free version
-        arguments = finetune_arguments(
-            corrections_dir=run["train_dir"], out=run["bundle"], iterations=iterations, pretrained=pretrained,
-            unlabeled=run["unlabeled_dir"], device=device, extra=extra,
+        encoder = {EncoderStart.PRETRAIN: "pretrain", EncoderStart.REUSE: "reuse", EncoderStart.RANDOM: "none"}[encoderStart]
+        return training_plan(
+            run, encoder=encoder, encoder_path=encoderPath if encoder == "reuse" else None,
+            pretrain_iterations=pretrainIterations, iterations=iterations, label_budget=labelBudget, device=device, old_model=oldEntry,
         )
-        plan.append(("Finetuning", arguments))
-        return plan
 
-    def compareModels(self, oldModel: Path, newModel: Path, heldOutFolder: Path, device: str, progress=None, cancel=None) -> dict:
+    def compareModels(self, oldModel, newModel: Path, heldOutFolder: Path, device: str, progress=None, cancel=None):
         """Per-class and mean Dice of both models on the held-out cases (worker thread: no scene)."""
-        from IDEALSegmentLogic.inference import load_predictor, predict_volume
-        from IDEALTrain.datasets import load_cases
-        from IDEALTrain.metrics import mean_scores, score
+        from IDEALSegmentLogic.retraining import compare_models
 
-        cases = load_cases(f"folder:{heldOutFolder}", require_labels=True)
-        result = {"cases": len(cases)}
-        steps = 2 * len(cases)
-        for number, (name, model) in enumerate((("old", oldModel), ("new", newModel))):
-            predictor = load_predictor(model, device)
-            scores = []
-            for index, case in enumerate(cases):
-                prediction = predict_volume(case.image, predictor, cancel=cancel)
-                scores.append(score(prediction.labels, case.label))
-                if progress is not None:
-                    progress((number * len(cases) + index + 1) / steps)
-            averaged = mean_scores(scores)
-            result[name] = {"classes": {cls: values["dice"] for cls, values in averaged["classes"].items()}, "mean": averaged["mean"]["dice"]}
-        return result
+        return compare_models(oldModel, newModel, heldOutFolder, device, progress, cancel)
 
-    def comparisonTable(self, scene, comparison: dict, oldEntry) -> object:
-        """A new table node: one row per class (and the mean), the old and the new model's Dice."""
-        from IDEALSegmentLogic.volumes import unique_node_name
+    def comparisonTable(self, scene, comparison, oldEntry) -> vtkMRMLTableNode:
+        """A new table node: the old and the new model's Dice per class and their mean."""
+        from IDEALSegmentLogic.retraining import comparison_table
 
-        names, old, new = vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()
-        names.SetName("Class")
-        old.SetName(f"Old ({oldEntry.display_name})" if oldEntry is not None else "Old")
-        new.SetName("New")
-        for cls in list(comparison["old"]["classes"]) + ["mean"]:
-            names.InsertNextValue(cls)
-            for column, which in ((old, "old"), (new, "new")):
-                value = comparison[which]["mean"] if cls == "mean" else comparison[which]["classes"][cls]
-                column.InsertNextValue(float("nan") if value is None else float(value))
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_node_name(scene, "IDEALTrainer old vs new Dice"))
-        for column in (names, old, new):
-            table.AddColumn(column)
-        return table
+        return comparison_table(scene, comparison, oldEntry.display_name if oldEntry is not None else "old model")
+
+    def comparison(self, table):
+        """The comparison held by a comparison table, None when there is no (readable) one."""
+        from IDEALSegmentLogic.retraining import comparison_from_table
+        from IDEALTrain.errors import IdealError
+
+        if table is None:
+            return None
+        try:
+            return comparison_from_table(table)
+        except IdealError:
+            return None
 
     def register(self, bundle: Path):
         return _segmentModule().IDEALSegmentModuleLogic().registry().register(bundle)

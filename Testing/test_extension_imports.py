@@ -141,7 +141,7 @@ TORCH_FREE_LOGIC = [
     "IDEALSegmentLogic.cancel", "IDEALSegmentLogic.volumes", "IDEALSegmentLogic.segmentations",
     "IDEALSegmentLogic.registry", "IDEALSegmentLogic.inference", "IDEALSegmentLogic.uncertainty",
     "IDEALSegmentLogic.measurements", "IDEALSegmentLogic.cine", "IDEALSegmentLogic.corrections",
-    "IDEALSegmentLogic.jobs", "IDEALSegmentLogic.selftest",
+    "IDEALSegmentLogic.jobs", "IDEALSegmentLogic.selftest", "IDEALSegmentLogic.retraining",
 ]
 
 

@@ -2,8 +2,10 @@
 
 Phantom -> volume node -> segment (prediction in a worker thread, nodes added on the calling thread)
 -> check geometry, segment IDs and names -> a "clinician" correction (the phantom's true labels)
-exported to a corrections data set -> a tiny ``idealtrain finetune`` job through
-:class:`~IDEALSegmentLogic.jobs.TrainingJob` -> the result registered as a new model version -> loaded.
+exported to a corrections data set -> a retraining run prepared and planned by
+:mod:`~IDEALSegmentLogic.retraining` (the drafting model's architecture) -> a tiny ``idealtrain finetune``
+job through :class:`~IDEALSegmentLogic.jobs.TrainingJob` -> the result registered as a new model
+version -> loaded.
 Every file goes under ``work_dir``; the user's own model folder is never touched. torch is imported
 only when the scenario runs.
 """
@@ -24,11 +26,8 @@ SELFTEST_VERSION = "0.0.1"
 #: A phantom small enough to segment and train on in seconds on a CPU: (i, j, k) voxels and mm.
 PHANTOM_SIZE = (48, 48, 6)
 PHANTOM_SPACING = (2.5, 2.5, 8.0)
-#: idealtrain flags that make the training network as small as the self-test model.
-TINY_TRAINING_FLAGS = (
-    "--base-channels", "4", "--depth", "3", "--inplane", "size", "--size", "32",
-    "--batch-size", "2", "--unlabeled-batch-size", "2", "--seed", "0",
-)
+#: idealtrain flags that keep the self-test's training run small (the architecture comes from the drafting model).
+TINY_TRAINING_FLAGS = ("--batch-size", "2", "--unlabeled-batch-size", "2", "--seed", "0")
 TRAINING_TIMEOUT_S = 300
 
 
@@ -42,7 +41,10 @@ def _check(condition: object, message: str) -> None:
 
 
 def make_selftest_model(folder: str | Path, seed: int = 0) -> Path:
-    """Save an untrained two-decoder network, as small as possible, as a bundle in ``folder``; return its path."""
+    """Save an untrained two-decoder network, as small as possible, as a bundle in ``folder``; return its path.
+
+    Its architecture and preprocessing are ones idealtrain's options reproduce, so it can be retrained.
+    """
     import torch
 
     from IDEALTrain.bundle import Bundle, save_bundle
@@ -50,7 +52,7 @@ def make_selftest_model(folder: str | Path, seed: int = 0) -> Path:
     from IDEALTrain.preprocessing import Preprocessing
 
     torch.manual_seed(seed)
-    config = NetworkConfig(base_channels=4, depth=3, dropout=(0.0, 0.0, 0.0), decoders=("unet", "fpn"), fpn_channels=8)
+    config = NetworkConfig(base_channels=4, depth=3, decoders=("unet", "fpn"))
     plan = Preprocessing(inplane="size", size=(32, 32))
     bundle = Bundle(config, plan, SegmentationNetwork(config).state_dict(), model_id=SELFTEST_MODEL_ID, version=SELFTEST_VERSION)
     path = Path(folder) / f"{SELFTEST_MODEL_ID}-{SELFTEST_VERSION}"
@@ -116,8 +118,9 @@ def run_selftest_scenario(
 
     from .corrections import add_unlabeled_volume, export_correction, read_manifest
     from .inference import add_prediction_to_scene, load_predictor, predict_volume
-    from .jobs import TrainingJob, finetune_arguments
+    from .jobs import TrainingJob
     from .registry import ModelRegistry, next_patch_version
+    from .retraining import FINETUNE_PHASE, prepare_run, training_plan
     from .segmentations import labels_from_segmentation, replace_segments
     from .volumes import image_from_volume
 
@@ -189,13 +192,14 @@ def run_selftest_scenario(
     add_unlabeled_volume(corrections, pool_volume)
 
     progress("Training a tiny model in a background process")
-    trained = work / "trained"
-    arguments = finetune_arguments(
-        corrections_dir=corrections, out=trained, iterations=iterations, device=device,
-        extra=[*TINY_TRAINING_FLAGS, "--id", drafting.model_id, "--version", drafting.version],
-    )
+    run = prepare_run(corrections, work / "run")
+    _check(run.train_cases == (manifest[0]["case_id"],) and not run.held_out_cases, f"run split {run}")
+    plan = training_plan(run, encoder="none", iterations=iterations, device=device, old_model=drafting, extra=TINY_TRAINING_FLAGS)
+    _check([phase for phase, _ in plan] == [FINETUNE_PHASE], f"training plan {plan}")
+    arguments = plan[0][1]
     _check("--unlabeled" in arguments, f"the unlabelled pool was not used: {arguments}")
-    job = TrainingJob(arguments, log_path=work / "training.log")
+    trained = run.bundle
+    job = TrainingJob(arguments, log_path=run.log)
     job.start()
     events: list = []
     deadline = time.monotonic() + TRAINING_TIMEOUT_S
@@ -210,7 +214,10 @@ def run_selftest_scenario(
     _check(job.returncode == 0, f"training failed (exit status {job.returncode}): {job.error}")
     kinds = [event.get("event") for event in events]
     _check("progress" in kinds and "done" in kinds, f"training reported no progress/done events ({kinds[-5:]})")
-    _check(load_bundle(trained).model_id == drafting.model_id, "the trained bundle does not carry the drafting model's id")
+    trained_bundle = load_bundle(trained)
+    _check(trained_bundle.model_id == drafting.model_id, "the trained bundle does not carry the drafting model's id")
+    _check(trained_bundle.network == predictor.bundle.network and trained_bundle.preprocessing == predictor.bundle.preprocessing,
+           "the trained model does not have the drafting model's architecture and preprocessing")
 
     progress("Registering and loading the new model")
     # A drafting model installed elsewhere is not in the scenario's registry: ask for its next version.
