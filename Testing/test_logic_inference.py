@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import vtk
 import pytest
 
 from helpers import import_slicer_core  # noqa: E402
@@ -185,3 +186,39 @@ def test_prediction_in_a_worker_thread_then_nodes_on_the_main_thread(case, bundl
     result = add_prediction_to_scene(volume, results["prediction"], predictor.bundle, name="mine")
     assert result.segmentation.GetName() == "mine" and result.uncertainty.GetName() == "mine uncertainty"
     assert np.array_equal(labels_from_segmentation(result.segmentation, volume).array, results["prediction"].labels.array)
+
+
+def _bad_inputs(scene, tmp_path):
+    """(volume, model, expected message) for each kind of unusable input."""
+    good = volume_from_image(oblique_image(), scene, "good")
+    one_slice = volume_from_image(Image(np.random.default_rng(0).random((1, 40, 40)).astype(np.float32)), scene, "one slice")
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    data = vtk.vtkImageData()
+    data.SetDimensions(8, 8, 3)
+    data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(data)
+    labelmap = volume_from_image(Image(np.ones((3, 8, 8), np.uint8)), scene, "labels", labelmap=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "card.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"\0" * 16)
+    outside = slicer.vtkMRMLScalarVolumeNode()  # never added to a scene
+    outside.SetAndObserveImageData(vtk.vtkImageData())
+    return [
+        (None, "model", "no volume selected"),
+        (one_slice, "model", "single 2D image"),
+        (rgb, "model", "colour/vector"),
+        (labelmap, "model", "labelmap"),
+        (outside, "model", "no voxel data|not in a scene"),
+        (good, tmp_path / "absent", "no such model bundle"),
+        (good, broken, "not valid JSON"),
+    ]
+
+
+def test_bad_input_is_one_clear_message_and_the_scene_is_unchanged(bundle_path, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    for volume, model, message in _bad_inputs(scene, tmp_path):
+        before = node_ids(scene)
+        with pytest.raises(IdealError, match=message):
+            segment_volume(volume, bundle_path if model == "model" else model, device="cpu")
+        assert node_ids(scene) == before, message

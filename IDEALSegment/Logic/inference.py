@@ -102,6 +102,11 @@ def predict_volume(
     On a CPU the slices already handed to worker threads finish first (a volume takes about a second).
     """
     what = "segmentation"
+    if min(image.array.shape) < 2:
+        raise IdealError(
+            f"the volume is a single 2D image ({' x '.join(map(str, image.array.shape[::-1]))} voxels); "
+            "IDEALSegment needs a 3D short-axis stack of several slices"
+        )
     if cancel is not None:
         cancel.check(what)
 
