@@ -135,6 +135,7 @@ def _train_config(args: argparse.Namespace, pretrained=None, **method):
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
+        keep=args.keep,
         network=network,
         preprocessing=plan,
         augmentation=Augmentation(rotation_degrees=args.rotation, scale_range=tuple(args.scale_range)),
@@ -277,6 +278,10 @@ def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_arguments(p, batch_size=12, lr=0.01)
     p.add_argument("--val", help="validation volumes SPEC (ssl4mis default val.list); the best-scoring weights are kept")
     p.add_argument("--validate-every", type=int, default=200)
+    p.add_argument(
+        "--keep", choices=("best", "last"), default="best",
+        help="with --val: keep the best-scoring weights (default), or the last ones and only report validation",
+    )
     p.add_argument("--decoders", help="comma-separated decoder kinds (default unet,fpn)")
     p.add_argument("--rotation", type=float, default=20.0, help="augmentation: largest in-plane rotation in degrees (default 20)")
     p.add_argument(

@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     validate_every: int = 200
+    keep: str = "best"  # with validation cases: "best" keeps the best-scoring weights, "last" only reports
     supervised_only: bool = True
     consistency_weight: float = 0.1  # SSL4MIS cross pseudo supervision uses 0.1
     ramp_up: float = 1.0  # share of the run over which the consistency weight ramps up (SSL4MIS: all of it)
@@ -148,10 +149,14 @@ def train_segmentation(
     progress_json: bool = False,
     stop_after: Callable[[int], bool] | None = None,
 ) -> Bundle | None:
-    """Train and return a bundle (best validation weights when validation cases are given).
+    """Train and return a bundle (best validation weights when validation cases are given and
+    ``config.keep`` is "best"; with "last", validation is only reported, e.g. on cases kept for a
+    later comparison that must not be biased by checkpoint selection).
 
     In a multi-process (torchrun) run only rank 0 returns the bundle; the other ranks get None.
     """
+    if config.keep not in ("best", "last"):
+        raise IdealError(f"keep must be 'best' or 'last', got {config.keep!r}")
     unlabeled = [] if config.supervised_only else list(unlabeled or [])
     if not config.supervised_only:
         if not unlabeled:
@@ -234,7 +239,9 @@ def train_segmentation(
         best = loop.run_info["best"]
         if best is None or metrics["mean"]["dice"] > best["dice"]:
             loop.run_info["best"] = {"iteration": done, "dice": metrics["mean"]["dice"], "metrics": metrics}
-            loop.extra["best"] = {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
+            if config.keep == "best":
+                loop.extra["best"] = {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
+        loop.run_info["last_validation"] = {"iteration": done, "metrics": metrics}
         loop.progress.event("validation", iteration=done, dice=metrics["mean"]["dice"], best_iteration=loop.run_info["best"]["iteration"])
 
     network.train()
@@ -259,10 +266,10 @@ def train_segmentation(
             "unlabeled_slices": 0 if pool is None else len(pool),
             "pretrained": {"id": pretrained.model_id, "version": pretrained.version, "training": pretrained.training} if pretrained else None,
             "val_cases": len(val_cases or []),
-            "selected_iteration": best["iteration"] if best else config.iterations,
+            "selected_iteration": best["iteration"] if best and config.keep == "best" else config.iterations,
             "device": str(torch_device),
             "processes": context.world_size,
             "ranks_agree": agree,
         },
-        validation=best["metrics"] if best else {},
+        validation=(best["metrics"] if config.keep == "best" else loop.run_info["last_validation"]["metrics"]) if best else {},
     )

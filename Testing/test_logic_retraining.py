@@ -207,8 +207,9 @@ def test_plan_rebuilds_the_old_models_architecture_and_preprocessing(run, tmp_pa
     assert value(finetune, "--pretrained") == str(run.encoder) and value(finetune, "--out") == str(run.bundle)
     assert value(finetune, "--iterations") == "9" and value(finetune, "--labeled-slices") == "2" and value(finetune, "--device") == "cpu"
     assert value(finetune, "--id") == "heart" and value(finetune, "--version") == "1.2.1"
-    assert "--val" not in finetune, "the held-out cases must not choose the checkpoint they are then compared on"
-    assert not any(str(run.run_dir / "held_out") in a for a in pretrain + finetune)
+    # The held-out cases are reported on live but never choose the checkpoint they are then compared on.
+    assert value(finetune, "--val") == f"folder:{run.held_out_dir}" and value(finetune, "--keep") == "last"
+    assert not any(str(run.run_dir / "held_out") in a for a in pretrain)
     args = build_parser().parse_args(finetune)
     network, preprocessing = _network_and_plan(args)
     assert network == NetworkConfig.from_json(old.card["architecture"])

@@ -55,6 +55,16 @@ def test_same_seed_same_weights_and_exact_resume(phantoms, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temporary files left
 
 
+def test_keep_last_reports_validation_without_selecting_on_it(phantoms):
+    train, held_out = phantoms[0][:2], phantoms[1][:1]
+    plain = train_segmentation(train, small_config(4), device="cpu")
+    reported = train_segmentation(train, small_config(4, validate_every=2, keep="last"), val_cases=held_out, device="cpu")
+    assert all(torch.equal(plain.weights[name], t) for name, t in reported.weights.items())  # the last weights
+    assert reported.training["selected_iteration"] == 4 and "dice" in reported.validation["mean"]
+    with pytest.raises(IdealError, match="keep must be"):
+        train_segmentation(train, small_config(1, keep="first"), device="cpu")
+
+
 def test_resume_refuses_a_different_run(phantoms, tmp_path):
     train = phantoms[0][:2]
     train_segmentation(train, small_config(2, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path)

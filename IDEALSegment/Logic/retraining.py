@@ -224,7 +224,8 @@ def training_plan(
 
     With ``old_model`` both steps use its architecture and preprocessing (read from its card) and the
     new bundle gets its id and the next patch version, so the two compare like-for-like and the new
-    one drops in. The held-out cases are not used for training nor for choosing checkpoints.
+    one drops in. The held-out cases are not trained on and do not choose checkpoints: finetuning
+    reports its Dice on them as live validation (``--keep last``) and keeps its last weights.
     ``label_budget`` > 0 labels only the first N training cases; ``extra`` goes to finetuning.
     Every check runs before anything starts.
     """
@@ -252,6 +253,8 @@ def training_plan(
         check_encoder(encoder_path, old_model)
         pretrained = Path(encoder_path)
     options = ["--checkpoint-dir", str(run.run_dir / "checkpoints"), *network_flags, *plan_flags]
+    if run.held_out_dir is not None:
+        options += ["--val", f"folder:{run.held_out_dir}", "--keep", "last"]
     if label_budget:
         options += ["--labeled-slices", str(label_budget)]
     if old_model is not None:
