@@ -152,6 +152,12 @@ def main() -> None:
             "peak_rss_mib_segment_dicom_frame": peak_memory_mib(args.model, args.data / "sunnybrook" / "dicoms" / "SCD0000101", args.device),
         },
     }
+    trained = card.get("validation", {}).get("mean", {}).get("dice")
+    result["half_precision_check"] = {
+        "weights_dtype": card["weights"]["dtype"],
+        "val_dice_float32_during_training": trained,  # the same val.list score, before the weights were halved
+        "val_dice_shipped": acdc["summary"]["mean"]["dice"],
+    }
     measured = {
         "acdc_mean_dice": acdc["summary"]["mean"]["dice"],
         "sunnybrook_lv_dice": sunnybrook["summary"]["lv_dice"],
@@ -166,7 +172,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"floors": result["floors"], "speed": result["speed"]}, indent=2))
+    print(json.dumps({"floors": result["floors"], "speed": result["speed"], "half_precision_check": result["half_precision_check"]}, indent=2))
 
 
 if __name__ == "__main__":
