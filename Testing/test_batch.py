@@ -127,3 +127,128 @@ def test_dicom_folders_are_cases_too(inputs, tmp_path):
     assert np.array_equal(ours, theirs)
     np.testing.assert_allclose(our_image.GetOrigin(), their_image.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(our_image.GetDirection(), their_image.GetDirection(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """batch.py loaded as a module, so cases run in-process (no second slicer-core start-up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("idealsegment_batch_cine", BATCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cine_file(inputs):
+    """A 3-frame oblique phantom cine (ED -> ES intensity blends) as one 4D NIfTI file."""
+    root, _ = inputs
+    pair = make_phantom_pair(2, size=(48, 40, 6))
+    frames = [pair.ed_image.with_array(((1 - w) * pair.ed_image.array + w * pair.es_image.array).astype(np.float32))
+              for w in (0.0, 0.6, 1.0)]
+    path = root / "cine" / "heart.nii.gz"
+    path.parent.mkdir()
+    sitk.WriteImage(sitk.JoinSeries([frame.to_sitk() for frame in frames]), str(path))
+    assert sitk.ReadImage(str(path)).GetDimension() == 4
+    return path
+
+
+def frame_names(case, count):
+    return [f"{case}_frame{n:02d}.seg.nrrd" for n in range(count)]
+
+
+def test_a_cine_file_gives_one_segmentation_per_frame_like_idealtrain_all_frames(inputs, cine_file, batch, tmp_path, capsys):
+    import zipfile
+
+    _, model = inputs
+    out = tmp_path / "out"
+    table = tmp_path / "volumes.csv"
+    assert batch.main(["--model", str(model), "--input", str(cine_file), "--output", str(out), "--device", "cpu",
+                       "--mrb", "--measurements-csv", str(table)]) == 0
+    stdout = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(frame_names("heart", 3) + ["heart.mrb"])
+    assert idealtrain(["segment", "--model", str(model), "--input", str(cine_file), "--output", str(tmp_path / "reference.seg.nrrd"),
+                       "--device", "cpu", "--all-frames"]) == 0
+    for ours_name, theirs_name in zip(frame_names("heart", 3), frame_names("reference", 3)):
+        ours, our_image = read(out / ours_name)
+        theirs, their_image = read(tmp_path / theirs_name)
+        assert ours.shape == theirs.shape == (6, 40, 48) and np.array_equal(ours, theirs)
+        np.testing.assert_allclose(our_image.GetSpacing(), their_image.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(our_image.GetOrigin(), their_image.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(our_image.GetDirection(), their_image.GetDirection(), atol=1e-6)
+    rows = list(csv.DictReader(table.open()))
+    assert [row["case"] for row in rows] == ["heart_frame00", "heart_frame01", "heart_frame02", "heart (cine ED/ES)"]
+    lv = [float(row["Left ventricle blood pool (ml)"]) for row in rows[:3]]
+    assert len(set(lv)) == 3  # the frames really differ
+    cine = rows[3]
+    ed, es = int(cine["ed_frame"]), int(cine["es_frame"])
+    assert (ed, es) == (int(np.argmax(lv)), int(np.argmin(lv)))
+    assert float(cine["lv_edv_ml"]) == pytest.approx(lv[ed], abs=1e-3)
+    assert float(cine["lv_esv_ml"]) == pytest.approx(lv[es], abs=1e-3)
+    assert float(cine["lv_ef_percent"]) == pytest.approx(100 * (lv[ed] - lv[es]) / lv[ed], abs=0.1)
+    assert f"cine: heart: cine of 3 frames, ED frame {ed}, ES frame {es}" in stdout
+    assert "segmented 1 of 1 case(s)" in stdout and "Zip" not in stdout
+    names = zipfile.ZipFile(out / "heart.mrb").namelist()  # the whole scene: cine, segmentation sequence, table
+    assert any(name.endswith("heart.seq.nrrd") for name in names)
+    assert any(name.endswith("heart segmentation.seq.mrb") for name in names)
+    assert any(name.endswith("heart measurements.tsv") for name in names)
+    reloaded = load_scene_bundle(out / "heart.mrb")  # a fresh scene: cine, segmentation sequence and browser come back
+    classes = [reloaded.GetNthNode(i).GetClassName() for i in range(reloaded.GetNumberOfNodes())]
+    assert classes.count("vtkMRMLSequenceNode") == 2 and "vtkMRMLSequenceBrowserNode" in classes
+    segmentations = next(n for n in (reloaded.GetNthNode(i) for i in range(reloaded.GetNumberOfNodes()))
+                         if n.IsA("vtkMRMLSequenceNode") and n.GetNumberOfDataNodes() and n.GetNthDataNode(0).IsA("vtkMRMLSegmentationNode"))
+    assert segmentations.GetNumberOfDataNodes() == 3
+
+
+def test_existing_frame_outputs_are_refused_before_anything_is_written(inputs, cine_file, batch, tmp_path, capsys):
+    _, model = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / "heart_frame01.seg.nrrd"
+    kept.write_bytes(b"the user's file")
+    arguments = ["--model", str(model), "--input", str(cine_file), "--output", str(out), "--device", "cpu"]
+    assert batch.main(arguments) == 1
+    assert "heart_frame01.seg.nrrd" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["heart_frame01.seg.nrrd"]  # frames 0 and 2 not written either
+    assert kept.read_bytes() == b"the user's file"
+    assert batch.main(arguments + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == frame_names("heart", 3)
+    assert read(kept)[0].shape == (6, 40, 48)
+
+
+def test_a_cine_without_ed_es_still_gets_its_frame_segmentations(inputs, cine_file, batch, tmp_path, capsys):
+    from helpers import tiny_bundle
+
+    root, _ = inputs
+    only_rv = save_bundle(tiny_bundle(1), tmp_path / "only-rv")  # untrained: predicts RV everywhere, no LV
+    out = tmp_path / "out"
+    table = tmp_path / "volumes.csv"
+    assert batch.main(["--model", str(only_rv), "--input", str(cine_file), "--output", str(out), "--device", "cpu",
+                       "--mrb", "--measurements-csv", str(table)]) == 0
+    stdout = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == frame_names("heart", 3)  # no .mrb without ED/ES
+    assert all(np.all(read(out / name)[0] == 1) for name in frame_names("heart", 3))
+    assert "no ED/ES" in stdout and "no LV blood pool was found in any of the 3 frames" in stdout
+    assert [row["case"] for row in csv.DictReader(table.open())] == ["heart_frame00", "heart_frame01", "heart_frame02"]
+
+
+def test_a_sunnybrook_cine_dicom_folder(inputs, batch, sunnybrook_dir, tmp_path, capsys):
+    from IDEALTrain.volume_files import read_frames
+
+    _, model = inputs
+    folder = sunnybrook_dir / "dicoms" / "SCD0000101"
+    out = tmp_path / "out"
+    assert batch.main(["--model", str(model), "--input", str(folder), "--output", str(out), "--device", "cpu"]) == 0
+    assert "cine: SCD0000101: cine of 2 frames" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == frame_names("SCD0000101", 2)
+    frames = read_frames(folder)
+    assert len(frames) == 2
+    for name, frame in zip(frame_names("SCD0000101", 2), frames):
+        labels, image = read(out / name)
+        expected = frame.to_sitk()
+        assert image.GetSize() == expected.GetSize()
+        np.testing.assert_allclose(image.GetSpacing(), expected.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(image.GetOrigin(), expected.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), expected.GetDirection(), atol=1e-6)
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}

@@ -1,6 +1,7 @@
 """Cine (4D) segmentation on real MRML (slicer-core): a segmentation per frame, ED/ES, table, browser, cancel."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -20,6 +21,7 @@ from IDEALSegmentLogic.cine import (  # noqa: E402
     predict_sequence,
     segment_sequence,
     sequence_frames,
+    sequence_from_images,
 )
 from IDEALSegmentLogic.measurements import table_measurements  # noqa: E402
 from IDEALSegmentLogic.segmentations import labels_from_segmentation, read_provenance  # noqa: E402
@@ -61,7 +63,10 @@ def pair():
 
 
 def make_cine(scene, pair, blends=BLENDS, times=TIMES, name="cine"):
-    """A volume sequence in ``scene``, as Slicer holds a loaded 4D cine (frames live in the sequence)."""
+    """A volume sequence in ``scene``, as Slicer holds a loaded 4D cine (frames live in the sequence).
+
+    Built by hand rather than with sequence_from_images: these tests need time index values in ms.
+    """
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
     sequence.SetIndexName("time")
     sequence.SetIndexUnit("ms")
@@ -349,3 +354,43 @@ def test_cancel_within_a_frame_in_the_worker_leaves_the_scene_unchanged(predicto
     assert 2 / len(BLENDS) < seen[-1] < 3 / len(BLENDS)  # stopped inside the third frame, at once
     assert node_ids(scene) == before and events == []
     assert sequence.GetNumberOfDataNodes() == len(BLENDS)
+
+
+def blended_images(pair, blends=BLENDS):
+    return [pair.ed_image.with_array(((1 - w) * pair.ed_image.array + w * pair.es_image.array).astype(np.float32)) for w in blends]
+
+
+def test_sequence_from_images_makes_a_cine_with_each_frames_exact_geometry(predictor, pair):
+    scene = slicer.vtkMRMLScene()
+    volume_from_image(pair.ed_image, scene, "heart")  # the name is taken: the sequence gets a unique one
+    before = node_ids(scene)
+    images = blended_images(pair)
+    sequence = sequence_from_images(scene, images, "heart")
+    assert is_cine(sequence) and sequence.GetScene() is scene and sequence.GetName() == "heart_1"
+    assert len(node_ids(scene)) == len(before) + 1  # only the sequence: its frames live inside it
+    assert (sequence.GetIndexName(), sequence.GetIndexUnit(), sequence.GetIndexTypeAsString()) == ("frame", "", "numeric")
+    assert [sequence.GetNthIndexValue(n) for n in range(len(BLENDS))] == [str(n) for n in range(len(BLENDS))]
+    assert [frame.GetName() for frame in sequence_frames(sequence)] == [f"heart_1 frame {n}" for n in range(len(BLENDS))]
+    for image, frame in zip(images, frame_images(sequence)):
+        assert frame.same_grid(image, tolerance=1e-12) and np.array_equal(frame.array, image.array)
+    result = segment_sequence(sequence, predictor)
+    for index, image in enumerate(images):
+        segmented = labels_from_segmentation(result.segmentation_sequence.GetNthDataNode(index), sequence_frames(sequence)[index])
+        assert np.array_equal(segmented.array, predictor.predict(image).labels.array)
+    timed = sequence_from_images(scene, images[:2], "timed", index_name="time", index_unit="ms")
+    assert (timed.GetName(), timed.GetIndexName(), timed.GetIndexUnit(), timed.GetNumberOfDataNodes()) == ("timed", "time", "ms", 2)
+
+
+def test_sequence_from_images_refuses_bad_frames_with_the_scene_unchanged(pair):
+    scene = slicer.vtkMRMLScene()
+    make_cine(scene, pair)
+    before = node_ids(scene)
+    images = blended_images(pair, (0.0, 0.5, 1.0))
+    moved = dataclasses.replace(images[2], origin=tuple(o + 1.0 for o in images[2].origin))
+    with pytest.raises(IdealError, match="cine 'heart' has no frames"):
+        sequence_from_images(scene, [], "heart")
+    with pytest.raises(IdealError, match="frame 2 of cine 'heart' is not on frame 0's voxel grid"):
+        sequence_from_images(scene, images[:2] + [moved], "heart")
+    with pytest.raises(IdealError, match="frame 1 of cine 'heart' is not on frame 0's voxel grid"):
+        sequence_from_images(scene, [images[0], dataclasses.replace(images[1], array=images[1].array[:3])], "heart")
+    assert node_ids(scene) == before

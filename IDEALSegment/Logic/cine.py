@@ -27,6 +27,7 @@ from .cancel import CancelToken, Cancelled
 from .inference import node_ids, predict_volume, remove_nodes_added_since
 from .measurements import cardiac_measurements, find_ed_es, measurements_table
 from .segmentations import Provenance, segmentation_from_labels
+from .scene_files import register_sequence_browser_class
 from .volumes import check_scalar_volume, image_from_volume, node_label, unique_node_name, volume_from_image, volume_grid
 
 if TYPE_CHECKING:  # torch-importing modules, only for annotations
@@ -81,6 +82,42 @@ def sequence_frames(sequence_node: object) -> list[object]:
         except IdealError as error:
             raise IdealError(f"frame {index} of sequence {node_label(sequence_node)}: {error}") from None
     return frames
+
+
+def sequence_from_images(
+    scene: object, images: Sequence[Image], name: str, index_name: str = "frame", index_unit: str = ""
+) -> object:
+    """A NEW cine in ``scene``: a sequence of scalar volumes holding ``images`` with their exact geometry.
+
+    For cines read outside MRML (e.g. ``IDEALTrain.volume_files.read_frames`` on a 4D file or a cine
+    DICOM folder). The index values are the frame numbers 0, 1, ...; the name is made unique. An
+    empty list or frames on different voxel grids are refused, and then nothing is added to the scene.
+    """
+    if scene is None:
+        raise IdealError("no scene to add the cine to")
+    images = list(images)
+    if not images:
+        raise IdealError(f"cine {name!r} has no frames: give at least one image")
+    for index, image in enumerate(images[1:], start=1):
+        if not image.same_grid(images[0]):
+            raise IdealError(
+                f"frame {index} of cine {name!r} is not on frame 0's voxel grid (size {image.size} vs "
+                f"{images[0].size}, or spacing/origin/direction differ): a cine's frames must share one grid"
+            )
+    sequence = slicer.vtkMRMLSequenceNode()
+    sequence.SetName(unique_node_name(scene, name))
+    sequence.SetIndexName(index_name)
+    sequence.SetIndexUnit(index_unit)
+    sequence.SetIndexType(slicer.vtkMRMLSequenceNode.NumericIndex)
+    # Each frame is built in a scratch scene and copied into the sequence: the scene sees only the sequence.
+    scratch = slicer.vtkMRMLScene()
+    try:
+        for index, image in enumerate(images):
+            sequence.SetDataNodeAtValue(volume_from_image(image, scratch, f"{sequence.GetName()} frame {index}"), str(index))
+    finally:
+        scratch.Clear(True)
+    scene.AddNode(sequence)
+    return sequence
 
 
 def _cine_frames(sequence_node: object) -> list[object]:
@@ -247,8 +284,7 @@ def _browse_together(scene: object, volume_sequence: object, segmentation_sequen
         browser = existing
         browser.AddSynchronizedSequenceNodeID(segmentation_sequence.GetID())
     else:
-        if not scene.IsNodeClassRegistered(BROWSER_CLASS):
-            scene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
+        register_sequence_browser_class(scene)
         browser = scene.AddNewNodeByClass(BROWSER_CLASS, unique_node_name(scene, f"{volume_sequence.GetName()} browser"))
         browser.SetAndObserveMasterSequenceNodeID(volume_sequence.GetID())
         browser.AddSynchronizedSequenceNodeID(segmentation_sequence.GetID())

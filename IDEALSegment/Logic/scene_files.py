@@ -126,6 +126,16 @@ def save_scene_bundle(scene: object, path: str | Path, overwrite: bool = False) 
     return path
 
 
+def register_sequence_browser_class(scene: object) -> bool:
+    """Let ``scene`` hold sequence browser nodes (plain slicer-core does not register the class,
+    Slicer's Sequences module does); False when this Slicer has no Sequences support at all."""
+    if not hasattr(slicer, "vtkMRMLSequenceBrowserNode"):
+        return False
+    if not scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
+        scene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
+    return True
+
+
 def load_scene_bundle(path: str | Path) -> object:
     """A NEW scene read from a .mrb file (with the cache and data-IO managers reading needs)."""
     path = Path(path)
@@ -135,6 +145,7 @@ def load_scene_bundle(path: str | Path) -> object:
 
     register_converter_rules()
     scene = slicer.vtkMRMLScene()
+    register_sequence_browser_class(scene)  # cine results hold a browser
     messages = slicer.vtkMRMLMessageCollection()
     with tempfile.TemporaryDirectory(prefix="idealsegment-mrb-") as cache:
         cache_manager = slicer.vtkCacheManager()
