@@ -3,8 +3,8 @@
 # dense contrastive pretraining on every ACDC training slice, then two-stream finetuning on the
 # labels of all 70 training patients with the unlabelled consistency term on, selected on val.list.
 # Usage: benchmarks/train_default_model.sh [OUT_DIR]   (IDEAL_DATA must point at the shared data)
-# The CPU schedule below fits in about two hours on 2 cores; on a GPU raise the iterations
-# (ITERATIONS=30000 PRETRAIN_ITERATIONS=10000) and the sizes follow.
+# The CPU schedule below took about 1 h 15 min on 2 cores (the shipped 1.0.0); on a GPU use the
+# published scale: ITERATIONS=30000 PRETRAIN_ITERATIONS=10000 SIZE=256.
 set -euo pipefail
 DATA="${IDEAL_DATA:?set IDEAL_DATA to the shared data folder}/acdc"
 OUT="${1:-runs/default_model}"
