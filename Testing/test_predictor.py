@@ -1,6 +1,9 @@
 """The predictor segments on exactly the input's grid and refuses what it cannot segment."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -46,6 +49,33 @@ def test_progress_is_reported(predictor):
     seen = []
     predictor.predict(oblique_image(), progress=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (7, 7) and len(seen) == 7
+
+
+def test_an_exception_from_progress_stops_the_remaining_slices(predictor, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    started, released = [], threading.Event()
+    infer = predictor._infer
+
+    def slow_after_the_first(batch):
+        started.append(1)
+        if len(started) > 1:  # later slices wait until the run is stopped, then take a while
+            released.wait(10)
+            time.sleep(0.05)
+        return infer(batch)
+
+    def stop(done: int, total: int) -> None:
+        released.set()
+        raise Stop
+
+    monkeypatch.setattr(predictor, "_infer", slow_after_the_first)
+    volume = Image(np.random.default_rng(0).random((40, 32, 32)).astype(np.float32), spacing=(2.0, 2.0, 8.0))
+    with pytest.raises(Stop):
+        predictor.predict(volume, progress=stop)
+    # Only the slices already running finish (Executor.map cancels the rest when its iterator is dropped),
+    # so a cancelled segmentation stops within a slice or two, not after the whole volume.
+    assert len(started) <= 4
 
 
 @pytest.mark.parametrize(
