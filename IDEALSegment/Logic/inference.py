@@ -99,7 +99,7 @@ def predict_volume(
 
     ``progress`` gets the done fraction (0..1) after each slice batch; ``cancel`` is checked before,
     between batches and after the last one, raising :class:`~IDEALSegmentLogic.cancel.Cancelled`.
-    On a CPU the slices already handed to worker threads finish first (a volume takes about a second).
+    On a CPU the one or two slices already running finish first; the rest are dropped.
     """
     what = "segmentation"
     if min(image.array.shape) < 2:
