@@ -75,6 +75,10 @@ def main() -> None:
 
     val_cases = load_cases(f"ssl4mis:{data}:val.list", require_labels=True)
     pretrained = load_bundle(args.pretrained) if args.pretrained else None
+    if pretrained is not None:  # what the reused encoder was pretrained with (pretrain_iterations above is unused)
+        recipe = pretrained.training.get("recipe", {})
+        report["pretraining"] = {"reused": args.pretrained, "slices": pretrained.training.get("slices"),
+                                 "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size")}
     if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
