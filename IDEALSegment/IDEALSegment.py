@@ -57,6 +57,29 @@ def setSettingsValue(key: str, value: str) -> None:
     qt.QSettings().setValue(key, value)
 
 
+def cudaDevices() -> list:
+    """[("cuda:0", "NVIDIA ..."), ...]; empty when torch is not installed (it is never installed here)."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [(f"cuda:{index}", torch.cuda.get_device_name(index)) for index in range(torch.cuda.device_count())]
+
+
+def fillDeviceComboBox(combo, settingsKey: str, cpuLabel: str = "CPU") -> None:
+    """auto, CPU and each CUDA device by name (when torch is installed); the user's last choice selected."""
+    wasBlocked = combo.blockSignals(True)
+    combo.clear()
+    combo.addItem("auto (GPU if available)", "auto")
+    combo.addItem(cpuLabel, "cpu")
+    for device, name in cudaDevices():
+        combo.addItem(f"{device}: {name}", device)
+    combo.currentIndex = max(combo.findData(settingsValue(settingsKey, "auto")), 0)
+    combo.blockSignals(wasBlocked)
+
+
 def modelsFolder() -> Path:
     """Where the user's own models are registered (QSettings, else the Logic's default folder)."""
     from IDEALSegmentLogic.registry import default_user_dir
@@ -365,17 +388,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._entries[index]
 
     def _fillDevices(self) -> None:
-        """auto, CPU and, when torch is already installed, each CUDA device by name."""
-        combo = self.ui.deviceComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        combo.addItem("auto (GPU if available)", "auto")
-        combo.addItem("CPU", "cpu")
-        for device, name in self.logic.cudaDevices():
-            combo.addItem(f"{device}: {name}", device)
-        index = combo.findData(settingsValue(DEVICE_KEY, "auto"))
-        combo.currentIndex = max(index, 0)
-        combo.blockSignals(wasBlocked)
+        fillDeviceComboBox(self.ui.deviceComboBox, DEVICE_KEY)
 
     def onDeviceChanged(self, index: int) -> None:
         setSettingsValue(DEVICE_KEY, self.ui.deviceComboBox.itemData(index) or "auto")
@@ -638,16 +651,6 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
         shipped = [e for e in entries if e.model_id == DEFAULT_MODEL_ID and e.source == "shipped"]
         return (shipped or entries)[0]
-
-    def cudaDevices(self) -> list:
-        """[("cuda:0", "NVIDIA ..."), ...]; empty when torch is not installed (it is never installed here)."""
-        if importlib.util.find_spec("torch") is None:
-            return []
-        import torch
-
-        if not torch.cuda.is_available():
-            return []
-        return [(f"cuda:{index}", torch.cuda.get_device_name(index)) for index in range(torch.cuda.device_count())]
 
     # segmenting
     def isCine(self, node) -> bool:

@@ -190,16 +190,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateGui()
 
     def _fillDevices(self) -> None:
-        combo = self.ui.trainingDeviceComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        combo.addItem("auto (GPU if available)", "auto")
-        combo.addItem("CPU (slow: use small budgets)", "cpu")
-        for device, name in _segmentModule().IDEALSegmentModuleLogic().cudaDevices():
-            combo.addItem(f"{device}: {name}", device)
-        index = combo.findData(_segmentModule().settingsValue(TRAINING_DEVICE_KEY, "auto"))
-        combo.currentIndex = max(index, 0)
-        combo.blockSignals(wasBlocked)
+        _segmentModule().fillDeviceComboBox(self.ui.trainingDeviceComboBox, TRAINING_DEVICE_KEY, "CPU (slow: use small budgets)")
 
     def onDeviceChanged(self, index: int) -> None:
         _segmentModule().setSettingsValue(TRAINING_DEVICE_KEY, self.ui.trainingDeviceComboBox.itemData(index) or "auto")

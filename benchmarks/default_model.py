@@ -43,26 +43,14 @@ def evaluate_acdc(predictor, data: Path) -> tuple[dict, list[float]]:
     return {"per_volume": scores, "summary": mean_scores(scores)}, seconds
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    from IDEALTrain.metrics import dice
-
-    return dice(pred, ref)
-
-
-def _user_frames(root: Path, patient: str):
-    """The patient's DICOM folder as a user loads it: one image per cine frame."""
-    from IDEALTrain.volume_files import read_frames
-
-    return read_frames(root / "dicoms" / patient)
-
-
 def evaluate_sunnybrook(predictor, root: Path) -> tuple[dict, list[float]]:
-    from IDEALTrain.metrics import label_volume_ml
+    from IDEALTrain.metrics import dice, label_volume_ml
     from IDEALTrain.sunnybrook import LV_BLOOD_POOL, LV_MYOCARDIUM, list_sunnybrook_patients, read_sunnybrook_patient
+    from IDEALTrain.volume_files import read_frames
 
     patients, seconds = [], []
     for patient in list_sunnybrook_patients(root):
-        frames = _user_frames(root, patient)
+        frames = read_frames(root / "dicoms" / patient)  # the DICOM folder as a user loads it: one image per frame
         row: dict = {"patient": patient}
         for phase in read_sunnybrook_patient(root, patient):
             # The reference phase is the DICOM frame with the same voxels (the folder holds exactly the contoured frames).
@@ -71,14 +59,14 @@ def evaluate_sunnybrook(predictor, root: Path) -> tuple[dict, list[float]]:
             seconds.append(prediction.seconds)
             pred, ref = prediction.labels.array, phase.label.array
             key = phase.phase.lower()
-            row[f"{key}_lv_dice"] = _dice(pred == LV_BLOOD_POOL, ref == LV_BLOOD_POOL)
+            row[f"{key}_lv_dice"] = dice(pred == LV_BLOOD_POOL, ref == LV_BLOOD_POOL)
             row[f"{key}_lv_ml"] = label_volume_ml(prediction.labels, LV_BLOOD_POOL)
             row[f"{key}_lv_ml_reference"] = label_volume_ml(phase.label, LV_BLOOD_POOL)
             if phase.phase == "ED":
                 rows = np.array(phase.myocardium_slices)  # slices where the myocardium is annotated
                 pred_rows = np.moveaxis(pred, phase.image.slice_axis, 0)[rows]
                 ref_rows = np.moveaxis(ref, phase.image.slice_axis, 0)[rows]
-                row["ed_myo_dice"] = _dice(pred_rows == LV_MYOCARDIUM, ref_rows == LV_MYOCARDIUM) if rows.any() else None
+                row["ed_myo_dice"] = dice(pred_rows == LV_MYOCARDIUM, ref_rows == LV_MYOCARDIUM) if rows.any() else None
                 row["ed_myo_slices"] = int(rows.sum())
         for source in ("", "_reference"):
             edv, esv = row[f"ed_lv_ml{source}"], row[f"es_lv_ml{source}"]

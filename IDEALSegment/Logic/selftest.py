@@ -74,10 +74,6 @@ def selftest_phantom_volume(scene: object, seed: int = 7, name: str = "IDEALSegm
     return volume_from_image(image, scene, name)
 
 
-def _node_ids(scene: object) -> list[str]:
-    return [scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())]
-
-
 def _predict_in_worker(image, predictor, progress_values: list) -> object:
     """predict_volume in a worker thread, as the GUI runs it; the prediction or the worker's error."""
     from .inference import predict_volume
@@ -117,7 +113,7 @@ def run_selftest_scenario(
     from IDEALTrain.bundle import load_bundle
 
     from .corrections import add_unlabeled_volume, export_correction, read_manifest
-    from .inference import add_prediction_to_scene, load_predictor, predict_volume
+    from .inference import add_prediction_to_scene, load_predictor, node_ids, predict_volume
     from .jobs import TrainingJob
     from .registry import ModelRegistry, next_patch_version
     from .retraining import FINETUNE_PHASE, prepare_run, training_plan
@@ -146,7 +142,7 @@ def run_selftest_scenario(
     _check(image_from_volume(volume).same_grid(image), "the phantom volume node does not have the phantom's geometry")
 
     progress("Cancelled segmentation leaves the scene unchanged")
-    before = _node_ids(scene)
+    before = node_ids(scene)
     token = CancelToken()
     token.cancel()
     try:
@@ -154,7 +150,7 @@ def run_selftest_scenario(
         raise SelftestFailure("a cancelled segmentation did not raise Cancelled")
     except Cancelled:
         pass
-    _check(_node_ids(scene) == before, "a cancelled segmentation changed the scene")
+    _check(node_ids(scene) == before, "a cancelled segmentation changed the scene")
 
     progress("Segmenting in a worker thread")
     fractions: list = []
