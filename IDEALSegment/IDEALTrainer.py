@@ -45,12 +45,14 @@ class EncoderStart(enum.Enum):
     PRETRAIN = "pretrain"
     REUSE = "reuse"
     RANDOM = "random"
+    CURRENT_MODEL = "model"
 
     def label(self) -> str:
         return {
             "pretrain": "Pretrain on the reviewed cases and the pool first (IDEAL)",
             "reuse": "Reuse a pretrained encoder bundle",
             "random": "No pretraining (random start)",
+            "model": "Continue training the current model (quickest)",
         }[self.value]
 
 
@@ -87,7 +89,7 @@ Method: Basak et al. (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module 
 class IDEALTrainerParameterNode:
     """Training options and the latest run; saved with the scene.
 
-    encoderStart - pretrain, reuse an encoder bundle (pretrainedEncoder) or start at random.
+    encoderStart - pretrain, reuse an encoder bundle (pretrainedEncoder), start at random, or continue the current model.
     pretrainIterations / iterations - the budgets of the two phases.
     labelBudget - how many reviewed cases are used with their labels (0 = all); the rest are unlabelled.
     runFolder / newBundle - where the latest run wrote, and its trained bundle.
@@ -444,7 +446,7 @@ class IDEALTrainerModuleLogic(ScriptedLoadableModuleLogic):
         """[(phase, idealtrain arguments)]: optional pretraining, then finetuning with the old model's architecture."""
         from IDEALSegmentLogic.retraining import training_plan
 
-        encoder = {EncoderStart.PRETRAIN: "pretrain", EncoderStart.REUSE: "reuse", EncoderStart.RANDOM: "none"}[encoderStart]
+        encoder = {EncoderStart.PRETRAIN: "pretrain", EncoderStart.REUSE: "reuse", EncoderStart.RANDOM: "none", EncoderStart.CURRENT_MODEL: "model"}[encoderStart]
         return training_plan(
             run, encoder=encoder, encoder_path=encoderPath if encoder == "reuse" else None,
             pretrain_iterations=pretrainIterations, iterations=iterations, label_budget=labelBudget, device=device, old_model=oldEntry,

@@ -24,12 +24,14 @@ from .atomic import atomic_path
 from .errors import IdealError
 from .labels import CARDIAC_LABELS, LabelInfo, check_label_map
 from .networks import NetworkConfig, SegmentationNetwork
+from .postprocessing import Postprocessing
 from .preprocessing import Preprocessing
 
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 BUNDLE_FORMAT = "idealsegment-bundle"
-FORMAT_VERSION = 1
+#: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
+FORMAT_VERSION = 2
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
 #: A segmentation model, or an encoder from contrastive pretraining (weights ``encoder.*`` only).
 BUNDLE_KINDS = ("segmentation", "pretrained-encoder")
@@ -51,6 +53,7 @@ class Bundle:
     licence: str = "unspecified"
     created: str = ""
     kind: str = "segmentation"
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
 
     def card(self, weights_sha256: str = "", weights_dtype: str = "float32") -> dict:
         """The JSON card describing this bundle."""
@@ -66,6 +69,7 @@ class Bundle:
             "architecture": self.network.to_json(),
             "labels": [label.to_json() for label in self.labels],
             "preprocessing": self.preprocessing.to_json(),
+            "postprocessing": self.postprocessing.to_json(),
             "training": self.training,
             "validation": self.validation,
             "licence": self.licence,
@@ -216,6 +220,7 @@ def load_bundle(path: str | Path) -> Bundle:
         licence=card.get("licence", "unspecified"),
         created=card.get("created", ""),
         kind=card.get("kind", "segmentation"),
+        postprocessing=Postprocessing.from_json(card.get("postprocessing", {})),
     )
     bundle.check_weights()  # fail now, with a clear message, if weights and card disagree
     return bundle

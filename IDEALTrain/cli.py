@@ -95,16 +95,28 @@ def _check_output(args: argparse.Namespace) -> Path:
 
 
 def _network_and_plan(args: argparse.Namespace, pretrained=None):
-    """Architecture and preprocessing from the flags, defaulting to the pretrained bundle's."""
+    """Architecture and preprocessing from the flags, defaulting to the starting bundle's: a
+    pretrained encoder's width and depth, or a whole initial model's architecture (which is fixed)."""
     from .networks import NetworkConfig
     from .preprocessing import Preprocessing
 
-    base = pretrained.network if pretrained is not None else NetworkConfig()
-    network = NetworkConfig(
-        base_channels=args.base_channels or base.base_channels,
-        depth=args.depth or base.depth,
-        decoders=tuple(args.decoders.split(",")) if getattr(args, "decoders", None) else NetworkConfig().decoders,
-    )
+    decoders = tuple(args.decoders.split(",")) if getattr(args, "decoders", None) else None
+    if pretrained is not None and pretrained.kind == "segmentation":
+        network = pretrained.network
+        asked = {"base_channels": args.base_channels, "depth": args.depth, "decoders": decoders}
+        for name, value in asked.items():
+            if value is not None and value != getattr(network, name):
+                raise IdealError(
+                    f"model {pretrained.model_id} {pretrained.version} has another architecture ({name} {getattr(network, name)}, "
+                    f"not {value}); a run that starts from a model keeps its architecture: leave out --{name.replace('_', '-')}"
+                )
+    else:
+        base = pretrained.network if pretrained is not None else NetworkConfig()
+        network = NetworkConfig(
+            base_channels=args.base_channels or base.base_channels,
+            depth=args.depth or base.depth,
+            decoders=decoders or NetworkConfig().decoders,
+        )
     if args.inplane is None and pretrained is not None:
         return network, pretrained.preprocessing
     plan = Preprocessing(inplane=args.inplane or "size", size=(args.size, args.size), spacing=(args.spacing, args.spacing))
@@ -123,6 +135,15 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) ->
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
 
 
+def _postprocessing(args: argparse.Namespace, start=None):
+    """--largest-component on/off, else the starting model's plan (off when starting from scratch or an encoder)."""
+    from .postprocessing import Postprocessing
+
+    if args.largest_component is not None:
+        return Postprocessing(largest_heart_component=args.largest_component == "on")
+    return start.postprocessing if start is not None and start.kind == "segmentation" else Postprocessing()
+
+
 def _train_config(args: argparse.Namespace, pretrained=None, **method):
     from .augment import Augmentation
     from .training import TrainConfig
@@ -138,6 +159,7 @@ def _train_config(args: argparse.Namespace, pretrained=None, **method):
         keep=args.keep,
         network=network,
         preprocessing=plan,
+        postprocessing=_postprocessing(args, pretrained),
         augmentation=Augmentation(rotation_degrees=args.rotation, scale_range=tuple(args.scale_range)),
         **method,
     )
@@ -167,16 +189,21 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .training import train_segmentation
 
     output = _check_output(args)
+    if args.pretrained and args.init_from:
+        raise IdealError("--pretrained and --init-from both say where the network starts: choose one")
     pretrained = load_bundle(args.pretrained) if args.pretrained else None
     if pretrained is not None and pretrained.kind != "pretrained-encoder":
-        raise IdealError(f"{args.pretrained} is a {pretrained.kind} bundle; --pretrained takes the output of idealtrain pretrain")
-    config = _train_config(args, pretrained, **_finetune_options(args))
+        raise IdealError(f"{args.pretrained} is a {pretrained.kind} bundle; --pretrained takes the output of idealtrain pretrain (for a whole model use --init-from)")
+    initial = load_bundle(args.init_from) if args.init_from else None
+    if initial is not None and initial.kind != "segmentation":
+        raise IdealError(f"{args.init_from} is a {initial.kind} bundle; --init-from takes a segmentation model (for an encoder use --pretrained)")
+    config = _train_config(args, pretrained or initial, **_finetune_options(args))
     selection = selection_from_args(args)
     labeled, unlabeled = select_training_cases(
         args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only,
         keep_labeled=args.unlabeled_includes_labeled,
     )
-    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, **_run_options(args))
+    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
     _save_trained(bundle, args, output, data)
 
@@ -207,11 +234,12 @@ def _finetune_options(args: argparse.Namespace) -> dict:
         confidence_threshold=args.confidence_threshold,
         ema_teacher=args.ema_teacher,
         ema_decay=args.ema_decay,
+        encoder_lr_scale=args.encoder_lr_scale,
     )
 
 
 def cmd_bundle_edit(args: argparse.Namespace) -> None:
-    """Re-save a bundle with new card text, id or version, or float16 weights; training record kept."""
+    """Re-save a bundle with new card text, id, version, postprocessing or float16 weights; training record kept."""
     from .bundle import load_bundle, save_bundle
 
     bundle = load_bundle(args.bundle)
@@ -220,6 +248,8 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
             setattr(bundle, attribute, getattr(args, option))
     if args.validation_json:
         bundle.validation = {**bundle.validation, "external": json.loads(Path(args.validation_json).read_text())}
+    if args.largest_component is not None:
+        bundle.postprocessing = _postprocessing(args)
     save_bundle(bundle, args.out, half_precision=args.half, overwrite=args.overwrite)
     print(f"wrote model bundle {args.out}")
 
@@ -288,6 +318,15 @@ def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
         "--scale-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("MIN", "MAX"),
         help="augmentation: zoom range, wider for fields of view unlike the training data (default 0.85 1.15)",
     )
+    _add_postprocessing_argument(p)
+
+
+def _add_postprocessing_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--largest-component", choices=("on", "off"),
+        help="postprocessing kept in the bundle (and used for validation): keep only the largest connected "
+        "component of the heart (default off, or the --init-from model's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled", required=True, help="labelled data SPEC (ssl4mis default list train_slices.list)")
     p.add_argument("--unlabeled", help="unlabelled data SPEC; cases also in the labelled set are left out")
     p.add_argument("--pretrained", help="pretrained-encoder bundle from idealtrain pretrain (default: random initialisation)")
+    p.add_argument(
+        "--init-from", metavar="BUNDLE",
+        help="start from this segmentation model's encoder and decoders (a second training cycle, or retraining on new cases); "
+        "its architecture and preprocessing are kept",
+    )
     p.add_argument("--supervised-only", action="store_true", help="the baseline: same network and code path, no unlabelled term")
     p.add_argument(
         "--unlabeled-includes-labeled", action="store_true",
@@ -352,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-threshold", type=float, default=0.0, help="ignore pseudo-label pixels less confident than this")
     p.add_argument("--ema-teacher", action="store_true", help="take pseudo-labels from an exponential moving average of the network")
     p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument(
+        "--encoder-lr-scale", type=float, default=1.0,
+        help="the shared encoder learns at this share of --lr (below 1 keeps more of a pretrained start; default 1)",
+    )
     from .selection import add_selection_arguments
 
     add_selection_arguments(p)
@@ -368,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = bundle_commands.add_parser("info", help="verify a bundle and print its card")
     info.add_argument("bundle")
     info.set_defaults(func=cmd_bundle_info)
-    edit = bundle_commands.add_parser("edit", help="copy a bundle with a new id, version, card text or float16 weights")
+    edit = bundle_commands.add_parser("edit", help="copy a bundle with a new id, version, card text, postprocessing or float16 weights")
     edit.add_argument("bundle")
     edit.add_argument("--out", required=True, help="the new bundle (folder or .zip)")
     edit.add_argument("--id")
@@ -376,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_card_text_arguments(edit, default=None)
     edit.add_argument("--validation-json", help="JSON file of external test results to add to the card under validation.external")
     edit.add_argument("--half", action="store_true", help="store float16 weights")
+    _add_postprocessing_argument(edit)
     edit.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     edit.set_defaults(func=cmd_bundle_edit)
 

@@ -1,7 +1,7 @@
 """Whole-volume inference driven by a bundle: volume in, labels on exactly the input's grid out.
 
-The bundle's preprocessing plan decides normalisation and in-plane resampling; the caller only
-chooses a device. With two decoders the prediction is their mean and their disagreement (total
+The bundle's preprocessing plan decides normalisation and in-plane resampling, its postprocessing
+plan what is done to the label map; the caller only chooses a device. With two decoders the prediction is their mean and their disagreement (total
 variation distance between the two class distributions, 0-1) is a per-voxel uncertainty map.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ ProgressCallback = Callable[[int, int], None]
 class Prediction:
     """The predictor's output, all on the input image's grid."""
 
-    labels: Image
+    labels: Image  # argmax of the probabilities, then the bundle's postprocessing
     probabilities: np.ndarray  # (C, k, j, i) float32, mean over decoders
     uncertainty: Image | None  # float32 in [0, 1]; None with a single decoder
     device: str
@@ -75,7 +75,7 @@ class Predictor:
         slices = grid.image_to_network(image)
         mean, disagreement = self._run_with_fallback(slices, progress)
         probabilities = grid.network_to_volume(mean)
-        labels = image.with_array(probabilities.argmax(axis=0).astype(np.uint8))
+        labels = image.with_array(self.bundle.postprocessing.apply(probabilities.argmax(axis=0).astype(np.uint8)))
         uncertainty = None
         if disagreement is not None:
             uncertainty = image.with_array(grid.network_to_volume(disagreement[:, None])[0].astype(np.float32))

@@ -25,6 +25,7 @@ from .errors import IdealError
 from .losses import cross_pseudo_label_loss, dice_ce_loss
 from .metrics import mean_scores, score
 from .networks import NetworkConfig, SegmentationNetwork, update_moving_average
+from .postprocessing import Postprocessing
 from .predictor import Predictor, resolve_device
 from .preprocessing import Preprocessing, SliceGrid, check_volume
 from .training_loop import TrainingLoop
@@ -38,6 +39,7 @@ class TrainConfig:
     batch_size: int = 12  # labelled slices per iteration
     unlabeled_batch_size: int = 12
     learning_rate: float = 0.01
+    encoder_lr_scale: float = 1.0  # the shared encoder's share of the learning rate (< 1 keeps more of a pretrained start)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
@@ -52,6 +54,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     network: NetworkConfig = field(default_factory=NetworkConfig)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_json(self) -> dict:
@@ -131,8 +134,22 @@ def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle) ->
     network.encoder.load_state_dict({k[len(prefix) :]: v for k, v in pretrained.weights.items() if k.startswith(prefix)})
 
 
+def load_initial_model(network: SegmentationNetwork, initial: Bundle) -> None:
+    """Start from a whole segmentation model (encoder and decoders) of the same architecture:
+    a second training cycle, or retraining a model on new cases instead of starting over."""
+    if initial.kind != "segmentation":
+        raise IdealError(f"model {initial.model_id} is a {initial.kind} bundle; initialising a run needs a segmentation model (use --pretrained for an encoder)")
+    if initial.network != network.config:
+        raise IdealError(
+            f"model {initial.model_id} {initial.version} has another architecture ({initial.network}) than this run ({network.config}); "
+            "leave out the architecture flags to take the model's own"
+        )
+    network.load_state_dict({name: tensor.float() for name, tensor in initial.weights.items()})
+
+
 def _validate(network: SegmentationNetwork, config: TrainConfig, cases: list[Case], device: torch.device) -> dict:
-    predictor = Predictor(Bundle(config.network, config.preprocessing, network.state_dict()), device=str(device))
+    bundle = Bundle(config.network, config.preprocessing, network.state_dict(), postprocessing=config.postprocessing)
+    predictor = Predictor(bundle, device=str(device))
     return mean_scores([score(predictor.predict(case.image).labels, case.label) for case in cases])
 
 
@@ -142,6 +159,7 @@ def train_segmentation(
     *,
     unlabeled: list[Case] | None = None,
     pretrained: Bundle | None = None,
+    initial: Bundle | None = None,
     val_cases: list[Case] | None = None,
     device: str = "auto",
     checkpoint_dir: str | Path | None = None,
@@ -171,17 +189,26 @@ def train_segmentation(
     generator = torch.Generator().manual_seed(config.seed)
     images, labels, pool = prepare_slices(labeled, unlabeled, config)
 
+    if pretrained is not None and initial is not None:
+        raise IdealError("choose either a pretrained encoder or an initial model to start from, not both")
     network = SegmentationNetwork(config.network)
     if pretrained is not None:
         load_pretrained_encoder(network, pretrained)
+    if initial is not None:
+        load_initial_model(network, initial)
     network.to(torch_device, memory_format=torch.channels_last)
     teacher = copy.deepcopy(network).requires_grad_(False) if config.ema_teacher and not config.supervised_only else None
     model = context.wrap(network)
-    optimizer = torch.optim.SGD(network.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
+    groups = [
+        {"params": list(network.encoder.parameters()), "lr_scale": config.encoder_lr_scale},
+        {"params": [p for name, p in network.named_parameters() if not name.startswith("encoder.")], "lr_scale": 1.0},
+    ]
+    optimizer = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
     run_info = {
         "phase": "finetune" if not config.supervised_only else "train",
         "config": config.to_json(),
-        "data": {"labeled": [c.name for c in labeled], "unlabeled": [c.name for c in unlabeled], "pretrained": pretrained.model_id if pretrained else None},
+        "data": {"labeled": [c.name for c in labeled], "unlabeled": [c.name for c in unlabeled], "pretrained": pretrained.model_id if pretrained else None,
+                 "initial_model": f"{initial.model_id} {initial.version}" if initial else None},
         "best": None,
     }
     modules = {"network": network} | ({"teacher": teacher} if teacher is not None else {})
@@ -205,7 +232,7 @@ def train_segmentation(
     def step(iteration: int) -> dict[str, float]:
         lr = config.learning_rate * (1 - iteration / config.iterations) ** 0.9
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         x, y = draw(images, labels, config.batch_size)
         if pool is not None:
             xu, _ = draw(pool, None, config.unlabeled_batch_size)
@@ -256,6 +283,7 @@ def train_segmentation(
     return Bundle(
         network=config.network,
         preprocessing=config.preprocessing,
+        postprocessing=config.postprocessing,
         weights={name: t.detach().cpu().clone() for name, t in final.items()},
         training={
             "method": config.method,
@@ -265,6 +293,7 @@ def train_segmentation(
             "unlabeled_cases": len(unlabeled),
             "unlabeled_slices": 0 if pool is None else len(pool),
             "pretrained": {"id": pretrained.model_id, "version": pretrained.version, "training": pretrained.training} if pretrained else None,
+            "initial_model": {"id": initial.model_id, "version": initial.version, "training": initial.training} if initial else None,
             "val_cases": len(val_cases or []),
             "selected_iteration": best["iteration"] if best and config.keep == "best" else config.iterations,
             "device": str(torch_device),

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from IDEALTrain.bundle import read_card, save_bundle
+import torch
+
+from IDEALTrain.bundle import Bundle, load_bundle, read_card, save_bundle
 from IDEALTrain.cli import main
 from IDEALTrain.volume_files import read_image, write_image
 
@@ -104,6 +106,43 @@ def test_bundle_edit_keeps_the_training_record(bundle_path, tmp_path, capsys):
     assert edited["id"] == original["id"] and edited["training"] == original["training"]
     assert edited["validation"]["external"] == {"sunnybrook": {"lv_dice": 0.9}} and edited["weights"]["dtype"] == "float16"
     assert main(args) == 2 and "already exists" in capsys.readouterr().err  # never replaced silently
+
+
+def test_bundle_edit_sets_the_postprocessing(bundle_path, tmp_path):
+    out = tmp_path / "cleaned"
+    assert main(["bundle", "edit", str(bundle_path), "--out", str(out), "--largest-component", "on"]) == 0
+    assert read_card(out)["postprocessing"] == {"largest_heart_component": True}
+    assert read_card(bundle_path)["postprocessing"] == {"largest_heart_component": False}
+
+
+def test_finetune_init_from_continues_the_whole_model(phantoms, tmp_path, capsys):
+    data = f"folder:{phantoms}"
+    common = ["--iterations", "1", "--device", "cpu", "--batch-size", "2"]
+    first = tmp_path / "first"
+    assert main(["train", "--data", data, "--out", str(first), "--base-channels", "4", "--depth", "3",
+                 "--inplane", "spacing", "--spacing", "4", "--largest-component", "on", *common]) == 0
+    second = tmp_path / "second"
+    finetune = ["finetune", "--labeled", data, "--unlabeled", data, "--unlabeled-includes-labeled", "--unlabeled-batch-size", "2", "--lr", "0"]
+    args = [*finetune, "--init-from", str(first)]
+    assert main([*args, "--out", str(second), *common]) == 0
+    before, after = load_bundle(first), load_bundle(second)
+    # Architecture, preprocessing and postprocessing come from the model; with lr 0 only batch-norm statistics move.
+    assert after.network == before.network and after.preprocessing == before.preprocessing
+    assert after.postprocessing.largest_heart_component and after.training["initial_model"]["id"] == before.model_id
+    learned = [name for name in before.weights if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(before.weights[name], after.weights[name]) for name in learned)
+    assert main([*args, "--out", str(tmp_path / "off"), "--largest-component", "off", *common]) == 0
+    assert not load_bundle(tmp_path / "off").postprocessing.largest_heart_component
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "wider"), "--base-channels", "8", *common]) == 2
+    assert "another architecture" in _error_line(capsys)
+    encoder = tmp_path / "encoder"
+    save_bundle(Bundle(before.network, before.preprocessing, {k: v for k, v in before.weights.items() if k.startswith("encoder.")},
+                       kind="pretrained-encoder"), encoder)
+    assert main([*finetune, "--init-from", str(encoder), "--out", str(tmp_path / "x"), *common]) == 2
+    assert "--init-from takes a segmentation model" in _error_line(capsys)
+    assert main([*args, "--pretrained", str(encoder), "--out", str(tmp_path / "y"), *common]) == 2
+    assert "choose one" in _error_line(capsys)
 
 
 @pytest.mark.parametrize(

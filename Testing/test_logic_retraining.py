@@ -42,6 +42,7 @@ from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.metrics import dice  # noqa: E402
 from IDEALTrain.networks import NetworkConfig, SegmentationNetwork  # noqa: E402
 from IDEALTrain.phantom import make_phantom  # noqa: E402
+from IDEALTrain.postprocessing import Postprocessing  # noqa: E402
 from IDEALTrain.predictor import Predictor  # noqa: E402
 from IDEALTrain.preprocessing import Preprocessing  # noqa: E402
 
@@ -251,6 +252,27 @@ def test_plan_reuses_an_encoder_only_with_the_old_models_architecture(run, tmp_p
         training_plan(run, encoder="reuse", encoder_path=old.path, old_model=old)
     with pytest.raises(IdealError, match="choose the pretrained encoder"):
         training_plan(run, encoder="reuse", encoder_path=tmp_path / "missing")
+
+
+def test_plan_keeps_the_old_models_postprocessing(run, tmp_path):
+    cleaned = idealtrain_like()
+    cleaned.postprocessing = Postprocessing(largest_heart_component=True)
+    old = entry(cleaned, tmp_path, "3.0.0")
+    arguments = training_plan(run, encoder="none", old_model=old)[0][1]
+    assert value(arguments, "--largest-component") == "on"
+    assert value(training_plan(run, encoder="none", old_model=entry(idealtrain_like(), tmp_path, "3.1.0"))[0][1], "--largest-component") == "off"
+
+
+def test_plan_continues_the_old_model_from_its_weights(run, tmp_path):
+    old = entry(tiny_bundle(), tmp_path, "4.0.0")  # not rebuildable from flags, but continuing needs no rebuild
+    plan = training_plan(run, encoder="model", iterations=5, old_model=old)
+    assert [phase for phase, _ in plan] == [FINETUNE_PHASE]
+    arguments = plan[0][1]
+    assert value(arguments, "--init-from") == str(old.path) and value(arguments, "--version") == "4.0.1"
+    for flag in ("--pretrained", "--base-channels", "--inplane", "--largest-component"):
+        assert flag not in arguments  # all of it comes with the model
+    with pytest.raises(IdealError, match="continuing needs an old model"):
+        training_plan(run, encoder="model")
 
 
 def test_plan_refuses_bad_options(run):

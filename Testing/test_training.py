@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from IDEALTrain.bundle import Bundle
 from IDEALTrain.checkpoint import load_checkpoint
 from IDEALTrain.datasets import Case
 from IDEALTrain.errors import IdealError, TrainingStopped
@@ -117,3 +118,28 @@ def test_finetuning_errors(phantoms):
     one_decoder.network = NetworkConfig(base_channels=8, depth=4, decoders=("unet",))
     with pytest.raises(IdealError, match="two decoders"):
         train_segmentation(train[:2], one_decoder, unlabeled=train[2:3], device="cpu")
+
+
+def test_initial_model_must_match_and_excludes_a_pretrained_encoder(phantoms):
+    train = phantoms[0][:2]
+    first = train_segmentation(train, small_config(1), device="cpu")
+    wider = small_config(1)
+    wider.network = NetworkConfig(base_channels=16, depth=4, dropout=(0.0, 0.0, 0.0, 0.0), fpn_channels=8)
+    with pytest.raises(IdealError, match="another architecture"):
+        train_segmentation(train, wider, initial=first, device="cpu")
+    with pytest.raises(IdealError, match="not both"):
+        train_segmentation(train, small_config(1), initial=first, pretrained=first, device="cpu")
+    encoder = Bundle(first.network, first.preprocessing, first.weights, kind="pretrained-encoder")
+    with pytest.raises(IdealError, match="needs a segmentation model"):
+        train_segmentation(train, small_config(1), initial=encoder, device="cpu")
+
+
+def test_encoder_lr_scale_zero_freezes_only_the_encoder(phantoms):
+    train = phantoms[0][:2]
+    start = train_segmentation(train, small_config(1), device="cpu")
+    frozen = train_segmentation(train, small_config(3, encoder_lr_scale=0.0, weight_decay=0.0), initial=start, device="cpu")
+    learned = [name for name in start.weights if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    encoder = [name for name in learned if name.startswith("encoder.")]
+    assert encoder and all(torch.equal(start.weights[name], frozen.weights[name]) for name in encoder)
+    assert any(not torch.equal(start.weights[name], frozen.weights[name]) for name in learned if name not in encoder)
+    assert frozen.training["recipe"]["encoder_lr_scale"] == 0.0

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--consistency-weight", type=float, default=0.1, help="cross pseudo-label weight after ramp-up")
     parser.add_argument("--ramp-up", type=float, default=1.0, help="share of the run over which that weight ramps up")
     parser.add_argument("--pretrained", help="reuse this pretrained-encoder bundle instead of pretraining again")
+    parser.add_argument("--encoder-lr-scale", type=float, default=1.0, help="IDEAL runs: the pretrained encoder's share of the learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
     network, plan = NetworkConfig(), Preprocessing(inplane="size", size=(args.size, args.size))
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
-        "budget": {k: getattr(args, k) for k in ("iterations", "pretrain_iterations", "size", "batch_size", "unlabeled_batch_size", "lr", "seed", "consistency_weight", "ramp_up", "pretrained")},
+        "budget": {k: getattr(args, k) for k in ("iterations", "pretrain_iterations", "size", "batch_size", "unlabeled_batch_size", "lr", "seed", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale")},
         "device": args.device,
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "units": "voxel",
@@ -96,6 +97,7 @@ def main() -> None:
                 iterations=args.iterations, batch_size=args.batch_size, unlabeled_batch_size=args.unlabeled_batch_size,
                 learning_rate=args.lr, seed=args.seed, supervised_only=method == "supervised-only",
                 consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
+                encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
                 checkpoint_every=max(args.iterations, 1), network=network, preprocessing=plan,
             )
             bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)

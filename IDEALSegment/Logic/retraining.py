@@ -33,8 +33,9 @@ HOLD_OUT_EVERY = 5
 MIN_CASES_TO_HOLD_OUT = 3
 #: new_is_better refuses a new model that loses more Dice than this on any single class.
 MAX_CLASS_DROP = 0.05
-#: How the shared encoder starts: pretrained in this run, reused from a bundle, or at random.
-ENCODER_STARTS = ("pretrain", "reuse", "none")
+#: How the network starts: encoder pretrained in this run, encoder reused from a bundle, at random,
+#: or the whole old model continued on the new cases ("model": the quickest, keeps what it learned).
+ENCODER_STARTS = ("pretrain", "reuse", "none", "model")
 PRETRAIN_PHASE, FINETUNE_PHASE = "Pretraining the encoder", "Finetuning"
 RUN_RECORD = "run.json"
 #: Table attributes that let :func:`comparison_from_table` read a comparison back (after a scene reload too).
@@ -222,9 +223,9 @@ def training_plan(
 ) -> list[tuple[str, list[str]]]:
     """[(phase, idealtrain arguments)]: optional encoder pretraining, then finetuning to ``run.bundle``.
 
-    With ``old_model`` both steps use its architecture and preprocessing (read from its card) and the
-    new bundle gets its id and the next patch version, so the two compare like-for-like and the new
-    one drops in. The held-out cases are not trained on and do not choose checkpoints: finetuning
+    With ``old_model`` both steps use its architecture, preprocessing and postprocessing (read from its
+    card; ``encoder="model"`` starts from its weights too) and the new bundle gets its id and the next
+    patch version, so the two compare like-for-like and the new one drops in. The held-out cases are not trained on and do not choose checkpoints: finetuning
     reports its Dice on them as live validation (``--keep last``) and keeps its last weights.
     ``label_budget`` > 0 labels only the first N training cases; ``extra`` goes to finetuning.
     Every check runs before anything starts.
@@ -235,7 +236,12 @@ def training_plan(
         raise IdealError(f"training needs at least 1 iteration per step, got {pretrain_iterations} and {iterations}")
     if label_budget < 0:
         raise IdealError(f"the label budget must be 0 (every case) or more, got {label_budget}")
-    network_flags, plan_flags = architecture_flags(old_model.card, old_model.display_name) if old_model else ([], [])
+    if encoder == "model" and old_model is None:
+        raise IdealError("choose the model to continue from: continuing needs an old model")
+    if encoder == "model":  # the old model's architecture, preprocessing and postprocessing come with its weights
+        network_flags, plan_flags = [], ["--init-from", str(old_model.path)]
+    else:
+        network_flags, plan_flags = architecture_flags(old_model.card, old_model.display_name) if old_model else ([], [])
     encoder_flags = network_flags[: network_flags.index("--decoders")] if network_flags else []  # pretrain has no decoders
     plan: list[tuple[str, list[str]]] = []
     pretrained: Path | None = None
@@ -253,6 +259,9 @@ def training_plan(
         check_encoder(encoder_path, old_model)
         pretrained = Path(encoder_path)
     options = ["--checkpoint-dir", str(run.run_dir / "checkpoints"), *network_flags, *plan_flags]
+    if old_model is not None and encoder != "model":
+        largest = old_model.card.get("postprocessing", {}).get("largest_heart_component", False)
+        options += ["--largest-component", "on" if largest else "off"]
     if run.held_out_dir is not None:
         options += ["--val", f"folder:{run.held_out_dir}", "--keep", "last"]
     if label_budget:
