@@ -241,6 +241,7 @@ def _finetune_options(args: argparse.Namespace) -> dict:
 def cmd_bundle_edit(args: argparse.Namespace) -> None:
     """Re-save a bundle with new card text, id, version, postprocessing or float16 weights; training record kept."""
     from .bundle import load_bundle, save_bundle
+    from .postprocessing import Postprocessing
 
     bundle = load_bundle(args.bundle)
     for option, attribute in (("id", "model_id"), ("version", "version"), ("description", "description"), ("licence", "licence")):
@@ -250,6 +251,9 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
         bundle.validation = {**bundle.validation, "external": json.loads(Path(args.validation_json).read_text())}
     if args.largest_component is not None:
         bundle.postprocessing = _postprocessing(args)
+        measured_with = Postprocessing.from_json(bundle.validation.get("postprocessing", {}))
+        if bundle.validation.get("mean") and measured_with != bundle.postprocessing:
+            print(f"note: the card's validation figures were measured with {measured_with}; re-measure them with idealtrain evaluate", file=sys.stderr)
     save_bundle(bundle, args.out, half_precision=args.half, overwrite=args.overwrite)
     print(f"wrote model bundle {args.out}")
 

@@ -300,5 +300,8 @@ def train_segmentation(
             "processes": context.world_size,
             "ranks_agree": agree,
         },
-        validation=(best["metrics"] if config.keep == "best" else loop.run_info["last_validation"]["metrics"]) if best else {},
+        validation={
+            **(best["metrics"] if config.keep == "best" else loop.run_info["last_validation"]["metrics"]),
+            "postprocessing": config.postprocessing.to_json(),  # what the figures were measured with
+        } if best else {},
     )

@@ -14,11 +14,11 @@ from IDEALTrain.predictor import Predictor
 from IDEALTrain.sunnybrook import LV_BLOOD_POOL, read_sunnybrook_patient
 from IDEALTrain.volume_files import read_frames
 
-MODEL = Path(__file__).resolve().parents[1] / "IDEALSegment" / "Resources" / "Models" / "idealsegment-acdc-1.0.0"
-# A little under the benchmark's figure for this patient (benchmarks/results/default_model.json),
-# so a change that breaks real-data accuracy fails here.
+MODEL = Path(__file__).resolve().parents[1] / "IDEALSegment" / "Resources" / "Models" / "idealsegment-acdc-1.1.0"
+# A little under the benchmark's figure for this patient (ED LV Dice 0.931 in
+# benchmarks/results/default_model.json), so a change that breaks real-data accuracy fails here.
 SUNNYBROOK_PATIENT = "SCD0000101"
-LV_DICE_FLOOR = 0.90
+LV_DICE_FLOOR = 0.91
 
 
 def test_shipped_bundle_is_small_complete_and_intact():
@@ -26,12 +26,15 @@ def test_shipped_bundle_is_small_complete_and_intact():
     weights = MODEL / card["weights"]["file"]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["weights"]["sha256"]
     assert sum(f.stat().st_size for f in MODEL.iterdir()) <= 20 * 2**20
-    assert card["id"] == "idealsegment-acdc" and card["version"] == "1.0.0"
+    assert card["id"] == "idealsegment-acdc" and card["version"] == "1.1.0"
     assert card["licence"] == "CC-BY-NC-SA-4.0" and (MODEL / "LICENSE.txt").is_file()
     assert card["description"] and card["preprocessing"]["inplane"] in ("size", "spacing")
     training = card["training"]
-    assert training["method"] == "ideal-cross-pseudo-supervision" and training["pretrained"]["id"]
+    # Cycle 2 continued cycle 1 (1.0.0), whose own record names the pretrained encoder: the provenance chain is whole.
+    assert training["method"] == "ideal-cross-pseudo-supervision" and training["initial_model"]["version"] == "1.0.0"
+    assert training["initial_model"]["training"]["pretrained"]["id"] and training["checkpoint_selection"]
     assert training["recipe"]["augmentation"] and training["labeled_data"].startswith("ssl4mis:")
+    assert card["postprocessing"] == {"largest_heart_component": True} == card["validation"]["postprocessing"]
     assert card["validation"]["mean"]["dice"] > 0.5 and card["validation"]["external"]["sunnybrook"]["lv_dice"] > 0.5
     assert [label["segment_id"] for label in card["labels"]] == [label.segment_id for label in CARDIAC_LABELS]
     bundle = load_bundle(MODEL)  # verifies checksum, label map and architecture
@@ -65,4 +68,4 @@ def test_default_model_through_the_scene_matches_the_predictor(sunnybrook_dir: P
     labels = labels_from_segmentation(result.segmentation, volume)
     expected = Predictor(MODEL, device="cpu").predict(frame).labels
     assert labels.same_grid(frame) and np.array_equal(labels.array, expected.array)
-    assert (result.model_id, result.model_version) == ("idealsegment-acdc", "1.0.0")
+    assert (result.model_id, result.model_version) == ("idealsegment-acdc", "1.1.0")

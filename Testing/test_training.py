@@ -39,6 +39,7 @@ def test_short_supervised_run_learns(phantoms):
     assert all(result["classes"][name]["dice"] > 0.4 for name in CLASS_NAMES.values()), result
     assert bundle.training["selected_iteration"] in (100, 200)
     assert bundle.validation["mean"]["dice"] > 0.5
+    assert bundle.validation["postprocessing"] == {"largest_heart_component": False}  # what the figures were measured with
 
 
 def test_same_seed_same_weights_and_exact_resume(phantoms, tmp_path):

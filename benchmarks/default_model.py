@@ -1,7 +1,7 @@
 """Accuracy, speed and memory of the shipped default model on real data it never saw.
 
 - ACDC ``val.list`` (the selection set; SSL4MIS volumes, distances in voxels as in the papers):
-  per-class and mean 3D Dice, HD95, ASD.
+  per-class and mean 3D Dice, HD95, ASD, as shipped and with the network alone (no postprocessing).
 - Sunnybrook (external test data, all 5 patients, ED and ES), through the path a user takes: the
   DICOM folder is read with IDEALTrain's DICOM reader and segmented by the predictor, in mm
   geometry. LV blood-pool Dice (ED and ES), LV myocardium Dice at ED on the slices with a usable
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "IDEALSegment" / "Resources" / "Models" / "idealsegment-acdc-1.0.0"
+DEFAULT_MODEL = ROOT / "IDEALSegment" / "Resources" / "Models" / "idealsegment-acdc-1.1.0"
 FLOORS = {"acdc_mean_dice": 0.88, "sunnybrook_lv_dice": 0.88, "sunnybrook_myo_dice": 0.70, "sunnybrook_ef_abs_error": 6.0}
 
 
@@ -120,12 +121,17 @@ def main() -> None:
     import torch
 
     from IDEALTrain.atomic import atomic_path
-    from IDEALTrain.bundle import read_card
+    from IDEALTrain.bundle import load_bundle, read_card
+    from IDEALTrain.postprocessing import Postprocessing
     from IDEALTrain.predictor import Predictor
 
-    predictor = Predictor(args.model, device=args.device)
+    bundle = load_bundle(args.model)
+    predictor = Predictor(bundle, device=args.device)
     acdc, acdc_seconds = evaluate_acdc(predictor, args.data / "acdc")
     sunnybrook, sunnybrook_seconds = evaluate_sunnybrook(predictor, args.data / "sunnybrook")
+    # The network alone (no postprocessing): what the postprocessing adds, and the like-for-like
+    # figure for the float16 check when training validated without it.
+    network_only, _ = evaluate_acdc(Predictor(dataclasses.replace(bundle, postprocessing=Postprocessing()), device=args.device), args.data / "acdc")
     card = read_card(args.model)
     result = {
         "model": {"path": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
@@ -140,11 +146,14 @@ def main() -> None:
             "peak_rss_mib_segment_dicom_frame": peak_memory_mib(args.model, args.data / "sunnybrook" / "dicoms" / "SCD0000101", args.device),
         },
     }
+    result["acdc_val_without_postprocessing"] = {"postprocessing": bundle.postprocessing.to_json(), "summary": network_only["summary"]}
     trained = card.get("validation", {}).get("mean", {}).get("dice")
+    validated_with = Postprocessing.from_json(card.get("validation", {}).get("postprocessing", {}))
     result["half_precision_check"] = {
         "weights_dtype": card["weights"]["dtype"],
         "val_dice_float32_during_training": trained,  # the same val.list score, before the weights were halved
-        "val_dice_shipped": acdc["summary"]["mean"]["dice"],
+        "val_dice_shipped_weights": (acdc if validated_with == bundle.postprocessing else network_only)["summary"]["mean"]["dice"],
+        "postprocessing_of_that_score": validated_with.to_json(),
     }
     measured = {
         "acdc_mean_dice": acdc["summary"]["mean"]["dice"],
