@@ -121,6 +121,7 @@ def save_bundle(bundle: Bundle, path: str | Path, *, half_precision: bool = Fals
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
     try:
         (staging / CARD_NAME).write_text(card_text)
         (staging / WEIGHTS_NAME).write_bytes(data)

@@ -38,6 +38,11 @@ def test_half_precision_bundle_loads_as_float32(tmp_path):
     assert all(t.dtype == torch.float32 for t in loaded.weights.values() if t.is_floating_point())
 
 
+def test_folder_bundle_is_readable_by_others(tmp_path):
+    path = save_bundle(tiny_bundle(), tmp_path / "model")
+    assert path.stat().st_mode & 0o755 == 0o755  # not the owner-only mode of its staging folder
+
+
 def test_existing_output_is_not_overwritten(tmp_path):
     save_bundle(tiny_bundle(), tmp_path / "m")
     with pytest.raises(IdealError, match="already exists"):

@@ -223,6 +223,7 @@ class ModelRegistry:
         if target.exists():
             raise IdealError(f"{target} already exists; remove it or register under another version")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.user_dir))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
         try:
             (staging / files.WEIGHTS_NAME).write_bytes(weights)
             (staging / files.CARD_NAME).write_text(json.dumps(card, indent=2))
