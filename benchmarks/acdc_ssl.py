@@ -79,7 +79,8 @@ def main() -> None:
     if pretrained is not None:  # what the reused encoder was pretrained with (pretrain_iterations above is unused)
         recipe = pretrained.training.get("recipe", {})
         report["pretraining"] = {"reused": args.pretrained, "slices": pretrained.training.get("slices"),
-                                 "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size")}
+                                 "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size"),
+                                 **{k: recipe.get(k) for k in ("dense_level", "global_weight", "samples_per_image", "temperature", "queue_size")}}
     if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
