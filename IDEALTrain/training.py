@@ -134,17 +134,19 @@ def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle) ->
     network.encoder.load_state_dict({k[len(prefix) :]: v for k, v in pretrained.weights.items() if k.startswith(prefix)})
 
 
-def load_initial_model(network: SegmentationNetwork, initial: Bundle) -> None:
-    """Start from a whole segmentation model (encoder and decoders) of the same architecture:
-    a second training cycle, or retraining a model on new cases instead of starting over."""
+def check_initial_model(initial: Bundle, config: NetworkConfig) -> None:
+    """Refuse a starting model that is no segmentation model, or of another architecture than the run.
+
+    Starting from a whole model (encoder and decoders) is a second training cycle, or retraining a
+    model on new cases instead of starting over.
+    """
     if initial.kind != "segmentation":
-        raise IdealError(f"model {initial.model_id} is a {initial.kind} bundle; initialising a run needs a segmentation model (use --pretrained for an encoder)")
-    if initial.network != network.config:
+        raise IdealError(f"model {initial.model_id} is a {initial.kind} bundle; initialising a run needs a segmentation model (an encoder is a pretrained start)")
+    if initial.network != config:
         raise IdealError(
-            f"model {initial.model_id} {initial.version} has another architecture ({initial.network}) than this run ({network.config}); "
+            f"model {initial.model_id} {initial.version} has another architecture ({initial.network}) than this run ({config}); "
             "leave out the architecture flags to take the model's own"
         )
-    network.load_state_dict({name: tensor.float() for name, tensor in initial.weights.items()})
 
 
 def _validate(network: SegmentationNetwork, config: TrainConfig, cases: list[Case], device: torch.device) -> dict:
@@ -175,6 +177,10 @@ def train_segmentation(
     """
     if config.keep not in ("best", "last"):
         raise IdealError(f"keep must be 'best' or 'last', got {config.keep!r}")
+    if pretrained is not None and initial is not None:
+        raise IdealError("choose either a pretrained encoder or an initial model to start from, not both")
+    if initial is not None:
+        check_initial_model(initial, config.network)
     unlabeled = [] if config.supervised_only else list(unlabeled or [])
     if not config.supervised_only:
         if not unlabeled:
@@ -189,13 +195,11 @@ def train_segmentation(
     generator = torch.Generator().manual_seed(config.seed)
     images, labels, pool = prepare_slices(labeled, unlabeled, config)
 
-    if pretrained is not None and initial is not None:
-        raise IdealError("choose either a pretrained encoder or an initial model to start from, not both")
     network = SegmentationNetwork(config.network)
     if pretrained is not None:
         load_pretrained_encoder(network, pretrained)
     if initial is not None:
-        load_initial_model(network, initial)
+        network.load_state_dict({name: tensor.float() for name, tensor in initial.weights.items()})
     network.to(torch_device, memory_format=torch.channels_last)
     teacher = copy.deepcopy(network).requires_grad_(False) if config.ema_teacher and not config.supervised_only else None
     model = context.wrap(network)

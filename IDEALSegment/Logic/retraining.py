@@ -225,8 +225,9 @@ def training_plan(
 
     With ``old_model`` both steps use its architecture, preprocessing and postprocessing (read from its
     card; ``encoder="model"`` starts from its weights too) and the new bundle gets its id and the next
-    patch version, so the two compare like-for-like and the new one drops in. The held-out cases are not trained on and do not choose checkpoints: finetuning
-    reports its Dice on them as live validation (``--keep last``) and keeps its last weights.
+    patch version, so the two compare like-for-like and the new one drops in. The held-out cases are
+    not trained on and do not choose checkpoints: finetuning reports its Dice on them as live
+    validation (``--keep last``) and keeps its last weights.
     ``label_budget`` > 0 labels only the first N training cases; ``extra`` goes to finetuning.
     Every check runs before anything starts.
     """
@@ -260,7 +261,9 @@ def training_plan(
         pretrained = Path(encoder_path)
     options = ["--checkpoint-dir", str(run.run_dir / "checkpoints"), *network_flags, *plan_flags]
     if old_model is not None and encoder != "model":
-        largest = old_model.card.get("postprocessing", {}).get("largest_heart_component", False)
+        from IDEALTrain.postprocessing import Postprocessing
+
+        largest = Postprocessing.from_json(old_model.card.get("postprocessing", {})).largest_heart_component
         options += ["--largest-component", "on" if largest else "off"]
     if run.held_out_dir is not None:
         options += ["--val", f"folder:{run.held_out_dir}", "--keep", "last"]
