@@ -5,10 +5,13 @@ Labelled: the slices of the first 3 or 7 patients of ``train_slices.list`` (68 /
 other training slices are unlabelled; evaluated on the ``val.list`` volumes with 3D Dice, HD95 and
 ASD per class (in voxels: SSL4MIS files carry no spacing), as the papers report them. The final
 weights of every run are scored (no selection on val.list, which is also the report set here).
-Results are written after every run, so an interrupted benchmark keeps what it finished.
+Every method shares one pretrained encoder per benchmark; each seed is a separate run, and the
+claim is judged on the mean over seeds. ``--parallel N`` trains N runs at once, each in its own
+process (a GPU is far from full with one small U-Net). Results are written after every run, so an
+interrupted benchmark keeps what it finished.
 
     python benchmarks/acdc_ssl.py --data $IDEAL_DATA/acdc --iterations 30000 --size 256 \
-        --batch-size 12 --unlabeled-batch-size 12 --pretrain-iterations 10000      # the full schedule (GPU)
+        --batch-size 12 --unlabeled-batch-size 12 --pretrain-iterations 10000 --seeds 0 1   # the full schedule (GPU)
 """
 from __future__ import annotations
 
@@ -16,21 +19,25 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 METHODS = ("supervised-only", "finetune-no-pretraining", "ideal")
 
 
-def main() -> None:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.environ.get("IDEAL_DATA", "../shared/data"), "acdc"))
     parser.add_argument("--out", default="benchmarks/results/acdc_ssl.json")
-    parser.add_argument("--work", default="runs/acdc_ssl", help="folder for the bundles of every run")
+    parser.add_argument("--work", default="runs/acdc_ssl", help="folder for the bundles and logs of every run")
     parser.add_argument("--labeled-patients", type=int, nargs="+", default=[3, 7])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--iterations", type=int, default=400, help="finetuning iterations of every run")
     parser.add_argument("--pretrain-iterations", type=int, default=300)
+    parser.add_argument("--pretrain-batch-size", type=int, default=16)
     parser.add_argument("--size", type=int, default=128, help="network in-plane size (SSL4MIS uses 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--unlabeled-batch-size", type=int, default=8)
@@ -39,88 +46,182 @@ def main() -> None:
     parser.add_argument("--ramp-up", type=float, default=1.0, help="share of the run over which that weight ramps up")
     parser.add_argument("--pretrained", help="reuse this pretrained-encoder bundle instead of pretraining again")
     parser.add_argument("--encoder-lr-scale", type=float, default=1.0, help="IDEAL runs: the pretrained encoder's share of the learning rate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (pretraining uses the first)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run_key(patients: int, method: str, seed: int) -> str:
+    return f"{patients}_patients/{method}/seed{seed}"
+
+
+def summarize(runs: dict, patients_list: list[int], methods: list[str], seeds: list[int]) -> tuple[dict, dict]:
+    """Mean Dice over seeds per (patients, method), and whether IDEAL beats supervised-only on that
+    mean and with every seed."""
+    summary, claim = {}, {}
+    for patients in patients_list:
+        for method in methods:
+            dice = [runs[k]["mean"]["dice"] for s in seeds if (k := run_key(patients, method, s)) in runs]
+            if dice:
+                summary[f"{patients}_patients/{method}"] = {"mean_dice": statistics.fmean(dice), "per_seed": dice, "seeds": len(dice)}
+        ideal, supervised = (summary.get(f"{patients}_patients/{m}") for m in ("ideal", "supervised-only"))
+        if ideal and supervised and ideal["seeds"] == supervised["seeds"] == len(seeds):
+            claim[str(patients)] = {
+                "on_the_mean": ideal["mean_dice"] > supervised["mean_dice"],
+                "with_every_seed": all(i > s for i, s in zip(ideal["per_seed"], supervised["per_seed"])),
+                "margin": ideal["mean_dice"] - supervised["mean_dice"],
+            }
+    return summary, claim
+
+
+def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: int, pretrained, val_cases: list) -> dict:
+    """One run of the protocol: train, save the bundle under ``--work``, score on val.list."""
+    from IDEALTrain.bundle import save_bundle
+    from IDEALTrain.metrics import mean_scores, score
+    from IDEALTrain.networks import NetworkConfig
+    from IDEALTrain.predictor import Predictor
+    from IDEALTrain.preprocessing import Preprocessing
+    from IDEALTrain.selection import LabelSelection, select_training_cases
+    from IDEALTrain.training import TrainConfig, train_segmentation
+
+    data = Path(args.data)
+    labeled, unlabeled = select_training_cases(f"ssl4mis:{data}", f"ssl4mis:{data}", LabelSelection(patients=patients), require_unlabeled=True)
+    start = time.perf_counter()
+    config = TrainConfig(
+        iterations=args.iterations, batch_size=args.batch_size, unlabeled_batch_size=args.unlabeled_batch_size,
+        learning_rate=args.lr, seed=seed, supervised_only=method == "supervised-only",
+        consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
+        encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
+        checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=Preprocessing(inplane="size", size=(args.size, args.size)),
+    )
+    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
+    trained_seconds = time.perf_counter() - start
+    save_bundle(bundle, Path(args.work) / run_key(patients, method, seed).replace("/", "-"), overwrite=True)
+    predictor = Predictor(bundle, device=args.device)
+    per_volume = {case.name: score(predictor.predict(case.image).labels, case.label) for case in val_cases}
+    summary = mean_scores(list(per_volume.values()))
+    return {
+        "patients": patients, "method": method, "seed": seed,
+        "labeled_slices": len(labeled), "unlabeled_slices": len(unlabeled), "train_seconds": trained_seconds,
+        "mean": summary["mean"], "classes": summary["classes"], "undefined": summary["undefined"], "per_volume": per_volume,
+    }
+
+
+def child_command(args: argparse.Namespace, patients: int, method: str, seed: int, pretrained_path: str | None, out: Path) -> list[str]:
+    """This script, for one run, reusing the benchmark's encoder."""
+    options = {
+        "--data": args.data, "--out": out, "--work": args.work, "--labeled-patients": patients, "--methods": method,
+        "--iterations": args.iterations, "--size": args.size, "--batch-size": args.batch_size,
+        "--unlabeled-batch-size": args.unlabeled_batch_size, "--lr": args.lr, "--consistency-weight": args.consistency_weight,
+        "--ramp-up": args.ramp_up, "--encoder-lr-scale": args.encoder_lr_scale, "--seeds": seed, "--device": args.device,
+    }
+    if pretrained_path and method == "ideal":
+        options["--pretrained"] = pretrained_path
+    return [sys.executable, str(Path(__file__).resolve())] + [str(x) for pair in options.items() for x in pair]
+
+
+def run_in_processes(args: argparse.Namespace, jobs: list[tuple[int, str, int]], pretrained_path: str | None, finished) -> list[str]:
+    """Train ``jobs`` in up to ``--parallel`` child processes; ``finished(key, run)`` gets each
+    result as it comes. Returns the keys of the runs that failed (their logs say why)."""
+    logs = Path(args.work) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    environment = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.parallel))}
+    waiting, running, failed = list(jobs), {}, []
+    while waiting or running:
+        while waiting and len(running) < args.parallel:
+            patients, method, seed = waiting.pop(0)
+            key = run_key(patients, method, seed)
+            name = key.replace("/", "-")
+            with open(logs / f"{name}.log", "w") as log:
+                process = subprocess.Popen(child_command(args, patients, method, seed, pretrained_path, logs / f"{name}.json"),
+                                           stdout=log, stderr=subprocess.STDOUT, env=environment)
+            running[key] = (process, logs / f"{name}.json")
+        time.sleep(1.0)
+        for key, (process, result) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[key]
+            if process.returncode == 0 and result.is_file():
+                finished(key, json.loads(result.read_text())["runs"][key])
+            else:
+                failed.append(key)
+                print(f"{key} failed (exit {process.returncode}); see {logs / (key.replace('/', '-') + '.log')}", flush=True)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
 
     import torch
 
     from IDEALTrain.bundle import load_bundle, save_bundle
     from IDEALTrain.datasets import load_cases
-    from IDEALTrain.metrics import mean_scores, score
     from IDEALTrain.networks import NetworkConfig
-    from IDEALTrain.predictor import Predictor
     from IDEALTrain.preprocessing import Preprocessing
     from IDEALTrain.pretraining import PretrainConfig, pretrain
-    from IDEALTrain.selection import LabelSelection, select_training_cases
-    from IDEALTrain.training import TrainConfig, train_segmentation
 
     data = Path(args.data)
     if not (data / "train_slices.list").is_file():
         raise SystemExit(f"ACDC (SSL4MIS layout) not found at {data}: set IDEAL_DATA or pass --data")
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel must be at least 1, got {args.parallel}")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    network, plan = NetworkConfig(), Preprocessing(inplane="size", size=(args.size, args.size))
+    budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "size", "batch_size", "unlabeled_batch_size", "lr",
+                   "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "parallel")
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
-        "budget": {k: getattr(args, k) for k in ("iterations", "pretrain_iterations", "size", "batch_size", "unlabeled_batch_size", "lr", "seed", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale")},
+        "budget": {k: getattr(args, k) for k in budget_keys},
         "device": args.device,
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "units": "voxel",
         "runs": {},
     }
 
     def write() -> None:
+        report["summary"], report["claim_ideal_beats_supervised"] = summarize(report["runs"], args.labeled_patients, args.methods, args.seeds)
         out.write_text(json.dumps(report, indent=2))
 
-    val_cases = load_cases(f"ssl4mis:{data}:val.list", require_labels=True)
+    def finished(key: str, run: dict) -> None:
+        report["runs"][key] = run
+        write()
+        print(f"{key}: mean Dice {run['mean']['dice']:.4f} ({run['train_seconds']:.0f} s)", flush=True)
+
+    pretrained_path = args.pretrained
     pretrained = load_bundle(args.pretrained) if args.pretrained else None
     if pretrained is not None:  # what the reused encoder was pretrained with (pretrain_iterations above is unused)
         recipe = pretrained.training.get("recipe", {})
         report["pretraining"] = {"reused": args.pretrained, "slices": pretrained.training.get("slices"),
                                  "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size"),
-                                 **{k: recipe.get(k) for k in ("dense_level", "global_weight", "samples_per_image", "temperature", "queue_size")}}
+                                 **{k: recipe.get(k) for k in ("batch_size", "dense_level", "global_weight", "samples_per_image", "temperature", "queue_size")}}
     if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
-        config = PretrainConfig(iterations=args.pretrain_iterations, seed=args.seed, network=network, preprocessing=plan)
+        config = PretrainConfig(iterations=args.pretrain_iterations, batch_size=args.pretrain_batch_size, seed=args.seeds[0],
+                                network=NetworkConfig(), preprocessing=Preprocessing(inplane="size", size=(args.size, args.size)))
         pretrained = pretrain(everything, config, device=args.device)
-        save_bundle(pretrained, work / "pretrained", overwrite=True)
-        report["pretraining"] = {"slices": len(everything), "iterations": args.pretrain_iterations, "seconds": time.perf_counter() - start}
+        pretrained_path = str(work / "pretrained")
+        save_bundle(pretrained, pretrained_path, overwrite=True)
+        report["pretraining"] = {"slices": len(everything), "iterations": args.pretrain_iterations, "batch_size": args.pretrain_batch_size,
+                                 "seconds": time.perf_counter() - start}
         write()
+        print(f"pretraining: {report['pretraining']['seconds']:.0f} s", flush=True)
 
-    for patients in args.labeled_patients:
-        labeled, unlabeled = select_training_cases(f"ssl4mis:{data}", f"ssl4mis:{data}", LabelSelection(patients=patients), require_unlabeled=True)
-        for method in args.methods:
-            start = time.perf_counter()
-            config = TrainConfig(
-                iterations=args.iterations, batch_size=args.batch_size, unlabeled_batch_size=args.unlabeled_batch_size,
-                learning_rate=args.lr, seed=args.seed, supervised_only=method == "supervised-only",
-                consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
-                encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
-                checkpoint_every=max(args.iterations, 1), network=network, preprocessing=plan,
-            )
-            bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
-            trained_seconds = time.perf_counter() - start
-            save_bundle(bundle, work / f"{method}-{patients}p", overwrite=True)
-            predictor = Predictor(bundle, device=args.device)
-            per_volume = {case.name: score(predictor.predict(case.image).labels, case.label) for case in val_cases}
-            summary = mean_scores(list(per_volume.values()))
-            report["runs"][f"{patients}_patients/{method}"] = {
-                "labeled_slices": len(labeled), "unlabeled_slices": len(unlabeled), "train_seconds": trained_seconds,
-                "mean": summary["mean"], "classes": summary["classes"], "undefined": summary["undefined"], "per_volume": per_volume,
-            }
-            write()
-            print(f"{patients} patients, {method}: mean Dice {summary['mean']['dice']:.4f} ({trained_seconds:.0f} s)", flush=True)
-    report["claim_ideal_beats_supervised"] = {
-        str(p): report["runs"][f"{p}_patients/ideal"]["mean"]["dice"] > report["runs"][f"{p}_patients/supervised-only"]["mean"]["dice"]
-        for p in args.labeled_patients
-        if f"{p}_patients/ideal" in report["runs"] and f"{p}_patients/supervised-only" in report["runs"]
-    }
+    jobs = [(p, m, s) for p in args.labeled_patients for s in args.seeds for m in args.methods]
+    if args.parallel > 1 and len(jobs) > 1:
+        failed = run_in_processes(args, jobs, pretrained_path, finished)
+    else:
+        val_cases = load_cases(f"ssl4mis:{data}:val.list", require_labels=True)
+        failed = []
+        for patients, method, seed in jobs:
+            finished(run_key(patients, method, seed), train_and_score(args, patients, method, seed, pretrained, val_cases))
     write()
     print(json.dumps(report["claim_ideal_beats_supervised"]))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
