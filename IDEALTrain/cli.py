@@ -216,7 +216,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     network, plan = _network_and_plan(args)
     config = PretrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.lr, temperature=args.temperature,
-        samples_per_image=args.samples_per_image, key_momentum=args.key_momentum, queue_size=args.queue_size,
+        samples_per_image=args.samples_per_image, negative_min_distance=args.negative_min_distance,
+        key_momentum=args.key_momentum, queue_size=args.queue_size,
         dense_level=args.dense_level, global_weight=args.global_weight, seed=args.seed,
         checkpoint_every=args.checkpoint_every, network=network, preprocessing=plan,
     )
@@ -374,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p, batch_size=16, lr=1e-3)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--samples-per-image", type=int, default=64, help="pixels sampled per image for the dense loss")
+    p.add_argument("--negative-min-distance", type=float, default=0.0,
+                   help="same-image cells closer than this many feature cells are not negatives (0: every other cell is)")
     p.add_argument("--queue-size", type=int, default=0, help="keys kept from earlier batches as extra negatives (0: none)")
     p.add_argument("--key-momentum", type=float, default=0.99, help="momentum of the key encoder's moving average")
     p.add_argument("--dense-level", type=int, default=-1, help="encoder level projected for the dense loss (-1: deepest)")

@@ -122,16 +122,21 @@ def dense_info_nce(
     temperature: float = 0.1,
     samples_per_image: int = 64,
     queue: torch.Tensor | None = None,
+    negative_min_distance: float = 0.0,
 ) -> DenseLoss:
     """Dense InfoNCE between view-1 queries and view-2 keys (B, D, h, w) at known correspondences.
 
     Up to ``samples_per_image`` valid cells are sampled per image; each query's positive is the key
     bilinearly sampled at its partner point, and its negatives are the positives of every other
-    sampled cell in the batch plus the ``queue`` rows (K, D). Keys never receive gradients.
+    sampled cell in the batch plus the ``queue`` rows (K, D). Cells of the same image closer than
+    ``negative_min_distance`` feature cells are left out of the negatives: neighbours that show the
+    same tissue can only be told apart by position. Keys never receive gradients.
     """
     _check_temperature(temperature)
     if samples_per_image < 1:
         raise IdealError(f"samples_per_image must be at least 1, got {samples_per_image}")
+    if not negative_min_distance >= 0:
+        raise IdealError(f"negative_min_distance must be zero or more feature cells, got {negative_min_distance}")
     b, d, h, w = queries.shape
     if keys.shape != queries.shape or points.shape != (b, h, w, 2) or valid.shape != (b, h, w):
         raise IdealError(
@@ -153,7 +158,16 @@ def dense_info_nce(
     k = F.normalize(sampled[..., 0].transpose(1, 2)[keep], dim=1)  # (N, D)
     if q.shape[0] == 0:
         return DenseLoss(queries.sum() * 0.0, k)
-    return DenseLoss(_info_nce(q, k, temperature, queue), k)
+    near = _near_same_image(picked, keep, w, negative_min_distance) if negative_min_distance > 0 else None
+    return DenseLoss(_info_nce(q, k, temperature, queue, exclude=near), k)
+
+
+def _near_same_image(picked: torch.Tensor, keep: torch.Tensor, width: int, distance: float) -> torch.Tensor:
+    """(N, N) mask of pairs of kept cells from one image closer than ``distance`` cells, diagonal excluded."""
+    image = torch.arange(picked.shape[0], device=picked.device)[:, None].expand_as(picked)[keep]
+    position = torch.stack([picked // width, picked % width], -1)[keep].float()
+    near = (image[:, None] == image[None, :]) & (torch.cdist(position, position) < distance)
+    return near.fill_diagonal_(False)
 
 
 def global_info_nce(
@@ -169,13 +183,16 @@ def global_info_nce(
 
 
 def _info_nce(
-    queries: torch.Tensor, keys: torch.Tensor, temperature: float, queue: torch.Tensor | None
+    queries: torch.Tensor, keys: torch.Tensor, temperature: float, queue: torch.Tensor | None, exclude: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Cross-entropy where row i of ``keys`` is the positive of query i and every other key row and
-    every queue row is a negative (the diagonal form of 'positive at index 0')."""
+    every queue row is a negative (the diagonal form of 'positive at index 0'), except the key rows
+    that ``exclude`` (N, N) marks for that query."""
     q = F.normalize(queries.float(), dim=1)
     candidates = keys if queue is None else torch.cat([keys, queue.detach().to(keys)])
     logits = q @ candidates.T / temperature
+    if exclude is not None:
+        logits = logits.masked_fill(F.pad(exclude, (0, logits.shape[1] - exclude.shape[1])), float("-inf"))
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 

@@ -44,6 +44,7 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.1
     samples_per_image: int = 64
+    negative_min_distance: float = 0.0  # same-image cells closer than this (feature cells) are not negatives
     key_momentum: float = 0.99
     queue_size: int = 0
     dense_level: int = -1  # encoder level whose features are projected (-1: the deepest)
@@ -128,6 +129,7 @@ def pretrain(
         dense = dense_info_nce(
             queries, keys, points, valid, generator=generator, temperature=config.temperature,
             samples_per_image=config.samples_per_image, queue=queue.tensor() if queue is not None else None,
+            negative_min_distance=config.negative_min_distance,
         )
         loss = dense.loss
         metrics = {"loss_dense": dense.loss.item(), "lr": lr}

@@ -215,3 +215,12 @@ def test_two_gloo_processes_train_in_step(phantoms, tmp_path):
     assert done == [{"event": "done", "bundle": str(out)}]  # rank 0 alone writes the bundle
     training = json.loads((out / "card.json").read_text())["training"]
     assert training["processes"] == 2 and training["ranks_agree"] is True
+
+
+def test_pretrain_records_its_contrastive_options(phantoms, tmp_path):
+    out = tmp_path / "encoder"
+    assert main(["pretrain", "--data", f"folder:{phantoms}", "--iterations", "2", "--batch-size", "2", "--out", str(out),
+                 "--base-channels", "4", "--depth", "3", "--size", "32", "--samples-per-image", "8",
+                 "--negative-min-distance", "1.5", "--device", "cpu", "--progress-json"]) == 0
+    recipe = load_bundle(out).training["recipe"]
+    assert recipe["negative_min_distance"] == 1.5 and recipe["samples_per_image"] == 8

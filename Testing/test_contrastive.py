@@ -142,6 +142,39 @@ def test_queue_rows_act_as_negatives():
     assert unrelated < with_positives_queued
 
 
+def _masked_reference(embeddings: torch.Tensor, temperature: float, distance: float) -> torch.Tensor:
+    """InfoNCE over every cell with identity views, written out: same-image pairs closer than
+    ``distance`` cells are dropped from the negatives."""
+    b, d, h, w = embeddings.shape
+    q = F.normalize(embeddings.flatten(2).transpose(1, 2).reshape(-1, d), dim=1)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    image = torch.arange(b).repeat_interleave(h * w)
+    where = torch.stack([rows.flatten(), cols.flatten()], -1).float().repeat(b, 1)
+    near = (image[:, None] == image[None, :]) & (torch.cdist(where, where) < distance) & ~torch.eye(b * h * w, dtype=torch.bool)
+    logits = (q @ q.T / temperature).masked_fill(near, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(b * h * w))
+
+
+@pytest.mark.parametrize("distance", [0.0, 1.5, 3.0])
+def test_near_cells_of_the_same_image_are_left_out_of_the_negatives(distance):
+    embeddings = _random_embeddings(2, 16, (6, 6))
+    points, valid = corresponding_points(_identity(2), _identity(2), (6, 6))
+    loss = _loss(embeddings, embeddings, points, valid, samples_per_image=36, negative_min_distance=distance).loss
+    assert torch.isclose(loss, _masked_reference(embeddings, 0.1, distance), atol=1e-5)
+
+
+def test_excluding_every_same_image_negative_leaves_only_other_images():
+    embeddings = _random_embeddings(1, 16, (6, 6))
+    points, valid = corresponding_points(_identity(1), _identity(1), (6, 6))
+    alone = _loss(embeddings, embeddings, points, valid, negative_min_distance=100.0)
+    assert alone.loss.item() == pytest.approx(0.0, abs=1e-6)  # the positive is the only candidate left
+    assert _loss(embeddings, embeddings, points, valid).loss > 0.01
+    queued = _loss(embeddings, embeddings, points, valid, negative_min_distance=100.0, queue=alone.keys).loss
+    assert queued > 0.5  # queue rows stay negatives whatever the distance
+    with pytest.raises(IdealError, match="negative_min_distance"):
+        _loss(embeddings, embeddings, points, valid, negative_min_distance=-1.0)
+
+
 def test_sampling_respects_validity_and_survives_empty_images():
     embeddings = _random_embeddings(3, 16, (8, 8)).requires_grad_()
     points, valid = corresponding_points(_identity(3), _identity(3), (8, 8))

@@ -38,6 +38,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=400, help="finetuning iterations of every run")
     parser.add_argument("--pretrain-iterations", type=int, default=300)
     parser.add_argument("--pretrain-batch-size", type=int, default=16)
+    parser.add_argument("--pretrain-negative-min-distance", type=float, default=0.0,
+                        help="same-image cells closer than this many feature cells are not negatives in the dense loss")
     parser.add_argument("--size", type=int, default=128, help="network in-plane size (SSL4MIS uses 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--unlabeled-batch-size", type=int, default=8)
@@ -169,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "size", "batch_size", "unlabeled_batch_size", "lr",
-                   "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "parallel")
+    budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance", "size", "batch_size",
+                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "parallel")
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
         "budget": {k: getattr(args, k) for k in budget_keys},
@@ -196,17 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         recipe = pretrained.training.get("recipe", {})
         report["pretraining"] = {"reused": args.pretrained, "slices": pretrained.training.get("slices"),
                                  "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size"),
-                                 **{k: recipe.get(k) for k in ("batch_size", "dense_level", "global_weight", "samples_per_image", "temperature", "queue_size")}}
+                                 **{k: recipe.get(k) for k in ("batch_size", "dense_level", "global_weight", "samples_per_image", "negative_min_distance", "temperature", "queue_size")}}
     if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
         config = PretrainConfig(iterations=args.pretrain_iterations, batch_size=args.pretrain_batch_size, seed=args.seeds[0],
+                                negative_min_distance=args.pretrain_negative_min_distance,
                                 network=NetworkConfig(), preprocessing=Preprocessing(inplane="size", size=(args.size, args.size)))
         pretrained = pretrain(everything, config, device=args.device)
         pretrained_path = str(work / "pretrained")
         save_bundle(pretrained, pretrained_path, overwrite=True)
         report["pretraining"] = {"slices": len(everything), "iterations": args.pretrain_iterations, "batch_size": args.pretrain_batch_size,
-                                 "seconds": time.perf_counter() - start}
+                                 "negative_min_distance": args.pretrain_negative_min_distance, "seconds": time.perf_counter() - start}
         write()
         print(f"pretraining: {report['pretraining']['seconds']:.0f} s", flush=True)
 
