@@ -58,6 +58,18 @@ def run_key(patients: int, method: str, seed: int) -> str:
     return f"{patients}_patients/{method}/seed{seed}"
 
 
+def run_name(key: str) -> str:
+    """The file and folder name of a run (its bundle, log and result)."""
+    return key.replace("/", "-")
+
+
+def preprocessing_plan(args: argparse.Namespace):
+    """The one plan of every run and of the pretraining: slices resized to --size."""
+    from IDEALTrain.preprocessing import Preprocessing
+
+    return Preprocessing(inplane="size", size=(args.size, args.size))
+
+
 def summarize(runs: dict, patients_list: list[int], methods: list[str], seeds: list[int]) -> tuple[dict, dict]:
     """Mean Dice over seeds per (patients, method), and whether IDEAL beats supervised-only on that
     mean and with every seed."""
@@ -83,7 +95,6 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
     from IDEALTrain.metrics import mean_scores, score
     from IDEALTrain.networks import NetworkConfig
     from IDEALTrain.predictor import Predictor
-    from IDEALTrain.preprocessing import Preprocessing
     from IDEALTrain.selection import LabelSelection, select_training_cases
     from IDEALTrain.training import TrainConfig, train_segmentation
 
@@ -95,11 +106,11 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
         learning_rate=args.lr, seed=seed, supervised_only=method == "supervised-only",
         consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
         encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
-        checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=Preprocessing(inplane="size", size=(args.size, args.size)),
+        checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=preprocessing_plan(args),
     )
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
     trained_seconds = time.perf_counter() - start
-    save_bundle(bundle, Path(args.work) / run_key(patients, method, seed).replace("/", "-"), overwrite=True)
+    save_bundle(bundle, Path(args.work) / run_name(run_key(patients, method, seed)), overwrite=True)
     predictor = Predictor(bundle, device=args.device)
     per_volume = {case.name: score(predictor.predict(case.image).labels, case.label) for case in val_cases}
     summary = mean_scores(list(per_volume.values()))
@@ -134,7 +145,7 @@ def run_in_processes(args: argparse.Namespace, jobs: list[tuple[int, str, int]],
         while waiting and len(running) < args.parallel:
             patients, method, seed = waiting.pop(0)
             key = run_key(patients, method, seed)
-            name = key.replace("/", "-")
+            name = run_name(key)
             with open(logs / f"{name}.log", "w") as log:
                 process = subprocess.Popen(child_command(args, patients, method, seed, pretrained_path, logs / f"{name}.json"),
                                            stdout=log, stderr=subprocess.STDOUT, env=environment)
@@ -148,7 +159,7 @@ def run_in_processes(args: argparse.Namespace, jobs: list[tuple[int, str, int]],
                 finished(key, json.loads(result.read_text())["runs"][key])
             else:
                 failed.append(key)
-                print(f"{key} failed (exit {process.returncode}); see {logs / (key.replace('/', '-') + '.log')}", flush=True)
+                print(f"{key} failed (exit {process.returncode}); see {logs / (run_name(key) + '.log')}", flush=True)
     return failed
 
 
@@ -160,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     from IDEALTrain.bundle import load_bundle, save_bundle
     from IDEALTrain.datasets import load_cases
     from IDEALTrain.networks import NetworkConfig
-    from IDEALTrain.preprocessing import Preprocessing
     from IDEALTrain.pretraining import PretrainConfig, pretrain
 
     data = Path(args.data)
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
         config = PretrainConfig(iterations=args.pretrain_iterations, batch_size=args.pretrain_batch_size, seed=args.seeds[0],
                                 negative_min_distance=args.pretrain_negative_min_distance,
-                                network=NetworkConfig(), preprocessing=Preprocessing(inplane="size", size=(args.size, args.size)))
+                                network=NetworkConfig(), preprocessing=preprocessing_plan(args))
         pretrained = pretrain(everything, config, device=args.device)
         pretrained_path = str(work / "pretrained")
         save_bundle(pretrained, pretrained_path, overwrite=True)
