@@ -217,8 +217,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     config = PretrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.lr, temperature=args.temperature,
         samples_per_image=args.samples_per_image, negative_min_distance=args.negative_min_distance,
-        key_momentum=args.key_momentum, queue_size=args.queue_size,
-        dense_level=args.dense_level, global_weight=args.global_weight, seed=args.seed,
+        same_image_negatives=args.same_image_negatives, key_momentum=args.key_momentum, queue_size=args.queue_size,
+        dense_level=args.dense_level, global_weight=args.global_weight, frozen_levels=args.frozen_levels, seed=args.seed,
         checkpoint_every=args.checkpoint_every, network=network, preprocessing=plan,
     )
     cases = [case for spec in args.data for case in load_cases(spec, default_list="train_slices.list")]
@@ -236,6 +236,7 @@ def _finetune_options(args: argparse.Namespace) -> dict:
         ema_teacher=args.ema_teacher,
         ema_decay=args.ema_decay,
         encoder_lr_scale=args.encoder_lr_scale,
+        encoder_warmup=args.encoder_warmup,
     )
 
 
@@ -377,10 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-image", type=int, default=64, help="pixels sampled per image for the dense loss")
     p.add_argument("--negative-min-distance", type=float, default=0.0,
                    help="same-image cells closer than this many feature cells are not negatives (0: every other cell is)")
+    p.add_argument("--same-image-negatives", action="store_true",
+                   help="negatives only from the query's own image, as Chaitanya et al.'s local loss (default: the whole batch)")
     p.add_argument("--queue-size", type=int, default=0, help="keys kept from earlier batches as extra negatives (0: none)")
     p.add_argument("--key-momentum", type=float, default=0.99, help="momentum of the key encoder's moving average")
     p.add_argument("--dense-level", type=int, default=-1, help="encoder level projected for the dense loss (-1: deepest)")
     p.add_argument("--global-weight", type=float, default=0.0, help="weight of the image-level InfoNCE term (0: off)")
+    p.add_argument("--frozen-levels", type=int, default=0, metavar="N",
+                   help="the finest N encoder levels keep their random start; only the deeper ones learn the contrastive task (default 0)")
     p.set_defaults(func=cmd_pretrain)
 
     p = commands.add_parser("finetune", help="IDEAL two-stream consistency finetuning (or --supervised-only, the baseline)")
@@ -406,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder-lr-scale", type=float, default=1.0,
         help="the shared encoder learns at this share of --lr (below 1 keeps more of a pretrained start; default 1)",
+    )
+    p.add_argument(
+        "--encoder-warmup", type=int, default=0, metavar="N",
+        help="keep the shared encoder frozen for the first N iterations, so the new decoders first learn to read a pretrained start (default 0)",
     )
     from .selection import add_selection_arguments
 

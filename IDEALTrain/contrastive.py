@@ -123,6 +123,7 @@ def dense_info_nce(
     samples_per_image: int = 64,
     queue: torch.Tensor | None = None,
     negative_min_distance: float = 0.0,
+    same_image_negatives: bool = False,
 ) -> DenseLoss:
     """Dense InfoNCE between view-1 queries and view-2 keys (B, D, h, w) at known correspondences.
 
@@ -130,13 +131,18 @@ def dense_info_nce(
     bilinearly sampled at its partner point, and its negatives are the positives of every other
     sampled cell in the batch plus the ``queue`` rows (K, D). Cells of the same image closer than
     ``negative_min_distance`` feature cells are left out of the negatives: neighbours that show the
-    same tissue can only be told apart by position. Keys never receive gradients.
+    same tissue can only be told apart by position. With ``same_image_negatives`` only cells of the
+    query's own image are negatives, as in Chaitanya et al.'s local loss: the same structure in
+    another patient is never pushed away (no queue then, its keys come from other images). Keys
+    never receive gradients.
     """
     _check_temperature(temperature)
     if samples_per_image < 1:
         raise IdealError(f"samples_per_image must be at least 1, got {samples_per_image}")
     if not negative_min_distance >= 0:
         raise IdealError(f"negative_min_distance must be zero or more feature cells, got {negative_min_distance}")
+    if same_image_negatives and queue is not None:
+        raise IdealError("same-image negatives exclude a key queue (its keys come from other images); set the queue size to 0")
     b, d, h, w = queries.shape
     if keys.shape != queries.shape or points.shape != (b, h, w, 2) or valid.shape != (b, h, w):
         raise IdealError(
@@ -158,16 +164,22 @@ def dense_info_nce(
     k = F.normalize(sampled[..., 0].transpose(1, 2)[keep], dim=1)  # (N, D)
     if q.shape[0] == 0:
         return DenseLoss(queries.sum() * 0.0, k)
-    near = _near_same_image(picked, keep, w, negative_min_distance) if negative_min_distance > 0 else None
-    return DenseLoss(_info_nce(q, k, temperature, queue, exclude=near), k)
+    excluded = None
+    if negative_min_distance > 0 or same_image_negatives:
+        excluded = _excluded_negatives(picked, keep, w, negative_min_distance, same_image_negatives)
+    return DenseLoss(_info_nce(q, k, temperature, queue, exclude=excluded), k)
 
 
-def _near_same_image(picked: torch.Tensor, keep: torch.Tensor, width: int, distance: float) -> torch.Tensor:
-    """(N, N) mask of pairs of kept cells from one image closer than ``distance`` cells, diagonal excluded."""
+def _excluded_negatives(picked: torch.Tensor, keep: torch.Tensor, width: int, distance: float, same_image_only: bool) -> torch.Tensor:
+    """(N, N) mask of the kept-cell pairs that are not negatives: same-image pairs closer than
+    ``distance`` cells and, if ``same_image_only``, every pair from two images; diagonal excluded."""
     image = torch.arange(picked.shape[0], device=picked.device)[:, None].expand_as(picked)[keep]
     position = torch.stack([picked // width, picked % width], -1)[keep].float()
-    near = (image[:, None] == image[None, :]) & (torch.cdist(position, position) < distance)
-    return near.fill_diagonal_(False)
+    same_image = image[:, None] == image[None, :]
+    excluded = same_image & (torch.cdist(position, position) < distance)
+    if same_image_only:
+        excluded |= ~same_image
+    return excluded.fill_diagonal_(False)
 
 
 def global_info_nce(

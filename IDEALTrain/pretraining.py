@@ -45,10 +45,12 @@ class PretrainConfig:
     temperature: float = 0.1
     samples_per_image: int = 64
     negative_min_distance: float = 0.0  # same-image cells closer than this (feature cells) are not negatives
+    same_image_negatives: bool = False  # negatives only from the query's own image (Chaitanya et al.'s local loss)
     key_momentum: float = 0.99
     queue_size: int = 0
     dense_level: int = -1  # encoder level whose features are projected (-1: the deepest)
     global_weight: float = 0.0  # weight of the optional image-level InfoNCE term
+    frozen_levels: int = 0  # the finest N encoder levels keep their random start; only deeper ones learn
     seed: int = 0
     checkpoint_every: int = 500
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -68,6 +70,10 @@ class DenseEmbedder(nn.Module):
             raise IdealError(f"--dense-level {config.dense_level} is outside the encoder's {config.network.depth} levels")
         self.level = config.dense_level
         self.encoder = UNetEncoder(config.network)
+        learning = range(config.network.depth)[config.dense_level] + 1  # levels the dense loss reaches
+        if not 0 <= config.frozen_levels < learning:
+            raise IdealError(f"--frozen-levels {config.frozen_levels} must be 0 or more and leave a level up to --dense-level to learn (at most {learning - 1})")
+        self.encoder.levels[: config.frozen_levels].requires_grad_(False)
         self.head = DenseProjectionHead(config.network.channels[config.dense_level], config.network.projection_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +96,8 @@ def pretrain(
     """
     if not cases:
         raise IdealError("no unlabelled images to pretrain on")
+    if config.same_image_negatives and config.queue_size:
+        raise IdealError("same-image negatives exclude a key queue (its keys come from other images); set the queue size to 0")
     context = setup_distributed(resolve_device(device))
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -102,7 +110,7 @@ def pretrain(
     query = DenseEmbedder(config).to(context.device, memory_format=torch.channels_last)
     key = copy.deepcopy(query).requires_grad_(False)
     model = context.wrap(query)
-    optimizer = torch.optim.Adam(query.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam([p for p in query.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay)
     queue = KeyQueue(config.queue_size, config.network.projection_dim, device=context.device) if config.queue_size else None
     run_info = {"phase": "pretrain", "config": config.to_json(), "data": [case.name for case in cases]}
     loop = TrainingLoop(
@@ -129,7 +137,7 @@ def pretrain(
         dense = dense_info_nce(
             queries, keys, points, valid, generator=generator, temperature=config.temperature,
             samples_per_image=config.samples_per_image, queue=queue.tensor() if queue is not None else None,
-            negative_min_distance=config.negative_min_distance,
+            negative_min_distance=config.negative_min_distance, same_image_negatives=config.same_image_negatives,
         )
         loss = dense.loss
         metrics = {"loss_dense": dense.loss.item(), "lr": lr}

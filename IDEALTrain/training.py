@@ -40,6 +40,7 @@ class TrainConfig:
     unlabeled_batch_size: int = 12
     learning_rate: float = 0.01
     encoder_lr_scale: float = 1.0  # the shared encoder's share of the learning rate (< 1 keeps more of a pretrained start)
+    encoder_warmup: int = 0  # first iterations with the encoder frozen, so fresh decoders learn to read a pretrained start
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
@@ -177,6 +178,8 @@ def train_segmentation(
     """
     if config.keep not in ("best", "last"):
         raise IdealError(f"keep must be 'best' or 'last', got {config.keep!r}")
+    if not 0 <= config.encoder_warmup < config.iterations:
+        raise IdealError(f"encoder warm-up must be 0 or more iterations and shorter than the run ({config.iterations}), got {config.encoder_warmup}")
     if pretrained is not None and initial is not None:
         raise IdealError("choose either a pretrained encoder or an initial model to start from, not both")
     if initial is not None:
@@ -204,8 +207,8 @@ def train_segmentation(
     teacher = copy.deepcopy(network).requires_grad_(False) if config.ema_teacher and not config.supervised_only else None
     model = context.wrap(network)
     groups = [
-        {"params": list(network.encoder.parameters()), "lr_scale": config.encoder_lr_scale},
-        {"params": [p for name, p in network.named_parameters() if not name.startswith("encoder.")], "lr_scale": 1.0},
+        {"params": list(network.encoder.parameters()), "lr_scale": config.encoder_lr_scale, "encoder": True},
+        {"params": [p for name, p in network.named_parameters() if not name.startswith("encoder.")], "lr_scale": 1.0, "encoder": False},
     ]
     optimizer = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
     run_info = {
@@ -235,8 +238,9 @@ def train_segmentation(
 
     def step(iteration: int) -> dict[str, float]:
         lr = config.learning_rate * (1 - iteration / config.iterations) ** 0.9
+        encoder_frozen = iteration < config.encoder_warmup
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = 0.0 if encoder_frozen and group["encoder"] else lr * group["lr_scale"]
         x, y = draw(images, labels, config.batch_size)
         if pool is not None:
             xu, _ = draw(pool, None, config.unlabeled_batch_size)

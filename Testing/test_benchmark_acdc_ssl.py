@@ -1,4 +1,5 @@
-"""The ACDC SSL benchmark driver: seeds, runs in parallel processes, and how the claim is judged."""
+"""The ACDC benchmark drivers: the SSL protocol (seeds, runs in parallel processes, how the claim is
+judged) and the linear probe of pretrained encoders."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,13 +10,17 @@ import h5py
 import numpy as np
 import pytest
 
-from IDEALTrain.bundle import load_bundle
+from IDEALTrain.bundle import load_bundle, save_bundle
+from IDEALTrain.datasets import load_cases
+from IDEALTrain.networks import NetworkConfig
+from IDEALTrain.preprocessing import Preprocessing
+from IDEALTrain.pretraining import PretrainConfig, pretrain
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "acdc_ssl.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("acdc_ssl", SCRIPT)
+def _benchmark(name: str = "acdc_ssl"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,3 +107,21 @@ def test_failed_run_is_reported_and_the_exit_status_says_so(tmp_path: Path, caps
         assert f"5_patients/supervised-only/seed{seed} failed" in printed
         log = (work / "logs" / f"5_patients-supervised-only-seed{seed}.log").read_text()
         assert "--labeled-patients 5 asks for more than the 2 patients" in log
+
+
+def test_encoder_probe_scores_random_and_pretrained_encoders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, out = _tiny_ssl4mis(tmp_path / "acdc"), tmp_path / "probe.json"
+    config = PretrainConfig(iterations=1, batch_size=2, frozen_levels=1, network=NetworkConfig(),
+                            preprocessing=Preprocessing(inplane="size", size=(32, 32)))
+    encoder = save_bundle(pretrain(load_cases(f"ssl4mis:{data}:train_slices.list"), config, device="cpu"), tmp_path / "encoder")
+    status = _benchmark("encoder_probe").main(["--data", str(data), "--encoders", str(encoder), "--labeled-patients", "1",
+                                               "--size", "32", "--steps", "60", "--out", str(out)])
+    assert status == 0, capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["budget"]["train_slices"] == 3 and report["budget"]["val_slices"] == 3
+    assert list(report["encoders"]) == ["random", str(encoder)]
+    assert report["encoders"][str(encoder)]["recipe"]["frozen_levels"] == 1
+    for probes in (e["probes"] for e in report["encoders"].values()):
+        assert set(probes) == {"level0", "level1", "level2", "level3", "level4", "hypercolumn"}
+        assert all(0.0 <= d <= 1.0 for p in probes.values() for d in p["dice"].values())
+        assert probes["level0"]["mean_dice"] > 0.5  # intensity codes the label here: the finest features must find it

@@ -208,19 +208,24 @@ def test_two_gloo_processes_train_in_step(phantoms, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "IDEALTrain",
                "finetune", "--labeled", f"folder:{phantoms}", "--labeled-slices", "1", "--iterations", "3", "--out", str(out),
                "--base-channels", "4", "--depth", "3", "--inplane", "spacing", "--spacing", "4", "--batch-size", "2",
-               "--unlabeled-batch-size", "2", "--progress-json", "--device", "cpu"]
+               "--unlabeled-batch-size", "2", "--encoder-warmup", "1", "--progress-json", "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     done = [json.loads(line) for line in result.stdout.splitlines() if '"done"' in line]
     assert done == [{"event": "done", "bundle": str(out)}]  # rank 0 alone writes the bundle
     training = json.loads((out / "card.json").read_text())["training"]
     assert training["processes"] == 2 and training["ranks_agree"] is True
+    assert training["recipe"]["encoder_warmup"] == 1
 
 
-def test_pretrain_records_its_contrastive_options(phantoms, tmp_path):
+def test_pretrain_records_its_contrastive_options(phantoms, tmp_path, capsys):
     out = tmp_path / "encoder"
     assert main(["pretrain", "--data", f"folder:{phantoms}", "--iterations", "2", "--batch-size", "2", "--out", str(out),
                  "--base-channels", "4", "--depth", "3", "--size", "32", "--samples-per-image", "8",
-                 "--negative-min-distance", "1.5", "--device", "cpu", "--progress-json"]) == 0
+                 "--negative-min-distance", "1.5", "--same-image-negatives", "--device", "cpu", "--progress-json"]) == 0
     recipe = load_bundle(out).training["recipe"]
-    assert recipe["negative_min_distance"] == 1.5 and recipe["samples_per_image"] == 8
+    assert recipe["negative_min_distance"] == 1.5 and recipe["samples_per_image"] == 8 and recipe["same_image_negatives"] is True
+    capsys.readouterr()
+    assert main(["pretrain", "--data", f"folder:{phantoms}", "--iterations", "2", "--out", str(tmp_path / "queued"),
+                 "--same-image-negatives", "--queue-size", "64", "--device", "cpu"]) == 2
+    assert "queue" in capsys.readouterr().err and not (tmp_path / "queued").exists()

@@ -142,16 +142,17 @@ def test_queue_rows_act_as_negatives():
     assert unrelated < with_positives_queued
 
 
-def _masked_reference(embeddings: torch.Tensor, temperature: float, distance: float) -> torch.Tensor:
+def _masked_reference(embeddings: torch.Tensor, temperature: float, distance: float, same_image_only: bool = False) -> torch.Tensor:
     """InfoNCE over every cell with identity views, written out: same-image pairs closer than
-    ``distance`` cells are dropped from the negatives."""
+    ``distance`` cells are dropped from the negatives, and so are all pairs from two images if asked."""
     b, d, h, w = embeddings.shape
     q = F.normalize(embeddings.flatten(2).transpose(1, 2).reshape(-1, d), dim=1)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     image = torch.arange(b).repeat_interleave(h * w)
     where = torch.stack([rows.flatten(), cols.flatten()], -1).float().repeat(b, 1)
-    near = (image[:, None] == image[None, :]) & (torch.cdist(where, where) < distance) & ~torch.eye(b * h * w, dtype=torch.bool)
-    logits = (q @ q.T / temperature).masked_fill(near, float("-inf"))
+    same_image = image[:, None] == image[None, :]
+    dropped = (same_image & (torch.cdist(where, where) < distance)) | (~same_image if same_image_only else False)
+    logits = (q @ q.T / temperature).masked_fill(dropped & ~torch.eye(b * h * w, dtype=torch.bool), float("-inf"))
     return F.cross_entropy(logits, torch.arange(b * h * w))
 
 
@@ -161,6 +162,20 @@ def test_near_cells_of_the_same_image_are_left_out_of_the_negatives(distance):
     points, valid = corresponding_points(_identity(2), _identity(2), (6, 6))
     loss = _loss(embeddings, embeddings, points, valid, samples_per_image=36, negative_min_distance=distance).loss
     assert torch.isclose(loss, _masked_reference(embeddings, 0.1, distance), atol=1e-5)
+
+
+@pytest.mark.parametrize("distance", [0.0, 1.5])
+def test_same_image_negatives_leave_out_every_other_image(distance):
+    embeddings = _random_embeddings(3, 16, (6, 6))
+    points, valid = corresponding_points(_identity(3), _identity(3), (6, 6))
+    options = dict(samples_per_image=36, negative_min_distance=distance, same_image_negatives=True)
+    loss = _loss(embeddings, embeddings, points, valid, **options).loss
+    assert torch.isclose(loss, _masked_reference(embeddings, 0.1, distance, same_image_only=True), atol=1e-5)
+    one_by_one = [_loss(e[None], e[None], points[:1], valid[:1], **options).loss for e in embeddings]
+    assert torch.isclose(loss, torch.stack(one_by_one).mean(), atol=1e-5)  # images no longer see each other
+    assert not torch.isclose(loss, _loss(embeddings, embeddings, points, valid, samples_per_image=36, negative_min_distance=distance).loss)
+    with pytest.raises(IdealError, match="queue"):
+        _loss(embeddings, embeddings, points, valid, same_image_negatives=True, queue=embeddings[0, :, 0, :2].T)
 
 
 def test_excluding_every_same_image_negative_leaves_only_other_images():

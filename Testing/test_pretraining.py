@@ -64,3 +64,17 @@ def test_bad_pretraining_options(unlabelled):
         pretrain([], small_config(1), device="cpu")
     with pytest.raises(IdealError, match="dense-level"):
         pretrain(unlabelled, small_config(1, dense_level=5), device="cpu")
+    with pytest.raises(IdealError, match="queue"):
+        pretrain(unlabelled, small_config(1, same_image_negatives=True, queue_size=16), device="cpu")
+    for frozen, dense_level in ((-1, -1), (3, -1), (2, 1)):
+        with pytest.raises(IdealError, match="frozen-levels"):
+            pretrain(unlabelled, small_config(1, frozen_levels=frozen, dense_level=dense_level), device="cpu")
+
+
+def test_frozen_levels_keep_their_random_start(unlabelled):
+    short, longer = (pretrain(unlabelled, small_config(n, frozen_levels=1, learning_rate=3e-3), device="cpu") for n in (1, 4))
+    learned = [name for name in short.weights if name.endswith(("weight", "bias"))]
+    finest = [name for name in learned if name.startswith("encoder.levels.0.")]
+    assert finest and all(torch.equal(short.weights[name], longer.weights[name]) for name in finest)
+    assert all(not torch.equal(short.weights[name], longer.weights[name]) for name in learned if name.startswith("encoder.levels.2.0."))
+    assert longer.training["recipe"]["frozen_levels"] == 1

@@ -144,3 +144,22 @@ def test_encoder_lr_scale_zero_freezes_only_the_encoder(phantoms):
     assert encoder and all(torch.equal(start.weights[name], frozen.weights[name]) for name in encoder)
     assert any(not torch.equal(start.weights[name], frozen.weights[name]) for name in learned if name not in encoder)
     assert frozen.training["recipe"]["encoder_lr_scale"] == 0.0
+
+
+def test_encoder_warmup_freezes_the_encoder_first_then_trains_it(phantoms, tmp_path):
+    train = phantoms[0][:2]
+    start = train_segmentation(train, small_config(1), device="cpu")
+    config = small_config(4, encoder_warmup=2, checkpoint_every=1)
+    with pytest.raises(TrainingStopped):
+        train_segmentation(train, config, initial=start, device="cpu", checkpoint_dir=tmp_path, stop_after=lambda it: it == 2)
+    warmed = load_checkpoint(tmp_path).tensors["network"]
+    learned = [name for name in start.weights if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    encoder = [name for name in learned if name.startswith("encoder.")]
+    assert encoder and all(torch.equal(start.weights[name], warmed[name]) for name in encoder)
+    assert any(not torch.equal(start.weights[name], warmed[name]) for name in learned if name not in encoder)
+    finished = train_segmentation(train, config, initial=start, device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert any(not torch.equal(start.weights[name], finished.weights[name]) for name in encoder)
+    assert finished.training["recipe"]["encoder_warmup"] == 2
+    for bad in (-1, 4):
+        with pytest.raises(IdealError, match="encoder warm-up"):
+            train_segmentation(train, small_config(4, encoder_warmup=bad), device="cpu")

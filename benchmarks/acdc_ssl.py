@@ -40,6 +40,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-batch-size", type=int, default=16)
     parser.add_argument("--pretrain-negative-min-distance", type=float, default=0.0,
                         help="same-image cells closer than this many feature cells are not negatives in the dense loss")
+    parser.add_argument("--pretrain-same-image-negatives", action="store_true",
+                        help="dense loss negatives only from the query's own image (Chaitanya et al.'s local loss)")
     parser.add_argument("--size", type=int, default=128, help="network in-plane size (SSL4MIS uses 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--unlabeled-batch-size", type=int, default=8)
@@ -48,10 +50,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ramp-up", type=float, default=1.0, help="share of the run over which that weight ramps up")
     parser.add_argument("--pretrained", help="reuse this pretrained-encoder bundle instead of pretraining again")
     parser.add_argument("--encoder-lr-scale", type=float, default=1.0, help="IDEAL runs: the pretrained encoder's share of the learning rate")
+    parser.add_argument("--encoder-warmup", type=int, default=0, help="IDEAL runs: iterations with the pretrained encoder frozen first")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (pretraining uses the first)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
+
+
+RECORDED_PRETRAINING = ("batch_size", "dense_level", "global_weight", "samples_per_image", "negative_min_distance",
+                        "same_image_negatives", "frozen_levels", "temperature", "queue_size")  # of a reused encoder's recipe
 
 
 def run_key(patients: int, method: str, seed: int) -> str:
@@ -106,6 +113,7 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
         learning_rate=args.lr, seed=seed, supervised_only=method == "supervised-only",
         consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
         encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
+        encoder_warmup=args.encoder_warmup if method == "ideal" else 0,
         checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=preprocessing_plan(args),
     )
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
@@ -127,7 +135,8 @@ def child_command(args: argparse.Namespace, patients: int, method: str, seed: in
         "--data": args.data, "--out": out, "--work": args.work, "--labeled-patients": patients, "--methods": method,
         "--iterations": args.iterations, "--size": args.size, "--batch-size": args.batch_size,
         "--unlabeled-batch-size": args.unlabeled_batch_size, "--lr": args.lr, "--consistency-weight": args.consistency_weight,
-        "--ramp-up": args.ramp_up, "--encoder-lr-scale": args.encoder_lr_scale, "--seeds": seed, "--device": args.device,
+        "--ramp-up": args.ramp_up, "--encoder-lr-scale": args.encoder_lr_scale,
+        "--encoder-warmup": args.encoder_warmup, "--seeds": seed, "--device": args.device,
     }
     if pretrained_path and method == "ideal":
         options["--pretrained"] = pretrained_path
@@ -181,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance", "size", "batch_size",
-                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "parallel")
+    budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance",
+                   "pretrain_same_image_negatives", "size", "batch_size",
+                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "encoder_warmup", "parallel")
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
         "budget": {k: getattr(args, k) for k in budget_keys},
@@ -208,18 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         recipe = pretrained.training.get("recipe", {})
         report["pretraining"] = {"reused": args.pretrained, "slices": pretrained.training.get("slices"),
                                  "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size"),
-                                 **{k: recipe.get(k) for k in ("batch_size", "dense_level", "global_weight", "samples_per_image", "negative_min_distance", "temperature", "queue_size")}}
+                                 **{k: recipe.get(k) for k in RECORDED_PRETRAINING}}
     if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
         config = PretrainConfig(iterations=args.pretrain_iterations, batch_size=args.pretrain_batch_size, seed=args.seeds[0],
                                 negative_min_distance=args.pretrain_negative_min_distance,
+                                same_image_negatives=args.pretrain_same_image_negatives,
                                 network=NetworkConfig(), preprocessing=preprocessing_plan(args))
         pretrained = pretrain(everything, config, device=args.device)
         pretrained_path = str(work / "pretrained")
         save_bundle(pretrained, pretrained_path, overwrite=True)
         report["pretraining"] = {"slices": len(everything), "iterations": args.pretrain_iterations, "batch_size": args.pretrain_batch_size,
-                                 "negative_min_distance": args.pretrain_negative_min_distance, "seconds": time.perf_counter() - start}
+                                 "negative_min_distance": args.pretrain_negative_min_distance,
+                                 "same_image_negatives": args.pretrain_same_image_negatives, "seconds": time.perf_counter() - start}
         write()
         print(f"pretraining: {report['pretraining']['seconds']:.0f} s", flush=True)
 
