@@ -101,13 +101,13 @@ def pretrain(
     context = setup_distributed(resolve_device(device))
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    query = DenseEmbedder(config).to(context.device, memory_format=torch.channels_last)  # bad options fail before the data is read
     stacks, _ = network_slices(cases, config.preprocessing, config.network.size_multiple, with_labels=False)
     images = pad_and_stack(stacks, max(x.shape[-2] for x in stacks), max(x.shape[-1] for x in stacks))
 
     if context.device.type == "cuda":  # the whole set fits on a GPU: no loader round trips
         images = images.to(context.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=context.device.type == "cuda")
-    query = DenseEmbedder(config).to(context.device, memory_format=torch.channels_last)
     key = copy.deepcopy(query).requires_grad_(False)
     model = context.wrap(query)
     optimizer = torch.optim.Adam([p for p in query.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay)
