@@ -237,6 +237,7 @@ def _finetune_options(args: argparse.Namespace) -> dict:
         ema_decay=args.ema_decay,
         encoder_lr_scale=args.encoder_lr_scale,
         encoder_warmup=args.encoder_warmup,
+        pretrained_mix=args.pretrained_mix,
     )
 
 
@@ -415,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder-warmup", type=int, default=0, metavar="N",
         help="keep the shared encoder frozen for the first N iterations, so the new decoders first learn to read a pretrained start (default 0)",
+    )
+    p.add_argument(
+        "--pretrained-mix", type=float, default=1.0, metavar="W",
+        help="start the encoder from W x the --pretrained encoder + (1 - W) x its own random weights "
+        "(shrink and perturb; default 1: the pretrained encoder as it is)",
     )
     from .selection import add_selection_arguments
 

@@ -41,6 +41,7 @@ class TrainConfig:
     learning_rate: float = 0.01
     encoder_lr_scale: float = 1.0  # the shared encoder's share of the learning rate (< 1 keeps more of a pretrained start)
     encoder_warmup: int = 0  # first iterations with the encoder frozen, so fresh decoders learn to read a pretrained start
+    pretrained_mix: float = 1.0  # share of the pretrained encoder in the start; the rest is the run's own random start
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
@@ -121,8 +122,13 @@ def prepare_slices(
     return x, y, (pad_and_stack(pool, height, width) if pool else None)
 
 
-def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle) -> None:
-    """Initialise the shared encoder from a pretrained bundle of the same encoder architecture."""
+def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle, mix: float = 1.0) -> None:
+    """Initialise the shared encoder from a pretrained bundle of the same encoder architecture.
+
+    With ``mix`` < 1 the start is ``mix`` x pretrained + (1 - mix) x the encoder's own random
+    weights (shrink and perturb, Ash & Adams 2020): a pretrained start that still generalises
+    like a fresh one.
+    """
     mine, theirs = network.config, pretrained.network
     fields_ = ("in_channels", "base_channels", "depth")
     if any(getattr(mine, f) != getattr(theirs, f) for f in fields_):
@@ -132,7 +138,11 @@ def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle) ->
             f"({', '.join(f'{f}={getattr(mine, f)}' for f in fields_)})"
         )
     prefix = "encoder."
-    network.encoder.load_state_dict({k[len(prefix) :]: v for k, v in pretrained.weights.items() if k.startswith(prefix)})
+    own = network.encoder.state_dict()
+    weights = {k[len(prefix) :]: v for k, v in pretrained.weights.items() if k.startswith(prefix)}
+    if mix != 1.0:
+        weights = {k: mix * v.float() + (1 - mix) * own[k] if v.is_floating_point() else v for k, v in weights.items()}
+    network.encoder.load_state_dict(weights)
 
 
 def check_initial_model(initial: Bundle, config: NetworkConfig) -> None:
@@ -182,6 +192,10 @@ def train_segmentation(
         raise IdealError(f"encoder warm-up must be 0 or more iterations and shorter than the run ({config.iterations}), got {config.encoder_warmup}")
     if pretrained is not None and initial is not None:
         raise IdealError("choose either a pretrained encoder or an initial model to start from, not both")
+    if not 0 < config.pretrained_mix <= 1:
+        raise IdealError(f"the pretrained mix must be above 0 and at most 1 (1: the pretrained encoder as it is), got {config.pretrained_mix}")
+    if config.pretrained_mix != 1 and pretrained is None:
+        raise IdealError("a pretrained mix below 1 needs a pretrained encoder (--pretrained) to mix with")
     if initial is not None:
         check_initial_model(initial, config.network)
     unlabeled = [] if config.supervised_only else list(unlabeled or [])
@@ -200,7 +214,7 @@ def train_segmentation(
 
     network = SegmentationNetwork(config.network)
     if pretrained is not None:
-        load_pretrained_encoder(network, pretrained)
+        load_pretrained_encoder(network, pretrained, config.pretrained_mix)
     if initial is not None:
         network.load_state_dict({name: tensor.float() for name, tensor in initial.weights.items()})
     network.to(torch_device, memory_format=torch.channels_last)

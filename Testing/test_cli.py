@@ -143,6 +143,13 @@ def test_finetune_init_from_continues_the_whole_model(phantoms, tmp_path, capsys
     assert "--init-from takes a segmentation model" in _error_line(capsys)
     assert main([*args, "--pretrained", str(encoder), "--out", str(tmp_path / "y"), *common]) == 2
     assert "choose one" in _error_line(capsys)
+    architecture = ["--base-channels", "4", "--depth", "3", "--inplane", "spacing", "--spacing", "4"]
+    mixed = tmp_path / "mixed"
+    assert main([*finetune, "--pretrained", str(encoder), "--pretrained-mix", "0.5", *architecture, "--out", str(mixed), *common]) == 0
+    assert load_bundle(mixed).training["recipe"]["pretrained_mix"] == 0.5
+    capsys.readouterr()
+    assert main([*finetune, "--pretrained-mix", "0.5", *architecture, "--out", str(tmp_path / "z"), *common]) == 2
+    assert "needs a pretrained encoder" in _error_line(capsys)
 
 
 @pytest.mark.parametrize(

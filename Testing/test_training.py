@@ -11,12 +11,12 @@ from IDEALTrain.checkpoint import load_checkpoint
 from IDEALTrain.datasets import Case
 from IDEALTrain.errors import IdealError, TrainingStopped
 from IDEALTrain.metrics import CLASS_NAMES, mean_scores, score
-from IDEALTrain.networks import NetworkConfig
+from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
 from IDEALTrain.phantom import make_phantom
 from IDEALTrain.predictor import Predictor
 from IDEALTrain.preprocessing import Preprocessing
 from IDEALTrain.losses import cross_pseudo_label_loss
-from IDEALTrain.training import TrainConfig, consistency_ramp, train_segmentation
+from IDEALTrain.training import TrainConfig, consistency_ramp, load_pretrained_encoder, train_segmentation
 
 def small_config(iterations: int, **overrides) -> TrainConfig:
     network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.0), fpn_channels=8)
@@ -163,3 +163,28 @@ def test_encoder_warmup_freezes_the_encoder_first_then_trains_it(phantoms, tmp_p
     for bad in (-1, 4):
         with pytest.raises(IdealError, match="encoder warm-up"):
             train_segmentation(train, small_config(4, encoder_warmup=bad), device="cpu")
+
+
+def test_pretrained_mix_starts_between_the_pretrained_and_the_random_encoder(phantoms):
+    train = phantoms[0][:2]
+    trained = train_segmentation(train, small_config(2), device="cpu")
+    encoder = Bundle(trained.network, trained.preprocessing, {k: v for k, v in trained.weights.items() if k.startswith("encoder.")}, kind="pretrained-encoder")
+    for mix in (1.0, 0.25):
+        torch.manual_seed(7)
+        network = SegmentationNetwork(trained.network)
+        fresh = {name: t.clone() for name, t in network.encoder.state_dict().items()}
+        load_pretrained_encoder(network, encoder, mix)
+        for name, start in network.encoder.state_dict().items():
+            pretrained = encoder.weights[f"encoder.{name}"]
+            if name.endswith("num_batches_tracked") or mix == 1.0:
+                assert torch.equal(start, pretrained), name
+            else:
+                assert torch.allclose(start, mix * pretrained + (1 - mix) * fresh[name]), name
+                assert not torch.allclose(start, pretrained), name
+    run = train_segmentation(train, small_config(1, pretrained_mix=0.5), pretrained=encoder, device="cpu")
+    assert run.training["recipe"]["pretrained_mix"] == 0.5
+    for bad in (0.0, 1.5):
+        with pytest.raises(IdealError, match="pretrained mix must be above 0"):
+            train_segmentation(train, small_config(1, pretrained_mix=bad), pretrained=encoder, device="cpu")
+    with pytest.raises(IdealError, match="needs a pretrained encoder"):
+        train_segmentation(train, small_config(1, pretrained_mix=0.5), device="cpu")

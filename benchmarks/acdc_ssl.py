@@ -51,6 +51,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", help="reuse this pretrained-encoder bundle instead of pretraining again")
     parser.add_argument("--encoder-lr-scale", type=float, default=1.0, help="IDEAL runs: the pretrained encoder's share of the learning rate")
     parser.add_argument("--encoder-warmup", type=int, default=0, help="IDEAL runs: iterations with the pretrained encoder frozen first")
+    parser.add_argument("--pretrained-mix", type=float, default=1.0,
+                        help="IDEAL runs: start from this share of the pretrained encoder, the rest the run's own random weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (pretraining uses the first)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--device", default="auto")
@@ -114,6 +116,7 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
         consistency_weight=args.consistency_weight, ramp_up=args.ramp_up,
         encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
         encoder_warmup=args.encoder_warmup if method == "ideal" else 0,
+        pretrained_mix=args.pretrained_mix if method == "ideal" else 1.0,
         checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=preprocessing_plan(args),
     )
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
@@ -136,7 +139,7 @@ def child_command(args: argparse.Namespace, patients: int, method: str, seed: in
         "--iterations": args.iterations, "--size": args.size, "--batch-size": args.batch_size,
         "--unlabeled-batch-size": args.unlabeled_batch_size, "--lr": args.lr, "--consistency-weight": args.consistency_weight,
         "--ramp-up": args.ramp_up, "--encoder-lr-scale": args.encoder_lr_scale,
-        "--encoder-warmup": args.encoder_warmup, "--seeds": seed, "--device": args.device,
+        "--encoder-warmup": args.encoder_warmup, "--pretrained-mix": args.pretrained_mix, "--seeds": seed, "--device": args.device,
     }
     if pretrained_path and method == "ideal":
         options["--pretrained"] = pretrained_path
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance",
                    "pretrain_same_image_negatives", "size", "batch_size",
-                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "encoder_warmup", "parallel")
+                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "encoder_warmup", "pretrained_mix", "parallel")
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
         "budget": {k: getattr(args, k) for k in budget_keys},
