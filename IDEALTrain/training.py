@@ -126,8 +126,7 @@ def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle, mi
     """Initialise the shared encoder from a pretrained bundle of the same encoder architecture.
 
     With ``mix`` < 1 the start is ``mix`` x pretrained + (1 - mix) x the encoder's own random
-    weights (shrink and perturb, Ash & Adams 2020): a pretrained start that still generalises
-    like a fresh one.
+    weights (shrink and perturb, Ash & Adams 2020), against the warm start's generalisation gap.
     """
     mine, theirs = network.config, pretrained.network
     fields_ = ("in_channels", "base_channels", "depth")
