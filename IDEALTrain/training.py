@@ -137,9 +137,9 @@ def load_pretrained_encoder(network: SegmentationNetwork, pretrained: Bundle, mi
             f"({', '.join(f'{f}={getattr(mine, f)}' for f in fields_)})"
         )
     prefix = "encoder."
-    own = network.encoder.state_dict()
     weights = {k[len(prefix) :]: v for k, v in pretrained.weights.items() if k.startswith(prefix)}
     if mix != 1.0:
+        own = network.encoder.state_dict()
         weights = {k: mix * v.float() + (1 - mix) * own[k] if v.is_floating_point() else v for k, v in weights.items()}
     network.encoder.load_state_dict(weights)
 
