@@ -1,6 +1,6 @@
 """IDEALSegment: segment the LV blood pool, LV myocardium and RV of cardiac MRI inside 3D Slicer.
 
-The widget only binds parameters, shows state and calls IDEALSegmentLogic (Logic/ beside this file).
+The widget only binds parameters, shows state and calls IDEALSegmentLib (Logic/ beside this file).
 Slicer imports this file at start-up, so its top level imports no torch and nothing that needs it:
 everything heavier is imported inside the methods that use it.
 """
@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 
-import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLogic by name
+import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLib by name
 
 #: QSettings keys: choices that belong to the user, not to a scene.
 MODELS_FOLDER_KEY = "IDEALSegment/ModelsFolder"
@@ -82,7 +82,7 @@ def fillDeviceComboBox(combo, settingsKey: str, cpuLabel: str = "CPU") -> None:
 
 def modelsFolder() -> Path:
     """Where the user's own models are registered (QSettings, else the Logic's default folder)."""
-    from IDEALSegmentLogic.registry import default_user_dir
+    from IDEALSegmentLib.registry import default_user_dir
 
     return Path(settingsValue(MODELS_FOLDER_KEY, str(default_user_dir())))
 
@@ -155,7 +155,7 @@ class BackgroundTask:
     """
 
     def __init__(self, work: Callable) -> None:
-        from IDEALSegmentLogic.cancel import CancelToken
+        from IDEALSegmentLib.cancel import CancelToken
 
         self.cancel = CancelToken()
         self.fraction = 0.0
@@ -491,7 +491,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._reportFailure(error)
 
     def _reportFailure(self, error: BaseException) -> None:
-        from IDEALSegmentLogic.cancel import Cancelled
+        from IDEALSegmentLib.cancel import Cancelled
         from IDEALTrain.errors import IdealError
 
         if isinstance(error, Cancelled):
@@ -614,14 +614,14 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #
-# IDEALSegmentModuleLogic (Slicer's module logic; the package of the same name is IDEALSegmentLogic)
+# IDEALSegmentModuleLogic (Slicer's module logic; the package of the same name is IDEALSegmentLib)
 #
 
 
 class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
-    """Thin, GUI-free layer over IDEALSegmentLogic that the widget and scripts call.
+    """Thin, GUI-free layer over IDEALSegmentLib that the widget and scripts call.
 
-    Named ...ModuleLogic so that it cannot be confused with the IDEALSegmentLogic package.
+    Named ...ModuleLogic so that it cannot be confused with the IDEALSegmentLib package.
     """
 
     def getParameterNode(self) -> IDEALSegmentParameterNode:
@@ -629,7 +629,7 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
     # models and devices
     def registry(self):
-        from IDEALSegmentLogic.registry import ModelRegistry
+        from IDEALSegmentLib.registry import ModelRegistry
 
         return ModelRegistry(user_dir=modelsFolder())
 
@@ -647,21 +647,21 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
         return next((e for e in entries if f"{e.model_id}@{e.version}" == key), None) or self.defaultEntry(entries)
 
     def defaultEntry(self, entries: list):
-        from IDEALSegmentLogic.registry import DEFAULT_MODEL_ID
+        from IDEALSegmentLib.registry import DEFAULT_MODEL_ID
 
         shipped = [e for e in entries if e.model_id == DEFAULT_MODEL_ID and e.source == "shipped"]
         return (shipped or entries)[0]
 
     # segmenting
     def isCine(self, node) -> bool:
-        from IDEALSegmentLogic.cine import is_cine
+        from IDEALSegmentLib.cine import is_cine
 
         return is_cine(node)
 
     def prepareInputs(self, volume, esVolume=None) -> list:
         """[(volume node, Image)] for the volume (and the ES volume); read on the main thread."""
         from IDEALTrain.errors import IdealError
-        from IDEALSegmentLogic.volumes import check_scalar_volume, image_from_volume
+        from IDEALSegmentLib.volumes import check_scalar_volume, image_from_volume
 
         volumes = [volume] + ([esVolume] if esVolume is not None else [])
         if esVolume is not None and esVolume is volume:
@@ -674,7 +674,7 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
     def predict(self, inputs: list, entry, device: str, progress: Callable, cancel) -> tuple:
         """Worker thread: load the model and predict every input image; touches no scene."""
-        from IDEALSegmentLogic.inference import load_predictor, predict_volume
+        from IDEALSegmentLib.inference import load_predictor, predict_volume
 
         predictor = load_predictor(entry, device)
         predictions = []
@@ -688,8 +688,8 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
         Everything is added or, on failure, everything this call added is removed again.
         """
-        from IDEALSegmentLogic.inference import add_prediction_to_scene, node_ids, remove_nodes_added_since
-        from IDEALSegmentLogic.measurements import measurements_from_segmentations, measurements_table
+        from IDEALSegmentLib.inference import add_prediction_to_scene, node_ids, remove_nodes_added_since
+        from IDEALSegmentLib.measurements import measurements_from_segmentations, measurements_table
 
         bundle, predictions = predicted
         scene = inputs[0][0].GetScene()
@@ -710,14 +710,14 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
     def cineImages(self, sequence) -> list:
         """Every frame of a cine as an Image (voxels and geometry); read on the main thread."""
-        from IDEALSegmentLogic.cine import frame_images
+        from IDEALSegmentLib.cine import frame_images
 
         return frame_images(sequence)
 
     def predictCine(self, images: list, entry, device: str, progress: Callable, cancel) -> tuple:
         """Worker thread: (bundle, predictions) for every cine frame; touches no scene."""
-        from IDEALSegmentLogic.cine import predict_sequence
-        from IDEALSegmentLogic.inference import load_predictor
+        from IDEALSegmentLib.cine import predict_sequence
+        from IDEALSegmentLib.inference import load_predictor
 
         predictor = load_predictor(entry, device)
         return predictor.bundle, predict_sequence(images, predictor, progress, cancel)
@@ -727,7 +727,7 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
 
         Everything is added or, on failure, everything this call added is removed again.
         """
-        from IDEALSegmentLogic.cine import add_sequence_to_scene
+        from IDEALSegmentLib.cine import add_sequence_to_scene
 
         bundle, predictions = predicted
         return add_sequence_to_scene(sequence, predictions, bundle)
@@ -753,7 +753,7 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
             layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
 
     def jumpToSlice(self, volume, sliceIndex: int) -> None:
-        from IDEALSegmentLogic.uncertainty import slice_center_ras
+        from IDEALSegmentLib.uncertainty import slice_center_ras
 
         r, a, s = slice_center_ras(volume, sliceIndex)
         slicer.vtkMRMLSliceNode.JumpAllSlices(volume.GetScene(), r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
@@ -770,13 +770,13 @@ class IDEALSegmentModuleLogic(ScriptedLoadableModuleLogic):
     # corrections and measurements
     def existingCorrection(self, folder: Path, volume) -> Optional[Path]:
         """The label file a correction of ``volume`` would replace, None when it would be new."""
-        from IDEALSegmentLogic.corrections import SUFFIX, safe_case_id
+        from IDEALSegmentLib.corrections import SUFFIX, safe_case_id
 
         path = Path(folder) / "labels" / f"{safe_case_id(volume.GetName())}{SUFFIX}"
         return path if path.exists() else None
 
     def exportCorrection(self, folder: Path, volume, segmentation, reviewer: str, overwrite: bool = False) -> Path:
-        from IDEALSegmentLogic.corrections import export_correction
+        from IDEALSegmentLib.corrections import export_correction
 
         return export_correction(folder, volume, segmentation, reviewer=reviewer, overwrite=overwrite)
 
@@ -814,7 +814,7 @@ class IDEALSegmentTest(ScriptedLoadableModuleTest):
 
     def test_scenario(self):
         """Phantom -> segment -> check geometry and segment names -> export -> tiny training -> load the new model."""
-        from IDEALSegmentLogic.selftest import run_selftest_scenario
+        from IDEALSegmentLib.selftest import run_selftest_scenario
 
         self.delayDisplay("IDEALSegment self-test scenario")
         report = run_selftest_scenario(slicer.mrmlScene, self._workDir("scenario"), progress=self.delayDisplay, prefer_installed=True)
@@ -825,7 +825,7 @@ class IDEALSegmentTest(ScriptedLoadableModuleTest):
 
     def test_widget_segments_in_background(self):
         """The widget's Segment button, with a tiny model, adds a named segmentation without blocking."""
-        from IDEALSegmentLogic.selftest import make_selftest_model, selftest_phantom_volume
+        from IDEALSegmentLib.selftest import make_selftest_model, selftest_phantom_volume
 
         self.assertTrue(ensureDependencies(), "the test needs PyTorch")
         work = self._workDir("widget")

@@ -1,6 +1,6 @@
 """IDEALTrainer: improve an IDEALSegment model from the cases clinicians reviewed, without leaving Slicer.
 
-Training runs as a separate process (IDEALSegmentLogic.jobs.TrainingJob running ``idealtrain``) so Slicer
+Training runs as a separate process (IDEALSegmentLib.jobs.TrainingJob running ``idealtrain``) so Slicer
 stays usable; this widget polls its JSON progress from a timer. Slicer imports this file at start-up:
 no torch (or anything that needs it) at the top level.
 """
@@ -25,7 +25,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 
-import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLogic by name
+import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLib by name
 
 TRAINING_DEVICE_KEY = "IDEALSegment/TrainingDevice"
 TRAINING_FOLDER_KEY = "IDEALSegment/TrainingFolder"
@@ -125,7 +125,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._phase = ""
         self._comparison = None  # IDEALSegment.BackgroundTask comparing old and new
-        self._run = None  # the current run's folders (IDEALSegmentLogic.retraining.RetrainingRun)
+        self._run = None  # the current run's folders (IDEALSegmentLib.retraining.RetrainingRun)
         self._oldEntry = None  # the model the new one is compared with
         self._device = "auto"
         self._timer = qt.QTimer()
@@ -275,7 +275,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startNextJob()
 
     def _startNextJob(self) -> None:
-        from IDEALSegmentLogic.jobs import TrainingJob
+        from IDEALSegmentLib.jobs import TrainingJob
 
         self._phase, arguments = self._jobs.pop(0)
         self._job = TrainingJob(arguments, log_path=Path(self._parameterNode.runFolder) / "training.log")
@@ -416,14 +416,14 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class IDEALTrainerModuleLogic(ScriptedLoadableModuleLogic):
-    """Training runs over IDEALSegmentLogic (jobs, corrections, registry, inference); no Qt."""
+    """Training runs over IDEALSegmentLib (jobs, corrections, registry, inference); no Qt."""
 
     def getParameterNode(self) -> IDEALTrainerParameterNode:
         return IDEALTrainerParameterNode(super().getParameterNode())
 
     def dataset(self, folder: Path) -> tuple:
         """(summary, cases) of a corrections data set; (None, []) when it has no manifest yet."""
-        from IDEALSegmentLogic.corrections import MANIFEST_NAME, dataset_summary, read_manifest
+        from IDEALSegmentLib.corrections import MANIFEST_NAME, dataset_summary, read_manifest
 
         if not (Path(folder) / MANIFEST_NAME).is_file():
             return None, []
@@ -438,13 +438,13 @@ class IDEALTrainerModuleLogic(ScriptedLoadableModuleLogic):
 
     def prepareRun(self, correctionsFolder: Path, runFolder: Path):
         """Copy the reviewed cases into training and held-out folders (the data set is not changed)."""
-        from IDEALSegmentLogic.retraining import prepare_run
+        from IDEALSegmentLib.retraining import prepare_run
 
         return prepare_run(correctionsFolder, runFolder)
 
     def trainingPlan(self, run, encoderStart: EncoderStart, encoderPath, pretrainIterations: int, iterations: int, labelBudget: int, device: str, oldEntry) -> list:
         """[(phase, idealtrain arguments)]: optional pretraining, then finetuning with the old model's architecture."""
-        from IDEALSegmentLogic.retraining import training_plan
+        from IDEALSegmentLib.retraining import training_plan
 
         encoder = {EncoderStart.PRETRAIN: "pretrain", EncoderStart.REUSE: "reuse", EncoderStart.RANDOM: "none", EncoderStart.CURRENT_MODEL: "model"}[encoderStart]
         return training_plan(
@@ -454,19 +454,19 @@ class IDEALTrainerModuleLogic(ScriptedLoadableModuleLogic):
 
     def compareModels(self, oldModel, newModel: Path, heldOutFolder: Path, device: str, progress=None, cancel=None):
         """Per-class and mean Dice of both models on the held-out cases (worker thread: no scene)."""
-        from IDEALSegmentLogic.retraining import compare_models
+        from IDEALSegmentLib.retraining import compare_models
 
         return compare_models(oldModel, newModel, heldOutFolder, device, progress, cancel)
 
     def comparisonTable(self, scene, comparison, oldEntry) -> vtkMRMLTableNode:
         """A new table node: the old and the new model's Dice per class and their mean."""
-        from IDEALSegmentLogic.retraining import comparison_table
+        from IDEALSegmentLib.retraining import comparison_table
 
         return comparison_table(scene, comparison, oldEntry.display_name if oldEntry is not None else "old model")
 
     def comparison(self, table):
         """The comparison held by a comparison table, None when there is no (readable) one."""
-        from IDEALSegmentLogic.retraining import comparison_from_table
+        from IDEALSegmentLib.retraining import comparison_from_table
         from IDEALTrain.errors import IdealError
 
         if table is None:
@@ -496,7 +496,7 @@ class IDEALTrainerTest(ScriptedLoadableModuleTest):
         self.test_tiny_training_and_new_version()
 
     def test_tiny_training_and_new_version(self):
-        from IDEALSegmentLogic.selftest import run_selftest_scenario
+        from IDEALSegmentLib.selftest import run_selftest_scenario
 
         self.assertTrue(_segmentModule().ensureDependencies(), "the test needs PyTorch")
         work = Path(slicer.app.temporaryPath) / "IDEALTrainerTest" / time.strftime("%Y%m%d-%H%M%S")

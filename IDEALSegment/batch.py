@@ -6,12 +6,12 @@ Run it inside Slicer or in plain Python with slicer-core installed::
     python IDEALSegment/batch.py --model BUNDLE --input IN --output OUT
 
 IN is a volume file, a DICOM folder, or a folder of volume files (or of DICOM sub-folders). Each
-case is loaded into a fresh scene, segmented with IDEALSegmentLogic.inference.segment_volume and
+case is loaded into a fresh scene, segmented with IDEALSegmentLib.inference.segment_volume and
 written to OUT/<case>.seg.nrrd. A failing case is reported and skipped; the exit status is the
 number of failed cases (at most 125), 2 for unusable arguments.
 
 A cine case (a 4D NIfTI/NRRD file, or a DICOM series with several cardiac phases) becomes a volume
-sequence segmented frame by frame with IDEALSegmentLogic.cine (as ``segment_sequence`` does) and is
+sequence segmented frame by frame with IDEALSegmentLib.cine (as ``segment_sequence`` does) and is
 written as OUT/<case>_frameNN.seg.nrrd, one per frame, named as ``idealtrain segment --all-frames``
 names them; the .mrb holds the whole scene (cine, segmentation sequence, browser, measurements
 table). The measurements CSV gets a ``<case>_frameNN`` volume row per frame and a ``<case> (cine
@@ -33,10 +33,10 @@ from pathlib import Path
 # sits one folder below the modules (qt-scripted-modules/IDEALSegmentBatch/), in the source tree beside them.
 _here = Path(globals().get("__file__") or sys.argv[0]).resolve().parent
 sys.path.insert(0, str(next((d for d in (_here, _here.parent) if (d / "IDEALSegmentPackages").is_dir()), _here)))
-import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLogic by name
+import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLib by name
 
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.volume_files import VOLUME_SUFFIXES, has_volume_suffix  # noqa: E402
+from IDEALTrain.io.volume_files import VOLUME_SUFFIXES, has_volume_suffix  # noqa: E402
 
 MAX_EXIT_STATUS = 125  # higher statuses mean "killed by a signal" or "command not found" to shells
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -76,7 +76,7 @@ def read_case_frames(path: Path) -> list | None:
     ``idealtrain segment``; only the header is read to tell them apart.
     """
     import SimpleITK as sitk
-    from IDEALTrain.volume_files import read_frames
+    from IDEALTrain.io.volume_files import read_frames
 
     if path.is_file():
         reader = sitk.ImageFileReader()
@@ -92,8 +92,8 @@ def read_case_frames(path: Path) -> list | None:
 
 def load_case(scene: object, path: Path, frames: list | None = None) -> object:
     """A new volume node for one single-frame case: a file through MRML storage, else ``frames[0]``."""
-    from IDEALSegmentLogic.scene_files import load_volume
-    from IDEALSegmentLogic.volumes import volume_from_image
+    from IDEALSegmentLib.scene_files import load_volume
+    from IDEALSegmentLib.volumes import volume_from_image
 
     if frames is None:
         return load_volume(scene, path, case_name(path))
@@ -121,9 +121,9 @@ def segment_case(path: Path, args: argparse.Namespace, predictor: object) -> dic
     """
     import slicer
 
-    from IDEALSegmentLogic.inference import segment_volume
-    from IDEALSegmentLogic.scene_files import save_node, save_scene_bundle
-    from IDEALSegmentLogic.segmentations import labels_from_segmentation
+    from IDEALSegmentLib.inference import segment_volume
+    from IDEALSegmentLib.scene_files import save_node, save_scene_bundle
+    from IDEALSegmentLib.segmentations import labels_from_segmentation
 
     frames = read_case_frames(path)
     outputs = _outputs(path, args, len(frames) if frames is not None and len(frames) > 1 else 0)
@@ -145,7 +145,7 @@ def segment_case(path: Path, args: argparse.Namespace, predictor: object) -> dic
 
 
 def segment_cine(path: Path, frames: list, args: argparse.Namespace, predictor: object, outputs: dict) -> dict:
-    """Segment every frame of a cine as IDEALSegmentLogic.cine does and write one .seg.nrrd per frame.
+    """Segment every frame of a cine as IDEALSegmentLib.cine does and write one .seg.nrrd per frame.
 
     The steps of ``cine.segment_sequence`` are run one by one so that a cine whose ED/ES cannot be
     found (no LV in any frame, the same LV volume in all) still gets its per-frame segmentations:
@@ -153,10 +153,10 @@ def segment_cine(path: Path, frames: list, args: argparse.Namespace, predictor: 
     """
     import slicer
 
-    from IDEALSegmentLogic.cine import add_sequence_to_scene, frame_images, predict_sequence, sequence_from_images
-    from IDEALSegmentLogic.scene_files import save_node, save_scene_bundle
-    from IDEALSegmentLogic.segmentations import Provenance, segmentation_from_labels
-    from IDEALSegmentLogic.volumes import volume_from_image
+    from IDEALSegmentLib.cine import add_sequence_to_scene, frame_images, predict_sequence, sequence_from_images
+    from IDEALSegmentLib.scene_files import save_node, save_scene_bundle
+    from IDEALSegmentLib.segmentations import Provenance, segmentation_from_labels
+    from IDEALSegmentLib.volumes import volume_from_image
 
     name = case_name(path)
     start = time.perf_counter()
@@ -214,20 +214,20 @@ def _outputs(path: Path, args: argparse.Namespace, frames: int = 0) -> dict:
 
 
 def write_measurements(rows: list[dict], path: Path, label_map: tuple, overwrite: bool) -> str:
-    """Per-case label volumes (ml); with IDEALSegmentLogic.measurements, ED/ES function per case pair.
+    """Per-case label volumes (ml); with IDEALSegmentLib.measurements, ED/ES function per case pair.
 
     Cases named ``<name>_ED`` and ``<name>_ES`` (ACDC and phantom naming) form a pair whose row gets
     ejection fractions and mass from ``measurements.cardiac_measurements``. A cine case gives a
     ``<case>_frameNN`` volume row per frame and a ``<case> (cine ED/ES)`` row with its measurements
     (none where ED/ES could not be found). Returns a note for the summary.
     """
-    from IDEALTrain.atomic import atomic_path
-    from IDEALTrain.metrics import label_volume_ml
+    from IDEALTrain.io.atomic import atomic_path
+    from IDEALTrain.evaluation.metrics import label_volume_ml
 
     if path.exists() and not overwrite:
         raise IdealError(f"{path}: already exists; pass --overwrite to replace it")
     try:
-        from IDEALSegmentLogic import measurements
+        from IDEALSegmentLib import measurements
     except ImportError:  # written by another part of the project; optional here
         measurements = None
     done = [row for row in rows if row["status"] == "ok"]
@@ -242,7 +242,7 @@ def write_measurements(rows: list[dict], path: Path, label_map: tuple, overwrite
                 table.append({"case": f"{row['case']} (cine ED/ES)", **row["measurements"]})
         else:
             table.append(volumes(row["case"], row["labels"]))
-    note = "ED/ES measurements skipped (IDEALSegmentLogic.measurements is not available)" if measurements is None else ""
+    note = "ED/ES measurements skipped (IDEALSegmentLib.measurements is not available)" if measurements is None else ""
     if measurements is not None:
         by_name = {row["case"]: row["labels"] for row in done if "labels" in row}
         for name in sorted(by_name):
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder in (args.output, args.mrb):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-        from IDEALSegmentLogic.inference import load_predictor
+        from IDEALSegmentLib.inference import load_predictor
 
         predictor = load_predictor(args.model, args.device)
     except IdealError as error:

@@ -12,7 +12,7 @@ DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
 
 
 def _write_json(data: dict, path: Path) -> None:
-    from .atomic import atomic_path
+    from .io.atomic import atomic_path
 
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(data, indent=2))
@@ -27,15 +27,15 @@ def _frame_output(path: Path, frame: int) -> Path:
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_phantom(args: argparse.Namespace) -> None:
-    from .phantom import write_phantom_dataset
+    from .io.phantom import write_phantom_dataset
 
     paths = write_phantom_dataset(args.out, args.cases, args.seed, pairs=args.pairs)
     print(f"wrote {len(paths)} phantom volume(s) with labels to {args.out}/images and {args.out}/labels")
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    from .predictor import Predictor
-    from .volume_files import read_frames, read_image, write_image
+    from .inference.predictor import Predictor
+    from .io.volume_files import read_frames, read_image, write_image
 
     output = Path(args.output) if args.output else Path(Path(args.input).name.split(".")[0] + ".seg.nrrd")
     if args.all_frames:
@@ -63,17 +63,17 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from .metrics import score
-    from .volume_files import read_image
+    from .evaluation.metrics import score
+    from .io.volume_files import read_image
 
     pred, ref = read_image(args.pred), read_image(args.ref)
     print(json.dumps(score(pred, ref), indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .datasets import load_cases
-    from .metrics import mean_scores, score
-    from .predictor import Predictor
+    from .io.datasets import load_cases
+    from .evaluation.metrics import mean_scores, score
+    from .inference.predictor import Predictor
 
     predictor = Predictor(args.model, device=args.device)
     names = {label.value: label.segment_id for label in predictor.bundle.labels}
@@ -97,8 +97,8 @@ def _check_output(args: argparse.Namespace) -> Path:
 def _network_and_plan(args: argparse.Namespace, pretrained=None):
     """Architecture and preprocessing from the flags, defaulting to the starting bundle's: a
     pretrained encoder's width and depth, or a whole initial model's architecture (which is fixed)."""
-    from .networks import NetworkConfig
-    from .preprocessing import Preprocessing
+    from .model.networks import NetworkConfig
+    from .model.preprocessing import Preprocessing
 
     decoders = tuple(args.decoders.split(",")) if getattr(args, "decoders", None) else None
     if pretrained is not None and pretrained.kind == "segmentation":
@@ -124,7 +124,7 @@ def _network_and_plan(args: argparse.Namespace, pretrained=None):
 
 
 def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) -> None:
-    from .bundle import save_bundle
+    from .model.bundle import save_bundle
 
     if bundle is None:  # not rank 0 of a multi-process run
         return
@@ -137,7 +137,7 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) ->
 
 def _postprocessing(args: argparse.Namespace, start=None):
     """--largest-component on/off, else the starting model's plan (off when starting from scratch or an encoder)."""
-    from .postprocessing import Postprocessing
+    from .model.postprocessing import Postprocessing
 
     if args.largest_component is not None:
         return Postprocessing(largest_heart_component=args.largest_component == "on")
@@ -145,8 +145,8 @@ def _postprocessing(args: argparse.Namespace, start=None):
 
 
 def _train_config(args: argparse.Namespace, pretrained=None, **method):
-    from .augment import Augmentation
-    from .training import TrainConfig
+    from .training.augment import Augmentation
+    from .training.finetune import TrainConfig
 
     network, plan = _network_and_plan(args, pretrained)
     return TrainConfig(
@@ -166,15 +166,15 @@ def _train_config(args: argparse.Namespace, pretrained=None, **method):
 
 
 def _run_options(args: argparse.Namespace) -> dict:
-    from .datasets import load_cases
+    from .io.datasets import load_cases
 
     val_cases = load_cases(args.val, default_list="val.list", require_labels=True) if args.val else None
     return dict(val_cases=val_cases, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_json=args.progress_json)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .datasets import load_cases
-    from .training import train_segmentation
+    from .io.datasets import load_cases
+    from .training.finetune import train_segmentation
 
     output = _check_output(args)
     config = _train_config(args, supervised_only=True)
@@ -184,9 +184,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle
-    from .selection import select_training_cases, selection_from_args
-    from .training import train_segmentation
+    from .model.bundle import load_bundle
+    from .training.selection import select_training_cases, selection_from_args
+    from .training.finetune import train_segmentation
 
     output = _check_output(args)
     if args.pretrained and args.init_from:
@@ -209,8 +209,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .datasets import load_cases
-    from .pretraining import PretrainConfig, pretrain
+    from .io.datasets import load_cases
+    from .training.pretraining import PretrainConfig, pretrain
 
     output = _check_output(args)
     network, plan = _network_and_plan(args)
@@ -243,8 +243,8 @@ def _finetune_options(args: argparse.Namespace) -> dict:
 
 def cmd_bundle_edit(args: argparse.Namespace) -> None:
     """Re-save a bundle with new card text, id, version, postprocessing or float16 weights; training record kept."""
-    from .bundle import load_bundle, save_bundle
-    from .postprocessing import Postprocessing
+    from .model.bundle import load_bundle, save_bundle
+    from .model.postprocessing import Postprocessing
 
     bundle = load_bundle(args.bundle)
     for option, attribute in (("id", "model_id"), ("version", "version"), ("description", "description"), ("licence", "licence")):
@@ -262,7 +262,7 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle, read_card
+    from .model.bundle import load_bundle, read_card
 
     load_bundle(args.bundle)  # verifies checksum, label map and architecture first
     print(json.dumps(read_card(args.bundle), indent=2))
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the encoder from W x the --pretrained encoder + (1 - W) x its own random weights "
         "(shrink and perturb; default 1: the pretrained encoder as it is)",
     )
-    from .selection import add_selection_arguments
+    from .training.selection import add_selection_arguments
 
     add_selection_arguments(p)
     _add_segmentation_arguments(p)
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
         if args.command in ("train", "pretrain", "finetune"):
-            from .distributed import finish_distributed
+            from .training.distributed import finish_distributed
 
             finish_distributed()
     except IdealError as error:

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import save_bundle
-from .datasets import load_folder_cases
-from .metrics import mean_scores, score
-from .networks import NetworkConfig
-from .overlay import overlay_rgb, save_png
-from .phantom import write_phantom_dataset
-from .predictor import Predictor
-from .preprocessing import Preprocessing
-from .pretraining import PretrainConfig, pretrain
-from .selection import LabelSelection, split_labeled
-from .training import TrainConfig, train_segmentation
-from .volume_files import write_image
+from .model.bundle import save_bundle
+from .io.datasets import load_folder_cases
+from .evaluation.metrics import mean_scores, score
+from .model.networks import NetworkConfig
+from .evaluation.overlay import overlay_rgb, save_png
+from .io.phantom import write_phantom_dataset
+from .inference.predictor import Predictor
+from .model.preprocessing import Preprocessing
+from .training.pretraining import PretrainConfig, pretrain
+from .training.selection import LabelSelection, split_labeled
+from .training.finetune import TrainConfig, train_segmentation
+from .io.volume_files import write_image
 
 HELD_OUT_CASES = 3
 VALIDATION_CASES = 2

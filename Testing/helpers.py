@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from IDEALTrain.bundle import Bundle
-from IDEALTrain.image import Image
-from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
-from IDEALTrain.preprocessing import Preprocessing
+from IDEALTrain.model.bundle import Bundle
+from IDEALTrain.io.image import Image
+from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
+from IDEALTrain.model.preprocessing import Preprocessing
 
 
 def oblique_direction(seed: int = 3) -> np.ndarray:

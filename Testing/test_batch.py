@@ -16,11 +16,11 @@ from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLogic.scene_files import load_scene_bundle  # noqa: E402
-from IDEALTrain.bundle import save_bundle  # noqa: E402
+from IDEALSegmentLib.scene_files import load_scene_bundle  # noqa: E402
+from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 from IDEALTrain.cli import main as idealtrain  # noqa: E402
-from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
-from IDEALTrain.volume_files import write_image  # noqa: E402
+from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.io.volume_files import write_image  # noqa: E402
 
 from helpers import varied_bundle  # noqa: E402
 
@@ -81,7 +81,7 @@ def test_batch_matches_idealtrain_segment_and_reports_the_bad_case(inputs, tmp_p
     assert [row["case"] for row in rows[:2]] == ["heart_ED", "heart_ES"]
     assert float(rows[0]["Left ventricle blood pool (ml)"]) > 0
     try:
-        import IDEALSegmentLogic.measurements  # noqa: F401  (optional: written by another part of the project)
+        import IDEALSegmentLib.measurements  # noqa: F401  (optional: written by another part of the project)
     except ImportError:
         assert "ED/ES measurements skipped" in result.stdout
     else:
@@ -107,7 +107,7 @@ def test_existing_outputs_are_never_overwritten(inputs, tmp_path):
 def test_dicom_folders_are_cases_too(inputs, tmp_path):
     import importlib.util
 
-    from IDEALTrain.dicom_series import write_dicom_series
+    from IDEALTrain.io.dicom_series import write_dicom_series
 
     root, model = inputs
     image = make_phantom_pair(3, size=(48, 40, 6)).ed_image
@@ -234,7 +234,7 @@ def test_a_cine_without_ed_es_still_gets_its_frame_segmentations(inputs, cine_fi
 
 
 def test_a_sunnybrook_cine_dicom_folder(inputs, batch, sunnybrook_dir, tmp_path, capsys):
-    from IDEALTrain.volume_files import read_frames
+    from IDEALTrain.io.volume_files import read_frames
 
     _, model = inputs
     folder = sunnybrook_dir / "dicoms" / "SCD0000101"

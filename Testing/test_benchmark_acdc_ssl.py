@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 
-from IDEALTrain.bundle import load_bundle, save_bundle
-from IDEALTrain.datasets import load_cases
-from IDEALTrain.networks import NetworkConfig
-from IDEALTrain.preprocessing import Preprocessing
-from IDEALTrain.pretraining import PretrainConfig, pretrain
+from IDEALTrain.model.bundle import load_bundle, save_bundle
+from IDEALTrain.io.datasets import load_cases
+from IDEALTrain.model.networks import NetworkConfig
+from IDEALTrain.model.preprocessing import Preprocessing
+from IDEALTrain.training.pretraining import PretrainConfig, pretrain
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

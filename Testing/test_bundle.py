@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from IDEALTrain.bundle import load_bundle, read_card, save_bundle
+from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
 from IDEALTrain.errors import IdealError
 
 from helpers import tiny_bundle

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 import torch
 
-from IDEALTrain.bundle import Bundle, load_bundle, read_card, save_bundle
+from IDEALTrain.model.bundle import Bundle, load_bundle, read_card, save_bundle
 from IDEALTrain.cli import main
-from IDEALTrain.volume_files import read_image, write_image
+from IDEALTrain.io.volume_files import read_image, write_image
 
 from helpers import oblique_image, tiny_bundle
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from IDEALTrain.contrastive import (
+from IDEALTrain.training.contrastive import (
     KeyQueue,
     ViewConfig,
     corresponding_points,
@@ -238,7 +238,7 @@ def test_key_queue_is_a_checkpointable_ring():
 
 
 def test_pipeline_with_the_package_encoder_and_dense_head():
-    from IDEALTrain.networks import DenseProjectionHead, NetworkConfig, UNetEncoder
+    from IDEALTrain.model.networks import DenseProjectionHead, NetworkConfig, UNetEncoder
 
     torch.manual_seed(0)
     config = NetworkConfig(base_channels=4, depth=3, dropout=(0.0, 0.0, 0.0), projection_dim=16)

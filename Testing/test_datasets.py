@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from IDEALTrain.datasets import load_cases
-from IDEALTrain.dicom_series import write_dicom_cine
+from IDEALTrain.io.datasets import load_cases
+from IDEALTrain.io.dicom_series import write_dicom_cine
 from IDEALTrain.errors import IdealError
-from IDEALTrain.phantom import write_phantom_dataset
+from IDEALTrain.io.phantom import write_phantom_dataset
 
 from helpers import oblique_image
 

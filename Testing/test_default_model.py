@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from IDEALTrain.bundle import load_bundle, read_card
+from IDEALTrain.model.bundle import load_bundle, read_card
 from IDEALTrain.labels import CARDIAC_LABELS
-from IDEALTrain.metrics import dice
-from IDEALTrain.predictor import Predictor
-from IDEALTrain.sunnybrook import LV_BLOOD_POOL, read_sunnybrook_patient
-from IDEALTrain.volume_files import read_frames
+from IDEALTrain.evaluation.metrics import dice
+from IDEALTrain.inference.predictor import Predictor
+from IDEALTrain.io.sunnybrook import LV_BLOOD_POOL, read_sunnybrook_patient
+from IDEALTrain.io.volume_files import read_frames
 
 MODEL = Path(__file__).resolve().parents[1] / "IDEALSegment" / "Resources" / "Models" / "idealsegment-acdc-1.1.0"
 # A little under the benchmark's figure for this patient (ED LV Dice 0.931 in
@@ -54,10 +54,10 @@ def test_default_model_through_the_scene_matches_the_predictor(sunnybrook_dir: P
     from helpers import import_slicer_core
 
     slicer = import_slicer_core()
-    from IDEALSegmentLogic.inference import segment_volume
-    from IDEALSegmentLogic.registry import ModelRegistry
-    from IDEALSegmentLogic.segmentations import labels_from_segmentation
-    from IDEALSegmentLogic.volumes import volume_from_image
+    from IDEALSegmentLib.inference import segment_volume
+    from IDEALSegmentLib.registry import ModelRegistry
+    from IDEALSegmentLib.segmentations import labels_from_segmentation
+    from IDEALSegmentLib.volumes import volume_from_image
 
     entry = ModelRegistry(user_dir=tmp_path).default()  # the shipped default, whatever the user has
     assert entry.path.resolve() == MODEL.resolve() and entry.source == "shipped"

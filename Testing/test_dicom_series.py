@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from IDEALTrain.dicom_series import (
+from IDEALTrain.io.dicom_series import (
     list_series,
     read_dicom,
     read_dicom_frames,
@@ -15,7 +15,7 @@ from IDEALTrain.dicom_series import (
     write_dicom_series,
 )
 from IDEALTrain.errors import IdealError
-from IDEALTrain.image import Image
+from IDEALTrain.io.image import Image
 
 
 def _rotation() -> np.ndarray:

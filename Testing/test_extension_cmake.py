@@ -89,7 +89,7 @@ def _relative(base: Path, file: str, root: Path) -> str:
 def shipped_files(root: Path) -> set[str]:
     """What the extension must install: .py files under IDEALSegment/ and IDEALTrain/, every file under Resources/."""
     wanted = set()
-    for folder, pattern in ((root / "IDEALSegment", "*.py"), (root / "IDEALTrain", "*.py"), (root / "IDEALSegment" / "Resources", "*")):
+    for folder, pattern in ((root / "IDEALSegment", "*.py"), (root / "IDEALTrain", "**/*.py"), (root / "IDEALSegment" / "Resources", "*")):
         for path in folder.rglob(pattern):
             parts = path.relative_to(root).parts
             if path.is_file() and "__pycache__" not in parts and not any(p.startswith(".") for p in parts):
@@ -117,14 +117,14 @@ def test_every_shipped_file_is_listed_and_every_listed_file_exists():
 
 
 def test_listing_check_catches_an_unlisted_script_and_a_missing_file(tmp_path):
-    for relative in ("IDEALSegment/IDEALSegment.py", "IDEALSegment/Logic/new_helper.py", "IDEALSegment/Resources/UI/IDEALSegment.ui", "IDEALTrain/image.py"):
+    for relative in ("IDEALSegment/IDEALSegment.py", "IDEALSegment/Logic/new_helper.py", "IDEALSegment/Resources/UI/IDEALSegment.ui", "IDEALTrain/io/image.py"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text("")
     cmake = (
         "set(MODULE_NAME IDEALSegment)\nset(SCRIPTS ${MODULE_NAME}.py Logic/gone.py)\n"
         "set(RES Resources/UI/${MODULE_NAME}.ui)\n"
         "slicerMacroBuildScriptedModule(NAME ${MODULE_NAME} SCRIPTS ${SCRIPTS} RESOURCES ${RES} WITH_GENERIC_TESTS)\n"
-        "ctkMacroCompilePythonScript(TARGET_NAME IDEALTrain SCRIPTS IDEALTrain/image.py SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/..\n"
+        "ctkMacroCompilePythonScript(TARGET_NAME IDEALTrain SCRIPTS IDEALTrain/io/image.py SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/..\n"
         "  DESTINATION_DIR x INSTALL_DIR y NO_INSTALL_SUBDIR)\n"
     )
     assert listing_problems(cmake, tmp_path) == [

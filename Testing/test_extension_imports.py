@@ -17,9 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
-LOGIC_DIR = MODULE_DIR / "Logic"
+LOGIC_DIR = MODULE_DIR / "IDEALSegmentLib"
 GUI_FILES = [MODULE_DIR / "IDEALSegment.py", MODULE_DIR / "IDEALTrainer.py"]
-PACKAGES = {"IDEALSegmentLogic": LOGIC_DIR, "IDEALTrain": ROOT / "IDEALTrain"}
+PACKAGES = {"IDEALSegmentLib": LOGIC_DIR, "IDEALTrain": ROOT / "IDEALTrain"}
 
 #: What a module file may import at its top level (plus the standard library).
 GUI_TOP_LEVEL_ALLOWED = {"slicer", "qt", "ctk", "vtk", "typing", "IDEALSegmentPackages"}
@@ -35,9 +35,12 @@ def top_level_imports(path: Path) -> list[tuple[str, int]]:
     """Absolute module names imported when the file is imported (not inside functions or classes).
 
     Imports under ``if TYPE_CHECKING:`` are skipped; relative imports are resolved against the
-    file's package (IDEALSegmentLogic or IDEALTrain).
+    file's package (IDEALSegmentLib or IDEALTrain).
     """
-    package = next((name for name, folder in PACKAGES.items() if path.parent == folder), None)
+    package = next(
+        (".".join((name, *path.parent.relative_to(folder).parts)) for name, folder in PACKAGES.items() if path.parent.is_relative_to(folder)),
+        None,
+    )
     found: list[tuple[str, int]] = []
 
     def visit(statements):
@@ -55,8 +58,9 @@ def top_level_imports(path: Path) -> list[tuple[str, int]]:
                 found.extend((alias.name, node.lineno) for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = package if node.level == 1 else None
-                    assert base, f"{path}: relative import beyond its package"
+                    parts = package.split(".") if package else []
+                    assert package and node.level <= len(parts), f"{path}: relative import beyond its package"
+                    base = ".".join(parts[: len(parts) - node.level + 1])
                     module = f"{base}.{node.module}" if node.module else base
                     found.append((module, node.lineno))
                     if not node.module:  # from . import x -> the submodules
@@ -70,7 +74,7 @@ def top_level_imports(path: Path) -> list[tuple[str, int]]:
 
 
 def _source_file(module: str) -> Path | None:
-    """The repository file of an IDEALSegmentLogic / IDEALTrain module, None for anything else."""
+    """The repository file of an IDEALSegmentLib / IDEALTrain module, None for anything else."""
     top, _, rest = module.partition(".")
     folder = PACKAGES.get(top)
     if folder is None:
@@ -113,7 +117,7 @@ def torch_chain(module: str) -> list[str] | None:
 
 
 def lazy_imports(path: Path) -> set[str]:
-    """IDEALSegmentLogic / IDEALTrain modules a GUI file imports anywhere (inside methods too)."""
+    """IDEALSegmentLib / IDEALTrain modules a GUI file imports anywhere (inside methods too)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
@@ -138,16 +142,16 @@ def test_module_files_import_only_slicer_qt_and_stdlib_at_top_level(path):
 # Logic modules the widgets use before PyTorch is installed (listing models, checking inputs, the
 # training set, starting jobs): importing them must not import torch.
 TORCH_FREE_LOGIC = [
-    "IDEALSegmentLogic.cancel", "IDEALSegmentLogic.volumes", "IDEALSegmentLogic.segmentations",
-    "IDEALSegmentLogic.registry", "IDEALSegmentLogic.inference", "IDEALSegmentLogic.uncertainty",
-    "IDEALSegmentLogic.measurements", "IDEALSegmentLogic.cine", "IDEALSegmentLogic.corrections",
-    "IDEALSegmentLogic.jobs", "IDEALSegmentLogic.selftest", "IDEALSegmentLogic.retraining",
+    "IDEALSegmentLib.cancel", "IDEALSegmentLib.volumes", "IDEALSegmentLib.segmentations",
+    "IDEALSegmentLib.registry", "IDEALSegmentLib.inference", "IDEALSegmentLib.uncertainty",
+    "IDEALSegmentLib.measurements", "IDEALSegmentLib.cine", "IDEALSegmentLib.corrections",
+    "IDEALSegmentLib.jobs", "IDEALSegmentLib.selftest", "IDEALSegmentLib.retraining",
 ]
 
 
 def test_every_logic_module_the_widgets_import_is_in_the_torch_free_list():
     used = set().union(*(lazy_imports(path) for path in GUI_FILES))
-    logic = {name for name in used if name.startswith("IDEALSegmentLogic.")}
+    logic = {name for name in used if name.startswith("IDEALSegmentLib.")}
     assert logic, "the widgets import no Logic module: the parser is broken"
     assert logic <= set(TORCH_FREE_LOGIC), f"add these to TORCH_FREE_LOGIC (and keep them torch-free): {sorted(logic - set(TORCH_FREE_LOGIC))}"
 
@@ -160,9 +164,9 @@ def test_logic_modules_import_no_torch_at_top_level(module):
 
 
 def test_import_graph_finds_a_transitive_torch_import():
-    """The graph really follows imports: IDEALTrain.predictor reaches torch, IDEALTrain.image does not."""
-    assert torch_chain("IDEALTrain.predictor") is not None
-    assert torch_chain("IDEALTrain.image") is None
+    """The graph really follows imports: IDEALTrain.inference.predictor reaches torch, IDEALTrain.io.image does not."""
+    assert torch_chain("IDEALTrain.inference.predictor") is not None
+    assert torch_chain("IDEALTrain.io.image") is None
     chain = torch_chain("IDEALTrain.demo")
     assert chain is not None and len(chain) >= 3, chain  # demo -> bundle/predictor -> ... -> torch
 

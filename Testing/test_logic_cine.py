@@ -12,9 +12,9 @@ from helpers import import_slicer_core, tiny_bundle  # noqa: E402
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLogic import cine as cine_module  # noqa: E402
-from IDEALSegmentLogic.cancel import CancelToken, Cancelled  # noqa: E402
-from IDEALSegmentLogic.cine import (  # noqa: E402
+from IDEALSegmentLib import cine as cine_module  # noqa: E402
+from IDEALSegmentLib.cancel import CancelToken, Cancelled  # noqa: E402
+from IDEALSegmentLib.cine import (  # noqa: E402
     add_sequence_to_scene,
     frame_images,
     is_cine,
@@ -23,14 +23,14 @@ from IDEALSegmentLogic.cine import (  # noqa: E402
     sequence_frames,
     sequence_from_images,
 )
-from IDEALSegmentLogic.measurements import table_measurements  # noqa: E402
-from IDEALSegmentLogic.segmentations import labels_from_segmentation, read_provenance  # noqa: E402
-from IDEALSegmentLogic.volumes import image_from_volume, volume_from_image  # noqa: E402
+from IDEALSegmentLib.measurements import table_measurements  # noqa: E402
+from IDEALSegmentLib.segmentations import labels_from_segmentation, read_provenance  # noqa: E402
+from IDEALSegmentLib.volumes import image_from_volume, volume_from_image  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
-from IDEALTrain.metrics import cardiac_function, label_volume_ml  # noqa: E402
-from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
-from IDEALTrain.predictor import Predictor  # noqa: E402
+from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml  # noqa: E402
+from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.inference.predictor import Predictor  # noqa: E402
 
 #: ED -> ES -> back, as intensity blends of the phantom's two phases (index values in ms).
 BLENDS = (0.0, 0.4, 0.8, 1.0, 0.5)

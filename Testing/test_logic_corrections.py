@@ -15,7 +15,7 @@ from helpers import import_slicer_core  # noqa: E402
 slicer = import_slicer_core()
 
 import IDEALTrain  # noqa: E402
-from IDEALSegmentLogic.corrections import (  # noqa: E402
+from IDEALSegmentLib.corrections import (  # noqa: E402
     add_unlabeled_volume,
     dataset_summary,
     export_correction,
@@ -23,15 +23,15 @@ from IDEALSegmentLogic.corrections import (  # noqa: E402
     safe_case_id,
     voxel_sha256,
 )
-from IDEALSegmentLogic.segmentations import (  # noqa: E402
+from IDEALSegmentLib.segmentations import (  # noqa: E402
     Provenance,
     replace_segments,
     segmentation_from_labels,
 )
-from IDEALSegmentLogic.volumes import image_from_volume, volume_from_image  # noqa: E402
-from IDEALTrain.datasets import load_cases  # noqa: E402
+from IDEALSegmentLib.volumes import image_from_volume, volume_from_image  # noqa: E402
+from IDEALTrain.io.datasets import load_cases  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 
 PROVENANCE = Provenance("idealsegment-acdc", "1.2.0", "2026-01-02T03:04:05+00:00")
 VOLUME_NAME = "Patient 7 / cine (ED)"

@@ -11,26 +11,26 @@ from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLogic.cancel import CancelToken, Cancelled  # noqa: E402
-from IDEALSegmentLogic.inference import (  # noqa: E402
+from IDEALSegmentLib.cancel import CancelToken, Cancelled  # noqa: E402
+from IDEALSegmentLib.inference import (  # noqa: E402
     add_prediction_to_scene,
     load_predictor,
     predict_volume,
     segment_volume,
 )
-from IDEALSegmentLogic.segmentations import MODEL_ID_ATTRIBUTE, MODEL_VERSION_ATTRIBUTE, labels_from_segmentation  # noqa: E402
-from IDEALSegmentLogic.uncertainty import (  # noqa: E402
+from IDEALSegmentLib.segmentations import MODEL_ID_ATTRIBUTE, MODEL_VERSION_ATTRIBUTE, labels_from_segmentation  # noqa: E402
+from IDEALSegmentLib.uncertainty import (  # noqa: E402
     COLOR_NODE_ATTRIBUTE,
     SliceReview,
     review_order,
     slice_center_ras,
     uncertainty_volume,
 )
-from IDEALSegmentLogic.volumes import array_to_matrix, image_from_volume, volume_from_image, volume_grid  # noqa: E402
-from IDEALTrain.bundle import save_bundle  # noqa: E402
+from IDEALSegmentLib.volumes import array_to_matrix, image_from_volume, volume_from_image, volume_grid  # noqa: E402
+from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.image import Image  # noqa: E402
-from IDEALTrain.predictor import Predictor  # noqa: E402
+from IDEALTrain.io.image import Image  # noqa: E402
+from IDEALTrain.inference.predictor import Predictor  # noqa: E402
 
 from helpers import oblique_image, varied_bundle  # noqa: E402
 

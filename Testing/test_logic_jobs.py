@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from IDEALSegmentLogic.jobs import TrainingJob, finetune_arguments, parse_line, python_executable
-from IDEALTrain.bundle import load_bundle
+from IDEALSegmentLib.jobs import TrainingJob, finetune_arguments, parse_line, python_executable
+from IDEALTrain.model.bundle import load_bundle
 from IDEALTrain.errors import IdealError
-from IDEALTrain.phantom import write_phantom_dataset
+from IDEALTrain.io.phantom import write_phantom_dataset
 
 TINY = ["--base-channels", "4", "--depth", "3", "--inplane", "spacing", "--spacing", "4", "--batch-size", "2",
         "--unlabeled-batch-size", "2", "--validate-every", "1000"]

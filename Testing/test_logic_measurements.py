@@ -10,7 +10,7 @@ from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLogic.measurements import (  # noqa: E402
+from IDEALSegmentLib.measurements import (  # noqa: E402
     MEASUREMENTS,
     cardiac_measurements,
     find_ed_es,
@@ -18,11 +18,11 @@ from IDEALSegmentLogic.measurements import (  # noqa: E402
     measurements_table,
     table_measurements,
 )
-from IDEALSegmentLogic.segmentations import segmentation_from_labels  # noqa: E402
-from IDEALSegmentLogic.volumes import volume_from_image  # noqa: E402
+from IDEALSegmentLib.segmentations import segmentation_from_labels  # noqa: E402
+from IDEALSegmentLib.volumes import volume_from_image  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.metrics import cardiac_function, label_volume_ml  # noqa: E402
-from IDEALTrain.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml  # noqa: E402
+from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""IDEALSegmentLogic imports the same way in Slicer (module folder on sys.path) and after pip install."""
+"""IDEALSegmentLib imports the same way in Slicer (module folder on sys.path) and after pip install."""
 from __future__ import annotations
 
 import ast
@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
 
 def test_pip_install_maps_the_logic_folder():
-    import IDEALSegmentLogic
+    import IDEALSegmentLib
     import IDEALTrain
 
-    assert Path(IDEALSegmentLogic.__file__).resolve() == MODULE_DIR / "Logic" / "__init__.py"
+    assert Path(IDEALSegmentLib.__file__).resolve() == MODULE_DIR / "IDEALSegmentLib" / "__init__.py"
     assert Path(IDEALTrain.__file__).resolve() == ROOT / "IDEALTrain" / "__init__.py"
 
 
@@ -34,25 +34,24 @@ def test_slicer_style_import_without_pip(tmp_path):
         from pathlib import Path
         sys.path[:0] = [{str(MODULE_DIR)!r}]
         sys.path.append({sysconfig.get_paths()["purelib"]!r})
-        for name in ("IDEALSegmentLogic", "IDEALTrain"):
-            try:
-                __import__(name)
-            except ModuleNotFoundError:
-                pass
-            else:
-                raise SystemExit(name + " importable without the prelude: the test does not model Slicer")
-        import IDEALSegmentPackages  # what the module files import first
+        try:
+            __import__("IDEALTrain")
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit("IDEALTrain importable without the prelude: the test does not model Slicer")
+        import IDEALSegmentPackages  # what the module files import first (developer mode: IDEALTrain one folder up)
         import slicer
-        import IDEALSegmentLogic, IDEALTrain
-        from IDEALSegmentLogic.volumes import image_from_volume, volume_from_image
-        from IDEALSegmentLogic.segmentations import segmentation_from_labels
-        from IDEALTrain.image import Image
+        import IDEALSegmentLib, IDEALTrain
+        from IDEALSegmentLib.volumes import image_from_volume, volume_from_image
+        from IDEALSegmentLib.segmentations import segmentation_from_labels
+        from IDEALTrain.io.image import Image
         import numpy as np
         scene = slicer.vtkMRMLScene()
         node = volume_from_image(Image(np.zeros((2, 3, 4), np.float32)), scene, "v")
         assert image_from_volume(node).array.shape == (2, 3, 4)
         assert "Logic" not in sys.modules, "something imported the generic name 'Logic'"
-        print(IDEALSegmentLogic.__file__)
+        print(IDEALSegmentLib.__file__)
         print(IDEALTrain.__file__)
         """
     )
@@ -61,12 +60,14 @@ def test_slicer_style_import_without_pip(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     logic_file, train_file = result.stdout.split()
-    assert Path(logic_file).resolve() == MODULE_DIR / "Logic" / "__init__.py"
+    assert Path(logic_file).resolve() == MODULE_DIR / "IDEALSegmentLib" / "__init__.py"
     assert Path(train_file).resolve() == ROOT / "IDEALTrain" / "__init__.py"
 
 
 def test_logic_never_uses_qt_or_slicer_globals():
-    for path in (MODULE_DIR / "Logic").glob("*.py"):
+    paths = sorted((MODULE_DIR / "IDEALSegmentLib").glob("*.py"))
+    assert paths, "no Logic files found: the check would pass vacuously"
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]

@@ -9,7 +9,7 @@ from helpers import import_slicer_core  # noqa: E402
 
 import_slicer_core()
 
-from IDEALSegmentLogic.registry import (  # noqa: E402
+from IDEALSegmentLib.registry import (  # noqa: E402
     DEFAULT_MODEL_ID,
     SHIPPED_MODELS_DIR,
     ModelRegistry,
@@ -17,7 +17,7 @@ from IDEALSegmentLogic.registry import (  # noqa: E402
     next_patch_version,
     version_key,
 )
-from IDEALTrain.bundle import load_bundle, save_bundle  # noqa: E402
+from IDEALTrain.model.bundle import load_bundle, save_bundle  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
 
 from helpers import tiny_bundle  # noqa: E402

@@ -1,4 +1,4 @@
-"""Retraining from reviewed cases (IDEALSegmentLogic.retraining): the split, the idealtrain plan, old vs new, the table.
+"""Retraining from reviewed cases (IDEALSegmentLib.retraining): the split, the idealtrain plan, old vs new, the table.
 
 Corrections data sets are exported from real MRML nodes (slicer-core); models are tiny bundles; the
 planned arguments are parsed by idealtrain's own parser to check they rebuild the old model.
@@ -18,11 +18,11 @@ from helpers import import_slicer_core, tiny_bundle, varied_bundle
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLogic import retraining  # noqa: E402
-from IDEALSegmentLogic.cancel import Cancelled, CancelToken  # noqa: E402
-from IDEALSegmentLogic.corrections import add_unlabeled_volume, export_correction  # noqa: E402
-from IDEALSegmentLogic.registry import ModelEntry  # noqa: E402
-from IDEALSegmentLogic.retraining import (  # noqa: E402
+from IDEALSegmentLib import retraining  # noqa: E402
+from IDEALSegmentLib.cancel import Cancelled, CancelToken  # noqa: E402
+from IDEALSegmentLib.corrections import add_unlabeled_volume, export_correction  # noqa: E402
+from IDEALSegmentLib.registry import ModelEntry  # noqa: E402
+from IDEALSegmentLib.retraining import (  # noqa: E402
     FINETUNE_PHASE,
     PRETRAIN_PHASE,
     ModelComparison,
@@ -33,18 +33,18 @@ from IDEALSegmentLogic.retraining import (  # noqa: E402
     split_cases,
     training_plan,
 )
-from IDEALSegmentLogic.segmentations import segmentation_from_labels  # noqa: E402
-from IDEALSegmentLogic.volumes import volume_from_image  # noqa: E402
-from IDEALTrain.bundle import Bundle, read_card, save_bundle  # noqa: E402
+from IDEALSegmentLib.segmentations import segmentation_from_labels  # noqa: E402
+from IDEALSegmentLib.volumes import volume_from_image  # noqa: E402
+from IDEALTrain.model.bundle import Bundle, read_card, save_bundle  # noqa: E402
 from IDEALTrain.cli import _network_and_plan, build_parser  # noqa: E402
-from IDEALTrain.datasets import load_cases  # noqa: E402
+from IDEALTrain.io.datasets import load_cases  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.metrics import dice  # noqa: E402
-from IDEALTrain.networks import NetworkConfig, SegmentationNetwork  # noqa: E402
-from IDEALTrain.phantom import make_phantom  # noqa: E402
-from IDEALTrain.postprocessing import Postprocessing  # noqa: E402
-from IDEALTrain.predictor import Predictor  # noqa: E402
-from IDEALTrain.preprocessing import Preprocessing  # noqa: E402
+from IDEALTrain.evaluation.metrics import dice  # noqa: E402
+from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork  # noqa: E402
+from IDEALTrain.io.phantom import make_phantom  # noqa: E402
+from IDEALTrain.model.postprocessing import Postprocessing  # noqa: E402
+from IDEALTrain.inference.predictor import Predictor  # noqa: E402
+from IDEALTrain.model.preprocessing import Preprocessing  # noqa: E402
 
 CASES = [f"case{number}" for number in range(6)]
 

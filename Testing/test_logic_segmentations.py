@@ -11,14 +11,14 @@ slicer = import_slicer_core()
 
 import vtk  # noqa: E402
 
-from IDEALSegmentLogic.scene_files import (  # noqa: E402
+from IDEALSegmentLib.scene_files import (  # noqa: E402
     load_scene_bundle,
     load_segmentation,
     load_volume,
     save_node,
     save_scene_bundle,
 )
-from IDEALSegmentLogic.segmentations import (  # noqa: E402
+from IDEALSegmentLib.segmentations import (  # noqa: E402
     CREATED_ATTRIBUTE,
     MODEL_ID_ATTRIBUTE,
     Provenance,
@@ -27,10 +27,10 @@ from IDEALSegmentLogic.segmentations import (  # noqa: E402
     replace_segments,
     segmentation_from_labels,
 )
-from IDEALSegmentLogic.volumes import array_to_matrix, image_from_volume, volume_from_image  # noqa: E402
+from IDEALSegmentLib.volumes import array_to_matrix, image_from_volume, volume_from_image  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
-from IDEALTrain.volume_files import write_image  # noqa: E402
+from IDEALTrain.io.volume_files import write_image  # noqa: E402
 
 from helpers import oblique_image  # noqa: E402
 

@@ -11,14 +11,14 @@ slicer = import_slicer_core()
 
 import vtk  # noqa: E402
 
-from IDEALSegmentLogic.volumes import (  # noqa: E402
+from IDEALSegmentLib.volumes import (  # noqa: E402
     array_to_matrix,
     image_from_volume,
     local_ijk_to_ras,
     volume_from_image,
 )
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.image import Image  # noqa: E402
+from IDEALTrain.io.image import Image  # noqa: E402
 
 from helpers import oblique_image  # noqa: E402
 
@@ -159,8 +159,8 @@ def test_64_bit_integer_images_are_stored_as_32_bit():
 
 def test_geometry_survives_a_sitk_file_written_by_idealtrain(tmp_path):
     # IDEALTrain's file edge and the MRML edge agree on where every voxel is.
-    from IDEALSegmentLogic.scene_files import load_volume
-    from IDEALTrain.volume_files import write_image
+    from IDEALSegmentLib.scene_files import load_volume
+    from IDEALTrain.io.volume_files import write_image
 
     image = oblique_image()
     path = write_image(image, tmp_path / "cine.nrrd")

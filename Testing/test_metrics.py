@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.image import Image
-from IDEALTrain.metrics import (
+from IDEALTrain.io.image import Image
+from IDEALTrain.evaluation.metrics import (
     CLASS_NAMES,
     binary_metrics,
     cardiac_function,

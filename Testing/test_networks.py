@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.networks import DenseProjectionHead, NetworkConfig, SegmentationNetwork
+from IDEALTrain.model.networks import DenseProjectionHead, NetworkConfig, SegmentationNetwork
 
 
 def test_default_matches_the_ssl4mis_unet():

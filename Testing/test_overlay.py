@@ -5,7 +5,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from IDEALTrain.labels import CARDIAC_LABELS
-from IDEALTrain.overlay import overlay_rgb, save_png
+from IDEALTrain.evaluation.overlay import overlay_rgb, save_png
 
 from helpers import oblique_image
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from IDEALTrain.image import Image
-from IDEALTrain.metrics import cardiac_function, label_volume_ml
-from IDEALTrain.phantom import case_seed, make_phantom, make_phantom_pair, write_phantom_dataset
+from IDEALTrain.io.image import Image
+from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml
+from IDEALTrain.io.phantom import case_seed, make_phantom, make_phantom_pair, write_phantom_dataset
 
 SEEDS = range(6)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from IDEALTrain.bundle import load_bundle, save_bundle
+from IDEALTrain.model.bundle import load_bundle, save_bundle
 from IDEALTrain.errors import IdealError
-from IDEALTrain.postprocessing import Postprocessing, largest_component
-from IDEALTrain.predictor import Predictor
+from IDEALTrain.model.postprocessing import Postprocessing, largest_component
+from IDEALTrain.inference.predictor import Predictor
 
 from helpers import oblique_image, varied_bundle
 

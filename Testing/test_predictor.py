@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.image import Image
-from IDEALTrain.predictor import Predictor
-from IDEALTrain.preprocessing import Preprocessing, SliceGrid
-from IDEALTrain.volume_files import read_image, write_image
+from IDEALTrain.io.image import Image
+from IDEALTrain.inference.predictor import Predictor
+from IDEALTrain.model.preprocessing import Preprocessing, SliceGrid
+from IDEALTrain.io.volume_files import read_image, write_image
 
 from helpers import oblique_image, tiny_bundle
 
@@ -115,7 +115,7 @@ def test_slice_grid_maps_back_exactly():
 
 
 def test_dicom_folder_prediction_keeps_the_series_grid(predictor, tmp_path):
-    from IDEALTrain.dicom_series import write_dicom_series
+    from IDEALTrain.io.dicom_series import write_dicom_series
 
     image = oblique_image().with_array(np.round(oblique_image().array).astype(np.int16))
     write_dicom_series(image, tmp_path / "series")

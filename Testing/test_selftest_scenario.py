@@ -10,7 +10,7 @@ from helpers import import_slicer_core
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLogic.selftest import SelftestFailure, run_selftest_scenario  # noqa: E402
+from IDEALSegmentLib.selftest import SelftestFailure, run_selftest_scenario  # noqa: E402
 from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.image import Image
-from IDEALTrain.ssl4mis import list_cases, read_case, read_list, read_ssl4mis, write_ssl4mis_volume
+from IDEALTrain.io.image import Image
+from IDEALTrain.io.ssl4mis import list_cases, read_case, read_list, read_ssl4mis, write_ssl4mis_volume
 
 
 def test_round_trip_keeps_geometry_exactly(tmp_path: Path) -> None:

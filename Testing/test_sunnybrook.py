@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from IDEALTrain.dicom_series import read_header, read_slices
+from IDEALTrain.io.dicom_series import read_header, read_slices
 from IDEALTrain.errors import IdealError
-from IDEALTrain.sunnybrook import (
+from IDEALTrain.io.sunnybrook import (
     SunnybrookPhase,
     contour_mask,
     list_sunnybrook_patients,

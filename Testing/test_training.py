@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from IDEALTrain.bundle import Bundle
-from IDEALTrain.checkpoint import load_checkpoint
-from IDEALTrain.datasets import Case
+from IDEALTrain.model.bundle import Bundle
+from IDEALTrain.training.checkpoint import load_checkpoint
+from IDEALTrain.io.datasets import Case
 from IDEALTrain.errors import IdealError, TrainingStopped
-from IDEALTrain.metrics import CLASS_NAMES, mean_scores, score
-from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
-from IDEALTrain.phantom import make_phantom
-from IDEALTrain.predictor import Predictor
-from IDEALTrain.preprocessing import Preprocessing
-from IDEALTrain.losses import cross_pseudo_label_loss
-from IDEALTrain.training import TrainConfig, consistency_ramp, load_pretrained_encoder, train_segmentation
+from IDEALTrain.evaluation.metrics import CLASS_NAMES, mean_scores, score
+from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
+from IDEALTrain.io.phantom import make_phantom
+from IDEALTrain.inference.predictor import Predictor
+from IDEALTrain.model.preprocessing import Preprocessing
+from IDEALTrain.training.losses import cross_pseudo_label_loss
+from IDEALTrain.training.finetune import TrainConfig, consistency_ramp, load_pretrained_encoder, train_segmentation
 
 def small_config(iterations: int, **overrides) -> TrainConfig:
     network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.0), fpn_channels=8)

@@ -6,9 +6,9 @@ import pytest
 import SimpleITK as sitk
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.image import Image
+from IDEALTrain.io.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
-from IDEALTrain.volume_files import read_frames, read_image, write_image
+from IDEALTrain.io.volume_files import read_frames, read_image, write_image
 
 from helpers import oblique_image
 

@@ -74,7 +74,7 @@ def run_name(key: str) -> str:
 
 def preprocessing_plan(args: argparse.Namespace):
     """The one plan of every run and of the pretraining: slices resized to --size."""
-    from IDEALTrain.preprocessing import Preprocessing
+    from IDEALTrain.model.preprocessing import Preprocessing
 
     return Preprocessing(inplane="size", size=(args.size, args.size))
 
@@ -100,12 +100,12 @@ def summarize(runs: dict, patients_list: list[int], methods: list[str], seeds: l
 
 def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: int, pretrained, val_cases: list) -> dict:
     """One run of the protocol: train, save the bundle under ``--work``, score on val.list."""
-    from IDEALTrain.bundle import save_bundle
-    from IDEALTrain.metrics import mean_scores, score
-    from IDEALTrain.networks import NetworkConfig
-    from IDEALTrain.predictor import Predictor
-    from IDEALTrain.selection import LabelSelection, select_training_cases
-    from IDEALTrain.training import TrainConfig, train_segmentation
+    from IDEALTrain.model.bundle import save_bundle
+    from IDEALTrain.evaluation.metrics import mean_scores, score
+    from IDEALTrain.model.networks import NetworkConfig
+    from IDEALTrain.inference.predictor import Predictor
+    from IDEALTrain.training.selection import LabelSelection, select_training_cases
+    from IDEALTrain.training.finetune import TrainConfig, train_segmentation
 
     data = Path(args.data)
     labeled, unlabeled = select_training_cases(f"ssl4mis:{data}", f"ssl4mis:{data}", LabelSelection(patients=patients), require_unlabeled=True)
@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from IDEALTrain.bundle import load_bundle, save_bundle
-    from IDEALTrain.datasets import load_cases
-    from IDEALTrain.networks import NetworkConfig
-    from IDEALTrain.pretraining import PretrainConfig, pretrain
+    from IDEALTrain.model.bundle import load_bundle, save_bundle
+    from IDEALTrain.io.datasets import load_cases
+    from IDEALTrain.model.networks import NetworkConfig
+    from IDEALTrain.training.pretraining import PretrainConfig, pretrain
 
     data = Path(args.data)
     if not (data / "train_slices.list").is_file():

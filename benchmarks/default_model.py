@@ -33,8 +33,8 @@ FLOORS = {"acdc_mean_dice": 0.88, "sunnybrook_lv_dice": 0.88, "sunnybrook_myo_di
 
 
 def evaluate_acdc(predictor, data: Path) -> tuple[dict, list[float]]:
-    from IDEALTrain.datasets import load_cases
-    from IDEALTrain.metrics import mean_scores, score
+    from IDEALTrain.io.datasets import load_cases
+    from IDEALTrain.evaluation.metrics import mean_scores, score
 
     scores, seconds = [], []
     for case in load_cases(f"ssl4mis:{data}", default_list="val.list", require_labels=True):
@@ -45,9 +45,9 @@ def evaluate_acdc(predictor, data: Path) -> tuple[dict, list[float]]:
 
 
 def evaluate_sunnybrook(predictor, root: Path) -> tuple[dict, list[float]]:
-    from IDEALTrain.metrics import dice, label_volume_ml
-    from IDEALTrain.sunnybrook import LV_BLOOD_POOL, LV_MYOCARDIUM, list_sunnybrook_patients, read_sunnybrook_patient
-    from IDEALTrain.volume_files import read_frames
+    from IDEALTrain.evaluation.metrics import dice, label_volume_ml
+    from IDEALTrain.io.sunnybrook import LV_BLOOD_POOL, LV_MYOCARDIUM, list_sunnybrook_patients, read_sunnybrook_patient
+    from IDEALTrain.io.volume_files import read_frames
 
     patients, seconds = [], []
     for patient in list_sunnybrook_patients(root):
@@ -120,10 +120,10 @@ def main() -> None:
 
     import torch
 
-    from IDEALTrain.atomic import atomic_path
-    from IDEALTrain.bundle import load_bundle, read_card
-    from IDEALTrain.postprocessing import Postprocessing
-    from IDEALTrain.predictor import Predictor
+    from IDEALTrain.io.atomic import atomic_path
+    from IDEALTrain.model.bundle import load_bundle, read_card
+    from IDEALTrain.model.postprocessing import Postprocessing
+    from IDEALTrain.inference.predictor import Predictor
 
     bundle = load_bundle(args.model)
     predictor = Predictor(bundle, device=args.device)

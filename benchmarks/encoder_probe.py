@@ -75,7 +75,7 @@ def probe(encoder, train: tuple, val: tuple, levels: list[int], steps: int, seed
     import torch
     import torch.nn.functional as F
 
-    from IDEALTrain.metrics import CLASS_NAMES
+    from IDEALTrain.evaluation.metrics import CLASS_NAMES
 
     size = train[0].shape[-1] // 2
 
@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from IDEALTrain.bundle import load_bundle
-    from IDEALTrain.datasets import load_cases
-    from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
-    from IDEALTrain.preprocessing import Preprocessing
-    from IDEALTrain.selection import LabelSelection, select_training_cases
-    from IDEALTrain.training import load_pretrained_encoder, network_slices
+    from IDEALTrain.model.bundle import load_bundle
+    from IDEALTrain.io.datasets import load_cases
+    from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
+    from IDEALTrain.model.preprocessing import Preprocessing
+    from IDEALTrain.training.selection import LabelSelection, select_training_cases
+    from IDEALTrain.training.finetune import load_pretrained_encoder, network_slices
 
     data = Path(args.data)
     if not (data / "train_slices.list").is_file():

@@ -31,9 +31,9 @@ def _volume():
     The phantom is generated once and cached as a file, so a memory worker's peak is inference,
     not phantom generation.
     """
-    from IDEALTrain.phantom import make_phantom
-    from IDEALTrain.preprocessing import Preprocessing
-    from IDEALTrain.volume_files import read_image, write_image
+    from IDEALTrain.io.phantom import make_phantom
+    from IDEALTrain.model.preprocessing import Preprocessing
+    from IDEALTrain.io.volume_files import read_image, write_image
 
     cached = Path(tempfile.gettempdir()) / "idealsegment-benchmark-phantom-10x256x256.nii.gz"
     if not cached.exists():
@@ -44,8 +44,8 @@ def _volume():
 def _bundle(model: str | None):
     import torch
 
-    from IDEALTrain.bundle import Bundle, load_bundle
-    from IDEALTrain.networks import NetworkConfig, SegmentationNetwork
+    from IDEALTrain.model.bundle import Bundle, load_bundle
+    from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
 
     if model:
         return load_bundle(model)
@@ -59,7 +59,7 @@ def _plain_loop(bundle, network, image) -> np.ndarray:
     """The reference: eval-mode network, fp32, default memory format, one slice at a time."""
     import torch
 
-    from IDEALTrain.preprocessing import SliceGrid
+    from IDEALTrain.model.preprocessing import SliceGrid
 
     grid = SliceGrid(image, bundle.preprocessing, bundle.network.size_multiple)
     slices = grid.image_to_network(image)
@@ -73,7 +73,7 @@ def _plain_loop(bundle, network, image) -> np.ndarray:
 
 def _method(name: str, model: str | None):
     """One method as a zero-argument callable returning labels (same volume and weights for both)."""
-    from IDEALTrain.predictor import Predictor
+    from IDEALTrain.inference.predictor import Predictor
 
     image, _ = _volume()
     bundle = _bundle(model)

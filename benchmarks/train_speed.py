@@ -19,16 +19,16 @@ WARMUP = 3
 
 
 def _cases(count: int):
-    from IDEALTrain.datasets import Case
-    from IDEALTrain.phantom import make_phantom
+    from IDEALTrain.io.datasets import Case
+    from IDEALTrain.io.phantom import make_phantom
 
     return [Case(f"p{i}", *make_phantom(i, size=(224, 224, 10))) for i in range(count)]
 
 
 def _config(args, supervised_only: bool, decoders=("unet", "fpn")):
-    from IDEALTrain.networks import NetworkConfig
-    from IDEALTrain.preprocessing import Preprocessing
-    from IDEALTrain.training import TrainConfig
+    from IDEALTrain.model.networks import NetworkConfig
+    from IDEALTrain.model.preprocessing import Preprocessing
+    from IDEALTrain.training.finetune import TrainConfig
 
     return TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, unlabeled_batch_size=args.batch_size,
@@ -39,7 +39,7 @@ def _config(args, supervised_only: bool, decoders=("unet", "fpn")):
 
 def finetune_worker(args) -> dict:
     """Iteration times of ``train_segmentation`` in IDEAL finetuning mode."""
-    from IDEALTrain.training import train_segmentation
+    from IDEALTrain.training.finetune import train_segmentation
 
     cases = _cases(6)
     stamps: list[float] = []
@@ -52,11 +52,11 @@ def plain_worker(args) -> dict:
     """A textbook loop: one decoder, fp32, default memory format, SGD, Dice + CE, same slices per step."""
     import torch
 
-    from IDEALTrain.augment import augment_batch
-    from IDEALTrain.losses import dice_ce_loss
-    from IDEALTrain.networks import SegmentationNetwork
-    from IDEALTrain.predictor import resolve_device
-    from IDEALTrain.training import prepare_slices
+    from IDEALTrain.training.augment import augment_batch
+    from IDEALTrain.training.losses import dice_ce_loss
+    from IDEALTrain.model.networks import SegmentationNetwork
+    from IDEALTrain.inference.predictor import resolve_device
+    from IDEALTrain.training.finetune import prepare_slices
 
     device = resolve_device(args.device)
     config = _config(args, True, decoders=("unet",))

@@ -1,0 +1,306 @@
+"""Cine (4D) segmentation: every frame of a volume sequence, ED/ES from the LV volume curve, a measurements table.
+
+A cine is a ``vtkMRMLSequenceNode`` whose data nodes are scalar volumes. The result is a new
+sequence of segmentation nodes with the same index values, synchronised with the cine in a
+sequence browser (the cine's own browser when it has one), and a measurements table.
+
+As in :mod:`.inference`, the work is split so that a GUI can keep Slicer responsive:
+:func:`frame_images` reads the frames (main thread, cheap), :func:`predict_sequence` runs the
+network on them and touches no scene (worker thread, cancellable), and :func:`add_sequence_to_scene`
+adds the nodes (main thread) or, if anything fails, removes what it added. :func:`segment_sequence`
+does all three in one call. A cancel or an error leaves the scene as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import slicer
+
+from IDEALTrain.errors import IdealError
+from IDEALTrain.io.image import Image
+from IDEALTrain.labels import CARDIAC_LABELS
+from IDEALTrain.evaluation.metrics import label_volume_ml
+
+from .cancel import CancelToken, Cancelled
+from .inference import node_ids, predict_volume, remove_nodes_added_since
+from .measurements import cardiac_measurements, find_ed_es, measurements_table
+from .segmentations import Provenance, segmentation_from_labels
+from .scene_files import register_sequence_browser_class
+from .volumes import check_scalar_volume, image_from_volume, node_label, unique_node_name, volume_from_image, volume_grid
+
+if TYPE_CHECKING:  # torch-importing modules, only for annotations
+    from IDEALTrain.model.bundle import Bundle
+    from IDEALTrain.inference.predictor import Prediction, Predictor
+
+SEQUENCE_CLASS = "vtkMRMLSequenceNode"
+BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
+#: Share of segment_sequence's progress spent predicting (the rest builds the nodes).
+_PREDICTION_SHARE = 0.95
+#: What a cancelled cine reports ("segmenting the cine was cancelled; the scene is unchanged").
+_WHAT = "segmenting the cine"
+
+
+@dataclass
+class CineResult:
+    """What :func:`add_sequence_to_scene` added to the scene, and the numbers it measured."""
+
+    segmentation_sequence: object
+    browser: object | None  # None where no sequence browser can be made (no Sequences module)
+    frame_labels_ml: list[dict]  # per frame: segment ID -> volume in ml
+    ed_index: int
+    es_index: int
+    measurements: dict
+    table: object | None = None
+
+
+def is_cine(node: object) -> bool:
+    """True for a sequence node whose data nodes are (non-labelmap) scalar volumes."""
+    if node is None or not hasattr(node, "IsA") or not node.IsA(SEQUENCE_CLASS) or node.GetNumberOfDataNodes() == 0:
+        return False
+    first = node.GetNthDataNode(0)
+    return bool(
+        first.IsA("vtkMRMLScalarVolumeNode")
+        and not first.IsA("vtkMRMLLabelMapVolumeNode")
+        and not first.IsA("vtkMRMLTensorVolumeNode")
+    )
+
+
+def sequence_frames(sequence_node: object) -> list[object]:
+    """The volume nodes of a cine, in index order (they live in the sequence's own scene: read, never edit)."""
+    if sequence_node is None or not hasattr(sequence_node, "IsA") or not sequence_node.IsA(SEQUENCE_CLASS):
+        kind = sequence_node.GetClassName() if hasattr(sequence_node, "GetClassName") else type(sequence_node).__name__
+        raise IdealError(f"{kind} is not a sequence node: choose a cine (a volume sequence, e.g. a 4D NIfTI or cine DICOM)")
+    count = sequence_node.GetNumberOfDataNodes()
+    if count == 0:
+        raise IdealError(f"sequence {node_label(sequence_node)} has no frames")
+    frames = [sequence_node.GetNthDataNode(index) for index in range(count)]
+    for index, frame in enumerate(frames):
+        try:
+            check_scalar_volume(frame, allow_labelmap=False)
+        except IdealError as error:
+            raise IdealError(f"frame {index} of sequence {node_label(sequence_node)}: {error}") from None
+    return frames
+
+
+def sequence_from_images(
+    scene: object, images: Sequence[Image], name: str, index_name: str = "frame", index_unit: str = ""
+) -> object:
+    """A NEW cine in ``scene``: a sequence of scalar volumes holding ``images`` with their exact geometry.
+
+    For cines read outside MRML (e.g. ``IDEALTrain.io.volume_files.read_frames`` on a 4D file or a cine
+    DICOM folder). The index values are the frame numbers 0, 1, ...; the name is made unique. An
+    empty list or frames on different voxel grids are refused, and then nothing is added to the scene.
+    """
+    if scene is None:
+        raise IdealError("no scene to add the cine to")
+    images = list(images)
+    if not images:
+        raise IdealError(f"cine {name!r} has no frames: give at least one image")
+    for index, image in enumerate(images[1:], start=1):
+        if not image.same_grid(images[0]):
+            raise IdealError(
+                f"frame {index} of cine {name!r} is not on frame 0's voxel grid (size {image.size} vs "
+                f"{images[0].size}, or spacing/origin/direction differ): a cine's frames must share one grid"
+            )
+    sequence = slicer.vtkMRMLSequenceNode()
+    sequence.SetName(unique_node_name(scene, name))
+    sequence.SetIndexName(index_name)
+    sequence.SetIndexUnit(index_unit)
+    sequence.SetIndexType(slicer.vtkMRMLSequenceNode.NumericIndex)
+    # Each frame is built in a scratch scene and copied into the sequence: the scene sees only the sequence.
+    scratch = slicer.vtkMRMLScene()
+    try:
+        for index, image in enumerate(images):
+            sequence.SetDataNodeAtValue(volume_from_image(image, scratch, f"{sequence.GetName()} frame {index}"), str(index))
+    finally:
+        scratch.Clear(True)
+    scene.AddNode(sequence)
+    return sequence
+
+
+def _cine_frames(sequence_node: object) -> list[object]:
+    """The frames of a cine that can be segmented: in a scene, with at least two frames (for ED and ES)."""
+    frames = sequence_frames(sequence_node)
+    if sequence_node.GetScene() is None:
+        raise IdealError(f"sequence {node_label(sequence_node)} is not in a scene")
+    if len(frames) < 2:
+        raise IdealError(
+            f"sequence {node_label(sequence_node)} has only one frame: ED and ES need a cine with several "
+            "frames (segment a single volume instead)"
+        )
+    return frames
+
+
+def frame_images(sequence_node: object) -> list[Image]:
+    """Each frame's voxels (a copy) with its world geometry, in index order; main thread, no network."""
+    return [image_from_volume(frame, allow_labelmap=False) for frame in _cine_frames(sequence_node)]
+
+
+def predict_sequence(
+    images: Sequence[Image],
+    predictor: "Predictor",
+    progress: Callable[[float], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> list["Prediction"]:
+    """Run the predictor on every frame image; touches no scene, so it is safe in a worker thread.
+
+    ``progress`` gets the done fraction (0..1) over all frames; ``cancel`` is checked between frames
+    and between slice batches, raising :class:`~IDEALSegmentLib.cancel.Cancelled`. Only the labels
+    are needed per frame, so each prediction keeps its labels, device and time but drops its
+    class probabilities and uncertainty (an empty array and None): a long cine's probabilities
+    would otherwise take hundreds of MB.
+    """
+    report = progress or (lambda fraction: None)
+    report(0.0)
+    predictions = []
+    for index, image in enumerate(images):
+        if cancel is not None:
+            cancel.check(_WHAT)
+
+        def frame_progress(fraction: float, index: int = index) -> None:
+            report((index + fraction) / len(images))
+
+        try:
+            prediction = predict_volume(image, predictor, frame_progress, cancel)
+        except Cancelled:
+            if cancel is not None:
+                cancel.check(_WHAT)  # the token is set: raise the cine's own message
+            raise
+        classes = prediction.probabilities.shape[0]
+        predictions.append(replace(prediction, probabilities=np.empty((classes, 0, 0, 0), np.float32), uncertainty=None))
+    if cancel is not None:
+        cancel.check(_WHAT)
+    report(1.0)
+    return predictions
+
+
+def add_sequence_to_scene(sequence_node: object, predictions: Sequence["Prediction"], bundle: "Bundle") -> CineResult:
+    """A NEW segmentation sequence for the cine's ``predictions``, synchronised with it, and a measurements table; main thread.
+
+    ED and ES are the frames with the largest and smallest LV blood pool. The nodes record the
+    bundle's model id and version. If anything fails, every node this call added is removed (and the
+    cine's own browser no longer synchronises the segmentation) and the error is raised: the scene
+    is left as it was.
+    """
+    frames = _cine_frames(sequence_node)
+    if len(predictions) != len(frames):
+        raise IdealError(
+            f"sequence {node_label(sequence_node)} has {len(frames)} frames but {len(predictions)} were segmented: "
+            "it changed while segmenting; segment it again"
+        )
+    labels = [prediction.labels for prediction in predictions]
+    for index, (frame, frame_labels) in enumerate(zip(frames, labels)):
+        if not frame_labels.same_grid(volume_grid(frame)):
+            raise IdealError(
+                f"frame {index} of sequence {node_label(sequence_node)} is not on the grid it was segmented on: "
+                "it changed while segmenting; segment it again"
+            )
+    volumes_ml = [{label.segment_id: label_volume_ml(frame, label.value) for label in CARDIAC_LABELS} for frame in labels]
+    ed, es = find_ed_es([frame["LV"] for frame in volumes_ml])
+    measurements = {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}
+
+    scene = sequence_node.GetScene()
+    provenance = Provenance.now(bundle.model_id, bundle.version)
+    segmentation_sequence = _segmentation_sequence(sequence_node, frames, labels, provenance)
+    before = node_ids(scene)
+    existing = _cine_browser(scene, sequence_node)
+    try:
+        scene.AddNode(segmentation_sequence)
+        browser = _browse_together(scene, sequence_node, segmentation_sequence, existing)
+        table = measurements_table(scene, measurements, f"{sequence_node.GetName()} measurements")
+    except BaseException:
+        if existing is not None and existing.IsSynchronizedSequenceNodeID(segmentation_sequence.GetID(), False):
+            existing.RemoveSynchronizedSequenceNode(segmentation_sequence.GetID())
+        remove_nodes_added_since(scene, before)
+        raise
+    return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table)
+
+
+def segment_sequence(
+    sequence_node: object,
+    predictor: "Predictor",
+    *,
+    progress: Callable[[float], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> CineResult:
+    """Segment every frame of a cine with ``predictor`` (an IDEALTrain Predictor), all in one call.
+
+    :func:`frame_images`, :func:`predict_sequence` and :func:`add_sequence_to_scene` in turn, on the
+    calling thread. ``progress`` gets 0..1; cancelling raises
+    :class:`~IDEALSegmentLib.cancel.Cancelled` and leaves the scene unchanged.
+    """
+    images = frame_images(sequence_node)
+    scaled = None if progress is None else (lambda fraction: progress(_PREDICTION_SHARE * fraction))
+    predictions = predict_sequence(images, predictor, scaled, cancel)
+    result = add_sequence_to_scene(sequence_node, predictions, predictor.bundle)
+    if progress is not None:
+        progress(1.0)
+    return result
+
+
+def _segmentation_sequence(sequence_node: object, frames: list[object], labels: list, provenance: Provenance) -> object:
+    """A sequence node (not yet in any scene) holding one segmentation per frame, at the cine's index values."""
+    scene = sequence_node.GetScene()
+    sequence = slicer.vtkMRMLSequenceNode()
+    sequence.SetName(unique_node_name(scene, f"{sequence_node.GetName()} segmentation"))
+    sequence.SetIndexName(sequence_node.GetIndexName())
+    sequence.SetIndexUnit(sequence_node.GetIndexUnit())
+    sequence.SetIndexType(sequence_node.GetIndexType())
+    sequence.SetNumericIndexValueTolerance(sequence_node.GetNumericIndexValueTolerance())
+    for key, value in provenance.items():
+        sequence.SetAttribute(key, value)
+    # Each segmentation is built in a scratch scene on a copy of its frame's grid, then copied
+    # into the sequence: the user's scene sees none of it.
+    scratch = slicer.vtkMRMLScene()
+    for index, (frame, frame_labels) in enumerate(zip(frames, labels)):
+        name = frame.GetName() or f"frame {index}"
+        reference = volume_from_image(frame_labels, scratch, name)  # the frame's grid (labels lie on it)
+        segmentation = segmentation_from_labels(frame_labels, reference, CARDIAC_LABELS, provenance, name=f"{name} segmentation")
+        sequence.SetDataNodeAtValue(segmentation, sequence_node.GetNthIndexValue(index))
+    scratch.Clear(True)
+    return sequence
+
+
+def _cine_browser(scene: object, volume_sequence: object) -> object | None:
+    """The sequence browser that already shows the cine (as after loading a 4D file), None if there is none."""
+    if not scene.IsNodeClassRegistered(BROWSER_CLASS):
+        return None
+    browsers = [node for node in _nodes_of_class(scene, BROWSER_CLASS) if node.IsSynchronizedSequenceNodeID(volume_sequence.GetID(), True)]
+    return browsers[0] if browsers else None
+
+
+def _browse_together(scene: object, volume_sequence: object, segmentation_sequence: object, existing: object | None) -> object | None:
+    """Synchronise the segmentation sequence with the cine's ``existing`` browser, or with a new one.
+
+    Plain slicer-core has no Sequences module logic: the browser class is registered here (as that
+    logic does) and the proxy nodes are made by a scene-less Sequences logic, which in Slicer merely
+    repeats what the module's own logic does. None without any Sequences support.
+    """
+    if not hasattr(slicer, "vtkSlicerSequencesLogic"):
+        return None  # no Sequences module at all: the sequence alone is the result
+    if existing is not None:
+        browser = existing
+        browser.AddSynchronizedSequenceNodeID(segmentation_sequence.GetID())
+    else:
+        register_sequence_browser_class(scene)
+        browser = scene.AddNewNodeByClass(BROWSER_CLASS, unique_node_name(scene, f"{volume_sequence.GetName()} browser"))
+        browser.SetAndObserveMasterSequenceNodeID(volume_sequence.GetID())
+        browser.AddSynchronizedSequenceNodeID(segmentation_sequence.GetID())
+        browser.SetSelectedItemNumber(0)
+    slicer.vtkSlicerSequencesLogic().UpdateProxyNodesFromSequences(browser)
+    _follow_volume_transform(browser, volume_sequence, segmentation_sequence)
+    return browser
+
+
+def _follow_volume_transform(browser: object, volume_sequence: object, segmentation_sequence: object) -> None:
+    """Put the segmentation proxy under the cine proxy's parent transform, so they overlay in any frame."""
+    volume_proxy = browser.GetProxyNode(volume_sequence)
+    segmentation_proxy = browser.GetProxyNode(segmentation_sequence)
+    if volume_proxy is not None and segmentation_proxy is not None:
+        segmentation_proxy.SetAndObserveTransformNodeID(volume_proxy.GetTransformNodeID())
+
+
+def _nodes_of_class(scene: object, class_name: str) -> list[object]:
+    return [scene.GetNthNodeByClass(index, class_name) for index in range(scene.GetNumberOfNodesByClass(class_name))]

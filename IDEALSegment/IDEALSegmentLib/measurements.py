@@ -1,0 +1,143 @@
+"""Cardiac function from label maps: ED/ES frames, LV/RV volumes, ejection fractions, myocardial mass.
+
+The numbers come from :func:`IDEALTrain.evaluation.metrics.cardiac_function` (so the Slicer module, the batch
+CLI and the benchmarks agree); this module picks the frames, reads labels back from segmentation
+nodes and puts the results into a table node that Slicer shows and saves.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import vtk
+
+from IDEALTrain.errors import IdealError
+from IDEALTrain.io.image import Image
+from IDEALTrain.labels import CARDIAC_LABELS
+from IDEALTrain.evaluation.metrics import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function
+
+from .segmentations import labels_from_segmentation
+from .volumes import unique_node_name
+
+#: Measurement key -> (row name, unit), in table order. Keys are those of ``cardiac_function``
+#: plus the frame indices a cine adds.
+MEASUREMENTS: dict[str, tuple[str, str]] = {
+    "lv_edv_ml": ("LV end-diastolic volume (EDV)", "ml"),
+    "lv_esv_ml": ("LV end-systolic volume (ESV)", "ml"),
+    "lv_sv_ml": ("LV stroke volume (SV)", "ml"),
+    "lv_ef_percent": ("LV ejection fraction (EF)", "%"),
+    "rv_edv_ml": ("RV end-diastolic volume (EDV)", "ml"),
+    "rv_esv_ml": ("RV end-systolic volume (ESV)", "ml"),
+    "rv_sv_ml": ("RV stroke volume (SV)", "ml"),
+    "rv_ef_percent": ("RV ejection fraction (EF)", "%"),
+    "myocardial_mass_g": (f"LV myocardial mass at ED ({MYOCARDIAL_DENSITY_G_PER_ML} g/ml)", "g"),
+    "ed_frame": ("End-diastolic (ED) frame", "frame index"),
+    "es_frame": ("End-systolic (ES) frame", "frame index"),
+}
+
+_VALID_LABELS = [0] + [label.value for label in CARDIAC_LABELS]
+
+
+def find_ed_es(lv_volumes_ml: Sequence[float]) -> tuple[int, int]:
+    """(ED, ES) frame indices: the largest and the smallest LV blood-pool volume (first on ties)."""
+    curve = np.asarray(list(lv_volumes_ml), dtype=np.float64)
+    if curve.ndim != 1 or curve.size < 2:
+        raise IdealError(
+            f"finding end-diastole and end-systole needs the LV volume of at least 2 frames, got {curve.size}: "
+            "segment a cine with several frames, or choose the ED and ES frames yourself"
+        )
+    if not np.all(np.isfinite(curve)) or np.any(curve < 0):
+        raise IdealError(f"LV volumes must be finite and >= 0 ml, got {curve.tolist()}")
+    if curve.max() <= 0:
+        raise IdealError(
+            f"no LV blood pool was found in any of the {curve.size} frames: check that the cine is a "
+            "short-axis stack through the ventricles and that the model suits it"
+        )
+    if curve.max() == curve.min():
+        raise IdealError(
+            f"the LV volume is {curve[0]:.3g} ml in every frame: end-diastole and end-systole cannot be told "
+            "apart; check the cine has frames across the whole heart cycle"
+        )
+    return int(np.argmax(curve)), int(np.argmin(curve))
+
+
+def _check_labels(labels: Image, what: str) -> None:
+    """Refuse anything that is not a cardiac label map (values 0-3)."""
+    if not isinstance(labels, Image):
+        raise IdealError(f"the {what} labels must be an Image, got {type(labels).__name__}")
+    unknown = np.setdiff1d(np.unique(labels.array), _VALID_LABELS)
+    if unknown.size:
+        raise IdealError(
+            f"the {what} labels hold values {unknown.tolist()} that are not cardiac labels {_VALID_LABELS} "
+            "(0 background, 1 RV, 2 LV myocardium, 3 LV blood pool)"
+        )
+
+
+def cardiac_measurements(ed_labels: Image, es_labels: Image) -> dict[str, float | None]:
+    """LV/RV EDV, ESV, SV (ml), EF (%) and LV myocardial mass at ED (g); EF is None when EDV is 0."""
+    _check_labels(ed_labels, "end-diastolic")
+    _check_labels(es_labels, "end-systolic")
+    return cardiac_function(ed_labels, es_labels)
+
+
+def measurements_from_segmentations(ed_segmentation: object, ed_volume: object, es_segmentation: object, es_volume: object) -> dict:
+    """:func:`cardiac_measurements` of two segmentation nodes, each read back on its own volume's grid."""
+    ed_labels = labels_from_segmentation(ed_segmentation, ed_volume, CARDIAC_LABELS)
+    es_labels = labels_from_segmentation(es_segmentation, es_volume, CARDIAC_LABELS)
+    return cardiac_measurements(ed_labels, es_labels)
+
+
+def _table_value(key: str, value: object) -> float:
+    """A measurement as a float for the table (NaN when undefined); refuses non-numbers."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise IdealError(f"measurement {key!r} must be a number or None, got {value!r}")
+    return float(value)
+
+
+def measurements_table(scene: object, measurements: dict, name: str = "IDEALSegment measurements") -> object:
+    """A NEW table node (unique name) with one row per measurement: Measurement, Value, Unit.
+
+    Rows follow :data:`MEASUREMENTS` order; an undefined value (e.g. EF with no LV) is left empty.
+    """
+    if scene is None:
+        raise IdealError("no scene to add the measurements table to")
+    unknown = [key for key in measurements if key not in MEASUREMENTS]
+    if unknown:
+        raise IdealError(f"unknown measurements {unknown}; known ones are {list(MEASUREMENTS)}")
+    if not measurements:
+        raise IdealError("no measurements to put in a table")
+    rows = [(key, _table_value(key, measurements[key])) for key in MEASUREMENTS if key in measurements]
+    names, values, units = vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkStringArray()
+    names.SetName("Measurement")
+    values.SetName("Value")
+    units.SetName("Unit")
+    for key, value in rows:
+        names.InsertNextValue(MEASUREMENTS[key][0])
+        values.InsertNextValue(value)
+        units.InsertNextValue(MEASUREMENTS[key][1])
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_node_name(scene, name))
+    was_modifying = table.StartModify()
+    for column in (names, values, units):
+        table.AddColumn(column)
+    table.SetColumnDescription("Value", "empty where undefined (e.g. EF when the EDV is 0)")
+    table.EndModify(was_modifying)
+    return table
+
+
+def table_measurements(table: object) -> dict[str, float | None]:
+    """The measurements held in a table made by :func:`measurements_table` (NaN read back as None)."""
+    by_name = {row_name: key for key, (row_name, _) in MEASUREMENTS.items()}
+    result: dict[str, float | None] = {}
+    contents = table.GetTable()
+    names, values = contents.GetColumnByName("Measurement"), contents.GetColumnByName("Value")
+    if names is None or values is None:
+        raise IdealError(f"table '{table.GetName()}' has no Measurement and Value columns: it is not a measurements table")
+    for row in range(contents.GetNumberOfRows()):
+        key = by_name.get(names.GetValue(row))
+        if key is not None:
+            value = float(values.GetValue(row))
+            result[key] = None if math.isnan(value) else value
+    return result

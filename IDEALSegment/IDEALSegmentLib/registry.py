@@ -1,0 +1,245 @@
+"""Installed segmentation models: bundles shipped with the extension plus those the user registered.
+
+Shipped bundles live in ``IDEALSegment/Resources/Models/<folder>/`` (card.json + model.safetensors,
+or a .zip of them); the user's in a per-user folder (:func:`default_user_dir`). Every bundle is
+verified when listed (card, weights checksum, architecture); a broken one is described in
+:attr:`ModelRegistry.problems` instead of stopping the listing. A registered bundle is copied in as a
+new version and never replaces an installed one. ``IDEALTrain.model.bundle`` (which needs torch) is
+imported only when bundles are read, so the GUI can import this module before PyTorch is installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from IDEALTrain.errors import IdealError
+
+#: Bundles shipped with the extension (the default model lands in idealsegment-acdc-<version>/).
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+DEFAULT_MODEL_ID = "idealsegment-acdc"
+#: Environment variable overriding the per-user model folder.
+USER_DIR_VARIABLE = "IDEALSEGMENT_MODELS_DIR"
+SOURCES = ("shipped", "user")
+
+
+def _bundle_module():
+    """IDEALTrain.model.bundle, imported on first use (it needs torch)."""
+    try:
+        from IDEALTrain.model import bundle
+    except ModuleNotFoundError as error:
+        raise IdealError(f"cannot read model bundles: Python package '{error.name}' is not installed (install PyTorch first)") from None
+    return bundle
+
+
+def default_user_dir() -> Path:
+    """The per-user model folder: $IDEALSEGMENT_MODELS_DIR, else the platform's user data folder."""
+    override = os.environ.get(USER_DIR_VARIABLE)
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "IDEALSegment" / "Models"
+
+
+def version_key(version: str) -> tuple:
+    """Sort key comparing versions numerically: 1.10.0 > 1.9.0 > 1.9.0-rc1 > 1.9."""
+    main, _, suffix = version.strip().partition("-")
+    main, _, _build = main.partition("+")
+    numbers = []
+    for part in main.split("."):
+        numbers.append((int(part), "") if part.isdigit() else (-1, part))
+    return (tuple(numbers), 0 if suffix else 1, suffix)
+
+
+def next_patch_version(version: str) -> str:
+    """``1.2.3`` -> ``1.2.4``; a version without a numeric patch part gets ``.1`` appended."""
+    main = re.split(r"[-+]", version.strip(), maxsplit=1)[0]
+    parts = main.split(".")
+    if parts and parts[-1].isdigit() and len(parts) >= 3:
+        return ".".join(parts[:-1] + [str(int(parts[-1]) + 1)])
+    return f"{main}.1"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One installed, verified segmentation model."""
+
+    model_id: str
+    version: str
+    path: Path
+    source: str  # "shipped" or "user"
+    card: dict = field(compare=False, repr=False)
+
+    @property
+    def display_name(self) -> str:
+        """``<id> <version>`` plus ``(yours)`` for a user-registered model, for selectors."""
+        return f"{self.model_id} {self.version}" + (" (yours)" if self.source == "user" else "")
+
+    @property
+    def validation_dice(self) -> float | None:
+        """Mean validation Dice recorded in the card, None when it has none."""
+        validation = self.card.get("validation") or {}
+        for value in (validation.get("dice"), (validation.get("mean") or {}).get("dice"), validation.get("mean_dice")):
+            if isinstance(value, (int, float)):
+                return float(value)
+        return None
+
+    @property
+    def training_summary(self) -> str:
+        """One line on how the model was trained (data, labels, iterations), from the card."""
+        training = self.card.get("training") or {}
+        recipe = training.get("recipe") or {}
+        parts = []
+        data = training.get("labeled_data") or training.get("data")
+        if data:
+            parts.append(f"data {data}")
+        if training.get("selection"):
+            parts.append(f"labelled: {training['selection']}")
+        if training.get("unlabeled_data"):
+            parts.append(f"unlabelled {training['unlabeled_data']}")
+        if recipe.get("iterations"):
+            parts.append(f"{recipe['iterations']} iterations")
+        dice = self.validation_dice
+        if dice is not None:
+            parts.append(f"validation Dice {dice:.3f}")
+        if self.card.get("created"):
+            parts.append(f"created {self.card['created']}")
+        return "; ".join(parts) or "no training information in the card"
+
+
+class ModelRegistry:
+    """The shipped and user model folders, read afresh on every :meth:`entries` call."""
+
+    def __init__(self, user_dir: Path | None = None, shipped_dir: Path = SHIPPED_MODELS_DIR) -> None:
+        self.user_dir = Path(user_dir) if user_dir is not None else default_user_dir()
+        self.shipped_dir = Path(shipped_dir)
+        self.problems: list[str] = []
+        self._verified: dict[tuple, dict] = {}  # (path, mtimes) -> card, so listing again is cheap
+
+    # -- listing --------------------------------------------------------------------------------
+    def entries(self) -> list[ModelEntry]:
+        """Every valid model, by id then newest version first; broken bundles go to ``problems``."""
+        self.problems = []
+        found: dict[tuple[str, str], ModelEntry] = {}
+        for source, folder in (("shipped", self.shipped_dir), ("user", self.user_dir)):
+            for path in _bundle_paths(folder):
+                try:
+                    card = self._verified_card(path)
+                except IdealError as error:
+                    self.problems.append(str(error))
+                    continue
+                except OSError as error:
+                    self.problems.append(f"{path}: cannot be read ({error.strerror or error})")
+                    continue
+                entry = ModelEntry(str(card.get("id", "")), str(card.get("version", "")), path, source, card)
+                key = (entry.model_id, entry.version)
+                if key in found:
+                    self.problems.append(f"{path}: model {entry.model_id} {entry.version} is also installed at {found[key].path}; ignored")
+                    continue
+                found[key] = entry
+        newest_first = sorted(found.values(), key=lambda e: version_key(e.version), reverse=True)
+        return sorted(newest_first, key=lambda e: e.model_id)  # stable: versions stay newest first
+
+    def _verified_card(self, path: Path) -> dict:
+        """The card of a bundle after a full verification (cached while its files are unchanged)."""
+        bundle = _bundle_module()
+        files = (path / bundle.CARD_NAME, path / bundle.WEIGHTS_NAME)
+        stamp = (path, path.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in files if p.exists()))
+        if stamp not in self._verified:
+            card = bundle.read_card(path)
+            if card.get("kind", "segmentation") != "segmentation":
+                raise IdealError(f"{path}: is a {card['kind']} bundle, not a segmentation model (finetune it first)")
+            if not card.get("id") or not card.get("version"):
+                raise IdealError(f"{path}: {bundle.CARD_NAME} has no model id or version")
+            bundle.load_bundle(path)  # checksum, label map, weights against the architecture
+            self._verified[stamp] = card
+        return self._verified[stamp]
+
+    def find(self, model_id: str, version: str | None = None) -> ModelEntry:
+        """The model with this id (the highest version when ``version`` is None)."""
+        entries = self.entries()
+        matching = [e for e in entries if e.model_id == model_id]
+        if not matching:
+            installed = sorted({e.model_id for e in entries})
+            raise IdealError(f"no model '{model_id}' is installed (installed: {', '.join(installed) or 'none'})")
+        if version is None:
+            return matching[0]  # entries() lists the newest version first
+        for entry in matching:
+            if entry.version == version:
+                return entry
+        raise IdealError(f"model '{model_id}' has no version {version} (installed: {', '.join(e.version for e in matching)})")
+
+    def default(self) -> ModelEntry:
+        """The shipped default model if installed, else the most recently created model."""
+        entries = self.entries()
+        shipped = [e for e in entries if e.model_id == DEFAULT_MODEL_ID and e.source == "shipped"]
+        if shipped:
+            return shipped[0]
+        if entries:
+            return max(entries, key=lambda e: (str(e.card.get("created", "")), version_key(e.version)))
+        raise IdealError(
+            f"no segmentation model is installed: put a model bundle folder (card.json + model.safetensors) into "
+            f"{self.shipped_dir} or {self.user_dir}, or register a trained bundle (IDEALSegment > Models > Add)"
+        )
+
+    # -- adding ---------------------------------------------------------------------------------
+    def register(self, bundle_path: str | Path, version: str | None = None) -> ModelEntry:
+        """Copy a trained bundle into the user folder as a NEW version; never replaces one.
+
+        With ``version`` given, that version must be free (else an error). Without it the card's
+        version is used, or, when that is taken, the next free patch version (1.0.0 -> 1.0.1 ...).
+        The copy's card records the new version and where it came from; it appears atomically.
+        """
+        files = _bundle_module()
+        source = Path(bundle_path)
+        bundle = files.load_bundle(source)  # refuses anything broken before a byte is copied
+        if bundle.kind != "segmentation":
+            raise IdealError(f"{source}: is a {bundle.kind} bundle, not a segmentation model; finetune it first")
+        card_text, weights = files._read_bundle_files(source)  # the verified bytes, folder or .zip
+        card = json.loads(card_text)
+        taken = {e.version for e in self.entries() if e.model_id == bundle.model_id}
+        if version is not None:
+            if version in taken:
+                raise IdealError(f"model {bundle.model_id} version {version} is already installed; choose another version")
+            new_version = version
+        else:
+            new_version = bundle.version
+            while new_version in taken:
+                new_version = next_patch_version(new_version)
+        card["version"] = new_version
+        card["registered_from"] = {"path": str(source.resolve()), "version": bundle.version}
+        self.user_dir.mkdir(parents=True, exist_ok=True)
+        target = self.user_dir / _folder_name(bundle.model_id, new_version)
+        if target.exists():
+            raise IdealError(f"{target} already exists; remove it or register under another version")
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.user_dir))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
+        try:
+            (staging / files.WEIGHTS_NAME).write_bytes(weights)
+            (staging / files.CARD_NAME).write_text(json.dumps(card, indent=2))
+            os.rename(staging, target)  # the whole folder appears at once, or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return ModelEntry(bundle.model_id, new_version, target, "user", card)
+
+
+def _folder_name(model_id: str, version: str) -> str:
+    """A safe folder name ``<id>-<version>`` (other characters become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
+
+
+def _bundle_paths(folder: Path) -> list[Path]:
+    """Candidate bundles in a models folder: sub-folders and .zip files, hidden ones skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() == ".zip"))

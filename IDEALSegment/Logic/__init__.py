@@ -1,6 +1,0 @@
-"""IDEALSegmentLogic: MRML nodes <-> IDEALTrain with exact geometry; no Qt, no slicer.app.
-
-Imported as ``IDEALSegmentLogic`` everywhere (see README.md here); submodules are imported
-explicitly (``from IDEALSegmentLogic.volumes import image_from_volume``) so that importing the
-package itself stays cheap and does not need Slicer.
-"""

@@ -1,0 +1,1 @@
+"""Metrics (Dice, HD95, ASD, cardiac function) and quick-look overlays."""

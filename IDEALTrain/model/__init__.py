@@ -1,0 +1,1 @@
+"""The networks and what a model bundle carries: weights, card, pre- and postprocessing."""

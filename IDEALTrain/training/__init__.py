@@ -1,0 +1,1 @@
+"""Training: supervised and two-stream finetuning, IDEAL pretraining, checkpoints, progress."""
