@@ -8,7 +8,9 @@ Run it inside Slicer or in plain Python with slicer-core installed::
 IN is a volume file, a DICOM folder, or a folder of volume files (or of DICOM sub-folders). Each
 case is loaded into a fresh scene, segmented with IDEALSegmentLib.inference.segment_volume and
 written to OUT/<case>.seg.nrrd. A failing case is reported and skipped; the exit status is the
-number of failed cases (at most 125), 2 for unusable arguments.
+number of failed cases (at most 125; at least 1 when the measurements CSV is not written), 2 for
+unusable arguments (a bad --output or existing CSV is found before any case is segmented). A case
+is written whole or not at all.
 
 A cine case (a 4D NIfTI/NRRD file, or a DICOM series with several cardiac phases) becomes a volume
 sequence segmented frame by frame with IDEALSegmentLib.cine (as ``segment_sequence`` does) and is
@@ -24,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
-
 
 # Slicer's --python-script may not set __file__ or put this folder on sys.path. Installed, this file
 # sits one folder below the modules (qt-scripted-modules/IDEALSegmentBatch/), in the source tree beside them.
@@ -36,19 +38,20 @@ sys.path.insert(0, str(next((d for d in (_here, _here.parent) if (d / "IDEALSegm
 import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLib by name
 
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.io.volume_files import VOLUME_SUFFIXES, has_volume_suffix  # noqa: E402
+from IDEALTrain.io.volume_files import (  # noqa: E402
+    SEGMENTATION_SUFFIX,
+    VOLUME_SUFFIXES,
+    frame_path,
+    has_volume_suffix,
+    strip_volume_suffix,
+)
 
 MAX_EXIT_STATUS = 125  # higher statuses mean "killed by a signal" or "command not found" to shells
-SEGMENTATION_SUFFIX = ".seg.nrrd"
 
 
 def case_name(path: Path) -> str:
     """A case's name: the file name without its volume suffix (``a.nii.gz`` -> ``a``), or the folder name."""
-    name = path.name
-    for suffix in (SEGMENTATION_SUFFIX,) + VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_volume_suffix(path.name)
 
 
 def find_cases(source: Path) -> list[Path]:
@@ -70,24 +73,16 @@ def find_cases(source: Path) -> list[Path]:
 
 
 def read_case_frames(path: Path) -> list | None:
-    """The frames of a DICOM folder or a 4D file (IDEALTrain.read_frames); None for a 3D file.
+    """The frames of a DICOM folder or a 4D file (IDEALTrain's readers); None for a 3D file.
 
     3D files are left to MRML storage (:func:`load_case`), so single volumes stay voxel-exact to
-    ``idealtrain segment``; only the header is read to tell them apart.
+    ``idealtrain segment``. A file is checked whole once (a truncated or corrupt file is refused,
+    which ITK would otherwise read with zeros for the missing voxels); a 4D one is then read with
+    the same header reader.
     """
-    import SimpleITK as sitk
-    from IDEALTrain.io.volume_files import read_frames
+    from IDEALTrain.io.volume_files import read_cine_file, read_frames
 
-    if path.is_file():
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return None  # unreadable: MRML storage reports it as it does for any bad file
-        if reader.GetDimension() != 4:
-            return None
-    return read_frames(path)
+    return read_cine_file(path) if path.is_file() else read_frames(path)
 
 
 def load_case(scene: object, path: Path, frames: list | None = None) -> object:
@@ -101,8 +96,8 @@ def load_case(scene: object, path: Path, frames: list | None = None) -> object:
 
 
 def frame_file_name(case: str, frame: int) -> str:
-    """``<case>_frameNN.seg.nrrd``: as ``idealtrain segment --all-frames`` names frame outputs."""
-    return f"{case}_frame{frame:02d}{SEGMENTATION_SUFFIX}"
+    """``<case>_frameNN.seg.nrrd``: as ``idealtrain segment --all-frames`` names frame outputs (one rule)."""
+    return frame_path(case + SEGMENTATION_SUFFIX, frame).name
 
 
 def _progress(total: int):
@@ -118,87 +113,96 @@ def segment_case(path: Path, args: argparse.Namespace, predictor: object) -> dic
     """Segment one case (a volume or a cine) into its own scene and write its files; a row of the summary.
 
     Every output file is checked before any is written: existing ones are refused without --overwrite.
+    If a later file of the case fails, the files the case already wrote are removed: a case is
+    written whole or not at all, so a rerun is not refused by its leftovers.
     """
     import slicer
-
-    from IDEALSegmentLib.inference import segment_volume
-    from IDEALSegmentLib.scene_files import save_node, save_scene_bundle
-    from IDEALSegmentLib.segmentations import labels_from_segmentation
 
     frames = read_case_frames(path)
     outputs = _outputs(path, args, len(frames) if frames is not None and len(frames) > 1 else 0)
-    if "frames" in outputs:
-        return segment_cine(path, frames, args, predictor, outputs)
+    written: list[Path] = []
     scene = slicer.vtkMRMLScene()
     try:
-        volume = load_case(scene, path, frames)
-        result = segment_volume(volume, predictor, with_uncertainty=args.mrb is not None)
-        save_node(result.segmentation, outputs["segmentation"], overwrite=args.overwrite)
-        if "mrb" in outputs:
-            save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite)
-        row = {"case": case_name(path), "status": "ok", "seconds": result.seconds, "summary": result.summary()}
-        if args.measurements_csv is not None:
-            row["labels"] = labels_from_segmentation(result.segmentation, volume, predictor.bundle.labels)
-        return row
+        if "frames" in outputs:
+            return _segment_cine(scene, path, frames, args, predictor, outputs, written)
+        return _segment_volume(scene, path, frames, args, predictor, outputs, written)
+    except BaseException:
+        for output in written:
+            output.unlink(missing_ok=True)
+        raise
     finally:
         scene.Clear(True)
 
 
-def segment_cine(path: Path, frames: list, args: argparse.Namespace, predictor: object, outputs: dict) -> dict:
-    """Segment every frame of a cine as IDEALSegmentLib.cine does and write one .seg.nrrd per frame.
+def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, written: list) -> dict:
+    """One 3D volume: IDEALSegmentLib.inference.segment_volume, as the module's Segment button."""
+    from IDEALSegmentLib.inference import segment_volume
+    from IDEALSegmentLib.scene_files import save_scene_bundle
+    from IDEALSegmentLib.segmentations import labels_from_segmentation
 
-    The steps of ``cine.segment_sequence`` are run one by one so that a cine whose ED/ES cannot be
-    found (no LV in any frame, the same LV volume in all) still gets its per-frame segmentations:
-    then the case is "ok" with a note, and no .mrb and no ED/ES measurements are written.
+    volume = load_case(scene, path, frames)
+    result = segment_volume(volume, predictor, with_uncertainty=args.mrb is not None)
+    refined = None
+    if getattr(args, "clicks", None) is not None:  # scripted review: <case>.clicks.json refines the draft in place
+        from IDEALSegmentLib.refinement import refine_with_clicks_file
+
+        refined = refine_with_clicks_file(volume, result.segmentation, args.clicks / f"{case_name(path)}.clicks.json", predictor)
+    labels = labels_from_segmentation(result.segmentation, volume, predictor.bundle.labels)
+    written.append(write_segmentation(result.segmentation, labels, outputs["segmentation"], predictor.bundle.labels))
+    if "mrb" in outputs:
+        written.append(save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite))
+    row = {"case": case_name(path), "status": "ok", "seconds": result.seconds,
+           "summary": result.summary() + (f"; {refined}" if refined else "")}
+    if args.measurements_csv is not None:
+        row["labels"] = labels
+    return row
+
+
+def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dict, written: list) -> dict:
+    """A cine: IDEALSegmentLib.cine.segment_sequence, as the module does, writing one .seg.nrrd per frame.
+
+    A cine whose ED/ES cannot be found (no LV in any frame, the same LV volume in all) still gets its
+    per-frame segmentations: the case is "ok" with a note, and no .mrb and no ED/ES row are written.
     """
-    import slicer
-
-    from IDEALSegmentLib.cine import add_sequence_to_scene, frame_images, predict_sequence, sequence_from_images
-    from IDEALSegmentLib.scene_files import save_node, save_scene_bundle
-    from IDEALSegmentLib.segmentations import Provenance, segmentation_from_labels
-    from IDEALSegmentLib.volumes import volume_from_image
+    from IDEALSegmentLib.cine import segment_sequence, sequence_from_images
+    from IDEALSegmentLib.scene_files import save_scene_bundle
+    from IDEALSegmentLib.segmentations import labels_from_segmentation
 
     name = case_name(path)
     start = time.perf_counter()
-    scene = slicer.vtkMRMLScene()
-    try:
-        sequence = sequence_from_images(scene, frames, name)
-        predictions = predict_sequence(frame_images(sequence), predictor)
-        try:
-            result = add_sequence_to_scene(sequence, predictions, predictor.bundle)
-        except IdealError as error:  # the scene is as before: the cine alone
-            result, problem = None, str(error)
-        if result is not None:
-            segmentations = [result.segmentation_sequence.GetNthDataNode(n) for n in range(len(frames))]
-        else:
-            provenance = Provenance.now(predictor.bundle.model_id, predictor.bundle.version)
-            segmentations = []
-            for index, prediction in enumerate(predictions):
-                reference = volume_from_image(prediction.labels, scene, f"{name} frame {index}")
-                segmentations.append(segmentation_from_labels(
-                    prediction.labels, reference, predictor.bundle.labels, provenance, name=f"{name} frame {index} segmentation"))
-        for segmentation, target in zip(segmentations, outputs["frames"]):
-            save_node(segmentation, target, overwrite=args.overwrite)
-        if "mrb" in outputs and result is not None:
-            save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite)
-        seconds = time.perf_counter() - start
-        row = {"case": name, "status": "ok", "seconds": seconds, "frames": len(frames)}
-        if result is not None:
-            row["ed_frame"], row["es_frame"] = result.ed_index, result.es_index
-            row["summary"] = f"cine of {len(frames)} frames, ED frame {result.ed_index}, ES frame {result.es_index}"
-            row["measurements"] = result.measurements
-        else:
-            row["summary"] = f"cine of {len(frames)} frames, segmented; no ED/ES (see note)"
-            row["note"] = f"{name}: no ED/ES measurements{' and no .mrb' if 'mrb' in outputs else ''} ({problem})"
-        if args.measurements_csv is not None:
-            row["frame_labels"] = [prediction.labels for prediction in predictions]
-        return row
-    finally:
-        scene.Clear(True)
+    cine = sequence_from_images(scene, frames, name)
+    result = segment_sequence(cine, predictor, require_ed_es=False)
+    for index, target in enumerate(outputs["frames"]):
+        segmentation = result.segmentation_sequence.GetNthDataNode(index)
+        labels = labels_from_segmentation(segmentation, cine.GetNthDataNode(index), predictor.bundle.labels)
+        written.append(write_segmentation(segmentation, labels, target, predictor.bundle.labels))
+    if "mrb" in outputs and not result.note:
+        written.append(save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite))
+    row = {"case": name, "status": "ok", "seconds": time.perf_counter() - start, "frames": len(frames),
+           "frame_ml": result.frame_labels_ml}
+    if not result.note:
+        row["summary"] = f"cine of {len(frames)} frames, ED frame {result.ed_index}, ES frame {result.es_index}"
+        row["measurements"] = result.measurements
+    else:
+        row["summary"] = f"cine of {len(frames)} frames, segmented; no ED/ES (see note)"
+        row["note"] = f"{name}: no ED/ES measurements{' and no .mrb' if 'mrb' in outputs else ''} ({result.note})"
+    return row
+
+
+def write_segmentation(segmentation: object, labels: object, path: Path, label_map: tuple) -> Path:
+    """A case's .seg.nrrd through IDEALTrain's one writer (as ``idealtrain segment``), tagged with the node's provenance."""
+    from IDEALSegmentLib.segmentations import read_provenance
+
+    from IDEALTrain.io.volume_files import write_image
+
+    provenance = read_provenance(segmentation)
+    return write_image(labels, path, tuple(label_map), dict(provenance.items()) if provenance else None)
 
 
 def _outputs(path: Path, args: argparse.Namespace, frames: int = 0) -> dict:
     """Output files of one case (``frames`` > 0: a cine's per-frame files), refused up front when any exists."""
+    from IDEALTrain.io.atomic import check_outputs
+
     name = case_name(path)
     if frames:
         outputs = {"frames": [args.output / frame_file_name(name, n) for n in range(frames)]}
@@ -206,53 +210,46 @@ def _outputs(path: Path, args: argparse.Namespace, frames: int = 0) -> dict:
         outputs = {"segmentation": args.output / f"{name}{SEGMENTATION_SUFFIX}"}
     if args.mrb is not None:
         outputs["mrb"] = args.mrb / f"{name}.mrb"
-    paths = [p for value in outputs.values() for p in (value if isinstance(value, list) else [value])]
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not args.overwrite:
-        raise IdealError(f"output already exists: {', '.join(existing)}; pass --overwrite to replace it")
+    check_outputs([p for value in outputs.values() for p in (value if isinstance(value, list) else [value])], args.overwrite)
     return outputs
 
 
 def write_measurements(rows: list[dict], path: Path, label_map: tuple, overwrite: bool) -> str:
-    """Per-case label volumes (ml); with IDEALSegmentLib.measurements, ED/ES function per case pair.
+    """Per-case label volumes (ml), and ED/ES function per case pair and per cine; a note for the summary.
 
     Cases named ``<name>_ED`` and ``<name>_ES`` (ACDC and phantom naming) form a pair whose row gets
     ejection fractions and mass from ``measurements.cardiac_measurements``. A cine case gives a
     ``<case>_frameNN`` volume row per frame and a ``<case> (cine ED/ES)`` row with its measurements
-    (none where ED/ES could not be found). Returns a note for the summary.
+    (none where ED/ES could not be found).
     """
-    from IDEALTrain.io.atomic import atomic_path
+    from IDEALSegmentLib.measurements import cardiac_measurements
+
     from IDEALTrain.evaluation.metrics import label_volume_ml
+    from IDEALTrain.io.atomic import atomic_path, check_outputs
 
-    if path.exists() and not overwrite:
-        raise IdealError(f"{path}: already exists; pass --overwrite to replace it")
-    try:
-        from IDEALSegmentLib import measurements
-    except ImportError:  # written by another part of the project; optional here
-        measurements = None
+    check_outputs([path], overwrite)
     done = [row for row in rows if row["status"] == "ok"]
-    def volumes(case: str, labels: object) -> dict:
-        return {"case": case, **{f"{label.name} (ml)": round(label_volume_ml(labels, label.value), 3) for label in label_map}}
-
     table = []
     for row in done:
-        if "frame_labels" in row:
-            table += [volumes(frame_file_name(row["case"], n)[: -len(SEGMENTATION_SUFFIX)], labels) for n, labels in enumerate(row["frame_labels"])]
+        if "frame_ml" in row:  # a cine: volumes per frame as IDEALSegmentLib.cine measured them
+            for index, volumes in enumerate(row["frame_ml"]):
+                case = strip_volume_suffix(frame_file_name(row["case"], index))
+                table.append({"case": case, **{f"{label.name} (ml)": round(volumes[label.segment_id], 3) for label in label_map}})
             if "measurements" in row:
                 table.append({"case": f"{row['case']} (cine ED/ES)", **row["measurements"]})
         else:
-            table.append(volumes(row["case"], row["labels"]))
-    note = "ED/ES measurements skipped (IDEALSegmentLib.measurements is not available)" if measurements is None else ""
-    if measurements is not None:
-        by_name = {row["case"]: row["labels"] for row in done if "labels" in row}
-        for name in sorted(by_name):
-            if name.upper().endswith("_ED") and f"{name[:-3]}_ES" in by_name:
-                try:
-                    values = measurements.cardiac_measurements(by_name[name], by_name[f"{name[:-3]}_ES"])
-                except IdealError as error:
-                    note += f"{name[:-3]}: no ED/ES measurements ({error}); "
-                    continue
-                table.append({"case": f"{name[:-3]} (ED/ES)", **values})
+            table.append({"case": row["case"], **{f"{label.name} (ml)": round(label_volume_ml(row["labels"], label.value), 3)
+                                                  for label in label_map}})
+    note = ""
+    by_name = {row["case"]: row["labels"] for row in done if "labels" in row}
+    for name in sorted(by_name):
+        if name.upper().endswith("_ED") and f"{name[:-3]}_ES" in by_name:
+            try:
+                values = cardiac_measurements(by_name[name], by_name[f"{name[:-3]}_ES"])
+            except IdealError as error:
+                note += f"{name[:-3]}: no ED/ES measurements ({error}); "
+                continue
+            table.append({"case": f"{name[:-3]} (ED/ES)", **values})
     columns = list(dict.fromkeys(key for row in table for key in row))
     with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
@@ -274,19 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--measurements-csv", type=Path, help="write per-case volumes (per frame for a cine) and ED/ES function (for <name>_ED/_ES pairs and each cine) here")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--clicks", type=Path, help="folder of <case>.clicks.json files (idealtrain refine's format): "
+                        "a 3D case with one is refined with its clicks before it is written")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Segment every case; the exit status is the number of failed cases (capped at 125), 2 for bad arguments."""
+    """Segment every case; the exit status is the number of failed cases (capped at 125; at least 1 when the
+    measurements CSV could not be written), 2 for bad arguments (checked before any case is segmented)."""
     args = build_parser().parse_args(argv)
     _vtk_messages_to_stderr()
     args.mrb = args.output if args.mrb is True else (Path(args.mrb) if args.mrb else None)
     try:
-        cases = find_cases(args.input)
-        for folder in (args.output, args.mrb):
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
+        cases = _check_arguments(args)
         from IDEALSegmentLib.inference import load_predictor
 
         predictor = load_predictor(args.model, args.device)
@@ -314,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     failed = [row for row in rows if row["status"] == "failed"]
-    note = ""
+    note, csv_failed = "", False
     if args.measurements_csv is not None:
         try:
             note = write_measurements(rows, args.measurements_csv, predictor.bundle.labels, args.overwrite)
-        except (IdealError, OSError) as error:
+        except IdealError as error:
             print(f"batch: error: measurements not written: {error}", file=sys.stderr)
+            csv_failed = True
     print(f"segmented {len(rows) - len(failed)} of {len(rows)} case(s) with {predictor.bundle.model_id} "
           f"{predictor.bundle.version} on {predictor.device} in {time.perf_counter() - start:.1f} s -> {args.output}")
     for row in rows:
@@ -331,7 +329,29 @@ def main(argv: list[str] | None = None) -> int:
     note = "; ".join(notes)
     if note:
         print(f"  note: {note}")
-    return min(len(failed), MAX_EXIT_STATUS)
+    return max(min(len(failed), MAX_EXIT_STATUS), int(csv_failed))
+
+
+def _check_arguments(args: argparse.Namespace) -> list[Path]:
+    """The cases, after the checks that need no model: output folders usable (made absolute, as MRML's
+    .mrb writer needs), and no existing measurements CSV without --overwrite."""
+    from IDEALTrain.io.atomic import check_outputs, check_writable_folder, os_error_message
+
+    cases = find_cases(args.input)
+    for name in ("output", "mrb"):
+        folder = getattr(args, name)
+        if folder is None:
+            continue
+        folder = Path(os.path.abspath(folder))
+        check_writable_folder(folder)  # refuses a file, or a folder beneath a file, or a read-only place
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise IdealError(os_error_message(folder, error)) from None
+        setattr(args, name, folder)
+    if args.measurements_csv is not None:
+        args.measurements_csv = check_outputs([args.measurements_csv], args.overwrite)[0]
+    return cases
 
 
 def _vtk_messages_to_stderr() -> None:

@@ -5,6 +5,14 @@ from dataclasses import asdict, dataclass
 
 from .errors import IdealError
 
+#: Slicer's DICOM and General Anatomy lists file the left (87878005) and right (53085002) ventricle
+#: under this category; myocardium (74281007) is in neither, so the extension ships a list of its
+#: own (IDEALSegment/Resources/Terminology/IDEALSegmentCardiac.term.json) holding it, loaded at start-up.
+ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
+GENERAL_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+IDEALSEGMENT_CONTEXT = "Segmentation category and type - IDEALSegment cardiac"
+GENERAL_ANATOMY_CODES = frozenset({"87878005", "53085002"})
+
 
 @dataclass(frozen=True)
 class LabelInfo:
@@ -18,11 +26,15 @@ class LabelInfo:
     snomed_meaning: str
 
     @property
+    def terminology_context(self) -> str:
+        """The Slicer terminology list holding this structure: Slicer's General Anatomy list, else IDEALSegment's own."""
+        return GENERAL_ANATOMY_CONTEXT if self.snomed_code in GENERAL_ANATOMY_CODES else IDEALSEGMENT_CONTEXT
+
+    @property
     def terminology_entry(self) -> str:
-        """Slicer's terminology string (category ~ type ~ modifier ~ anatomic region ~ ...)."""
+        """Slicer's terminology string (context ~ category ~ type ~ modifier ~ anatomic context ~ region ~ modifier)."""
         return (
-            "Segmentation category and type - 3D Slicer General Anatomy list"
-            "~SCT^85756007^Tissue"
+            f"{self.terminology_context}~{ANATOMICAL_STRUCTURE}"
             f"~SCT^{self.snomed_code}^{self.snomed_meaning}"
             "~^^~Anatomic codes - DICOM master list~^^~^^"
         )
@@ -31,7 +43,7 @@ class LabelInfo:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "LabelInfo":
+    def from_json(cls, data: dict) -> LabelInfo:
         try:
             return cls(
                 value=int(data["value"]),

@@ -17,7 +17,7 @@ def acdc_dir() -> Path:
     """``$IDEAL_DATA/acdc`` (SSL4MIS layout) or skip."""
     root = _data_root()
     if root is None or not (root / "acdc" / "val.list").is_file():
-        pytest.skip("ACDC data not found: set IDEAL_DATA to the folder holding acdc/ (see shared/data/README.md)")
+        pytest.skip("ACDC data not found: set IDEAL_DATA to a folder holding acdc/ in the SSL4MIS layout (val.list, data/)")
     return root / "acdc"
 
 
@@ -26,5 +26,5 @@ def sunnybrook_dir() -> Path:
     """``$IDEAL_DATA/sunnybrook`` or skip."""
     root = _data_root()
     if root is None or not (root / "sunnybrook" / "link.csv").is_file():
-        pytest.skip("Sunnybrook data not found: set IDEAL_DATA to the folder holding sunnybrook/ (see shared/data/README.md)")
+        pytest.skip("Sunnybrook data not found: set IDEAL_DATA to a folder holding sunnybrook/ (link.csv, dicoms/, contourfiles/)")
     return root / "sunnybrook"

@@ -74,6 +74,13 @@ def test_batch_matches_idealtrain_segment_and_reports_the_bad_case(inputs, tmp_p
         np.testing.assert_allclose(our_image.GetSpacing(), their_image.GetSpacing(), atol=1e-6)
         np.testing.assert_allclose(our_image.GetOrigin(), their_image.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(our_image.GetDirection(), their_image.GetDirection(), atol=1e-6)
+        segment_fields = [key for key in their_image.GetMetaDataKeys() if key.startswith("Segment")]
+        assert len(segment_fields) > 20 and set(segment_fields) == {k for k in our_image.GetMetaDataKeys() if k.startswith("Segment")}
+        for key in segment_fields:  # one writer: the same segments, named, coloured and coded the same
+            if not key.endswith(("_Tags", "ConversionParameters")):
+                assert our_image.GetMetaData(key) == their_image.GetMetaData(key), key
+        assert our_image.GetMetaData("Segment0_Tags").endswith(their_image.GetMetaData("Segment0_Tags"))
+        assert "IDEALSegment.ModelId:tiny-test|" in our_image.GetMetaData("Segment0_Tags")  # batch records the model
     scene = load_scene_bundle(out / "heart_ED.mrb")
     names = {scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())}
     assert {"heart_ED", "heart_ED segmentation", "heart_ED segmentation uncertainty"} <= names
@@ -107,7 +114,7 @@ def test_existing_outputs_are_never_overwritten(inputs, tmp_path):
 def test_dicom_folders_are_cases_too(inputs, tmp_path):
     import importlib.util
 
-    from IDEALTrain.io.dicom_series import write_dicom_series
+    from IDEALTrain.io.dicom_write import write_dicom_series
 
     root, model = inputs
     image = make_phantom_pair(3, size=(48, 40, 6)).ed_image
@@ -158,6 +165,23 @@ def frame_names(case, count):
     return [f"{case}_frame{n:02d}.seg.nrrd" for n in range(count)]
 
 
+def test_a_case_file_is_checked_whole_once_and_a_cine_read_once(inputs, cine_file, batch, monkeypatch):
+    """The integrity check (a full decompression) runs once per file; a 4D file is then read with its reader."""
+    import IDEALTrain.io.volume_files as volume_files
+
+    checks, reads = [], []
+    check, execute = volume_files.check_complete, sitk.ImageFileReader.Execute
+    monkeypatch.setattr(volume_files, "check_complete", lambda path: checks.append(path) or check(path))
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", lambda self: reads.append(self.GetFileName()) or execute(self))
+    frames = batch.read_case_frames(cine_file)
+    assert len(frames) == 3 and frames[0].array.shape == (6, 40, 48)
+    assert (checks, reads) == ([cine_file], [str(cine_file)])
+    checks.clear(), reads.clear()
+    root, _ = inputs
+    assert batch.read_case_frames(root / "in" / "heart_ED.nii.gz") is None  # 3D: left to MRML storage, voxels unread
+    assert (checks, reads) == ([root / "in" / "heart_ED.nii.gz"], [])
+
+
 def test_a_cine_file_gives_one_segmentation_per_frame_like_idealtrain_all_frames(inputs, cine_file, batch, tmp_path, capsys):
     import zipfile
 
@@ -174,6 +198,8 @@ def test_a_cine_file_gives_one_segmentation_per_frame_like_idealtrain_all_frames
         ours, our_image = read(out / ours_name)
         theirs, their_image = read(tmp_path / theirs_name)
         assert ours.shape == theirs.shape == (6, 40, 48) and np.array_equal(ours, theirs)
+        assert our_image.GetMetaData("Segment2_Name") == their_image.GetMetaData("Segment2_Name")  # one writer
+        assert "IDEALSegment.ModelId:tiny-test|" in our_image.GetMetaData("Segment2_Tags")
         np.testing.assert_allclose(our_image.GetSpacing(), their_image.GetSpacing(), atol=1e-6)
         np.testing.assert_allclose(our_image.GetOrigin(), their_image.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(our_image.GetDirection(), their_image.GetDirection(), atol=1e-6)

@@ -1,11 +1,13 @@
 """Bundles round-trip, verify themselves and never unpickle anything."""
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
 from IDEALTrain.errors import IdealError
@@ -75,11 +77,22 @@ def test_pickle_in_place_of_weights_is_refused(tmp_path):
     path = save_bundle(tiny_bundle(), tmp_path / "m")
     (path / "model.safetensors").write_bytes(_evil_pickle(marker))
     card = json.loads((path / "card.json").read_text())
-    card["weights"]["sha256"] = ""  # even with no checksum to catch it
+    card["weights"]["sha256"] = hashlib.sha256(_evil_pickle(marker)).hexdigest()  # a card that vouches for the pickle
     (path / "card.json").write_text(json.dumps(card))
     with pytest.raises(IdealError, match="not a valid safetensors"):
         load_bundle(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("checksum", ["", None, "abc", 0])
+def test_a_card_without_a_valid_checksum_is_refused(tmp_path, checksum):
+    path = save_bundle(tiny_bundle(), tmp_path / "m")
+    (path / "model.safetensors").write_bytes(save_safetensors({"x": torch.zeros(3)}))  # zeroed weights
+    card = json.loads((path / "card.json").read_text())
+    card["weights"]["sha256"] = checksum
+    (path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(IdealError, match="no valid weights checksum"):
+        load_bundle(path)
 
 
 def test_truncated_or_corrupt_weights(tmp_path):

@@ -158,7 +158,9 @@ def test_finetune_init_from_continues_the_whole_model(phantoms, tmp_path, capsys
         (["segment", "--model", "{bundle}", "--input", "{tmp}/absent.nii.gz"], "no such file"),
         (["segment", "--model", "{tmp}/evil.pt", "--input", "{image}"], "pickle"),
         (["segment", "--model", "{bundle}", "--input", "{flat}"], "constant"),
-        (["score", "--pred", "{image}", "--ref", "{other}"], "different voxel grids"),
+        (["score", "--pred", "{labels}", "--ref", "{other_labels}"], "different voxel grids"),
+        (["score", "--pred", "{image}", "--ref", "{labels}"], "is it an intensity image?"),
+        (["score", "--pred", "{labels}", "--ref", "{five}"], "outside the label map"),
         (["evaluate", "--model", "{bundle}", "--data", "acdc:{tmp}", "--out", "{tmp}/r.json"], "invalid data spec"),
         (["bundle", "info", "{tmp}"], "not a model bundle"),
     ],
@@ -168,7 +170,11 @@ def test_bad_input_is_one_clear_line(bundle_path, tmp_path, capsys, args, messag
     image = write_image(oblique_image(), tmp_path / "image.nrrd")
     other = write_image(oblique_image((6, 40, 48)), tmp_path / "other.nrrd")
     flat = write_image(oblique_image().with_array(np.ones((7, 40, 48), np.float32)), tmp_path / "flat.nii.gz")
-    values = {"bundle": bundle_path, "tmp": tmp_path, "image": image, "other": other, "flat": flat}
+    labels = write_image(oblique_image().with_array(np.zeros((7, 40, 48), np.uint8)), tmp_path / "labels.nrrd")
+    other_labels = write_image(oblique_image((6, 40, 48)).with_array(np.zeros((6, 40, 48), np.uint8)), tmp_path / "o.nrrd")
+    five = write_image(oblique_image().with_array(np.full((7, 40, 48), 5, np.uint8)), tmp_path / "five.nrrd")
+    values = {"bundle": bundle_path, "tmp": tmp_path, "image": image, "other": other, "flat": flat, "labels": labels,
+              "other_labels": other_labels, "five": five}
     assert main([a.format(**values) for a in args]) == 2
     assert message in _error_line(capsys)
 

@@ -252,3 +252,30 @@ def test_pipeline_with_the_package_encoder_and_dense_head():
     result.loss.backward()
     assert torch.isfinite(result.loss) and head.net[0].weight.grad is not None
     assert result.keys.shape[1] == config.projection_dim
+
+
+def _multi_positive_reference(embeddings: torch.Tensor, temperature: float, radius: float) -> torch.Tensor:
+    """Multi-positive InfoNCE over every cell with identity views, written out: a query's positives
+    are the keys of its own image within ``radius`` cells (itself included), every other key a negative."""
+    b, d, h, w = embeddings.shape
+    q = F.normalize(embeddings.flatten(2).transpose(1, 2).reshape(-1, d), dim=1)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    image = torch.arange(b).repeat_interleave(h * w)
+    where = torch.stack([rows.flatten(), cols.flatten()], -1).float().repeat(b, 1)
+    positive = (image[:, None] == image[None, :]) & (torch.cdist(where, where) < radius) | torch.eye(b * h * w, dtype=torch.bool)
+    logits = q @ q.T / temperature
+    return -(torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1) - torch.logsumexp(logits, 1)).mean()
+
+
+@pytest.mark.parametrize("radius", [1.5, 2.5])
+def test_neighbours_within_the_positive_radius_are_positives(radius):
+    embeddings = _random_embeddings(2, 16, (6, 6))
+    points, valid = corresponding_points(_identity(2), _identity(2), (6, 6))
+    loss = _loss(embeddings, embeddings, points, valid, samples_per_image=36, positive_radius=radius).loss
+    assert torch.isclose(loss, _multi_positive_reference(embeddings, 0.1, radius), atol=1e-5)
+    plain = _loss(embeddings, embeddings, points, valid, samples_per_image=36).loss
+    assert not torch.isclose(loss, plain)
+    everything = _loss(embeddings, embeddings, points, valid, samples_per_image=36, positive_radius=100.0, same_image_negatives=True)
+    assert everything.loss.abs() < 1e-5  # every candidate is a positive: nothing left to contrast
+    with pytest.raises(IdealError, match="positive_radius"):
+        _loss(embeddings, embeddings, points, valid, positive_radius=-1.0)

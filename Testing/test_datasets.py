@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from IDEALTrain.io.datasets import load_cases
-from IDEALTrain.io.dicom_series import write_dicom_cine
+from IDEALTrain.io.dicom_write import write_dicom_cine
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.phantom import write_phantom_dataset
 

@@ -7,14 +7,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from IDEALTrain.io.dicom_series import (
-    list_series,
-    read_dicom,
-    read_dicom_frames,
-    write_dicom_cine,
-    write_dicom_series,
-)
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.dicom_series import list_series, read_dicom, read_dicom_frames
+from IDEALTrain.io.dicom_write import write_dicom_cine, write_dicom_series
 from IDEALTrain.io.image import Image
 
 

@@ -1,8 +1,9 @@
 """Import rules of the extension, checked on the import graph.
 
-Slicer imports every scripted module file at start-up, before PyTorch may be installed: the module
-files' top level may import only Slicer, Qt/CTK/VTK and the standard library, and the Logic modules
-they call before torch is there must not pull torch in, directly or through IDEALTrain. The Logic
+Slicer imports every scripted module file at start-up, before PyTorch may be installed, and the
+network runs in child processes: the module files (and their shared GUI helpers) import only Slicer,
+Qt/CTK/VTK, the standard library and torch-free Logic modules, anywhere, and no Logic module they
+import pulls torch in, directly or through IDEALTrain. No Python thread runs model work. The Logic
 layer never touches Qt or Slicer's application/GUI globals.
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
 LOGIC_DIR = MODULE_DIR / "IDEALSegmentLib"
-GUI_FILES = [MODULE_DIR / "IDEALSegment.py", MODULE_DIR / "IDEALTrainer.py"]
-PACKAGES = {"IDEALSegmentLib": LOGIC_DIR, "IDEALTrain": ROOT / "IDEALTrain"}
+GUI_DIR = MODULE_DIR / "IDEALSegmentGui"
+GUI_FILES = [MODULE_DIR / "IDEALSegment.py", MODULE_DIR / "IDEALTrainer.py", *sorted(GUI_DIR.glob("*.py"))]
+PACKAGES = {"IDEALSegmentLib": LOGIC_DIR, "IDEALTrain": ROOT / "IDEALTrain", "IDEALSegmentGui": GUI_DIR}
 
-#: What a module file may import at its top level (plus the standard library).
-GUI_TOP_LEVEL_ALLOWED = {"slicer", "qt", "ctk", "vtk", "typing", "IDEALSegmentPackages"}
+#: What a module file may import at its top level (plus the standard library and TORCH_FREE_LOGIC).
+GUI_TOP_LEVEL_ALLOWED = {"slicer", "qt", "ctk", "vtk", "typing", "IDEALSegmentPackages", "IDEALSegmentGui"}
 #: The scene-free slicer.util helpers that work on slicer-core; anything else needs the application.
 SCENE_FREE_UTIL = {
     "arrayFromVolume", "arrayFromVolumeModified", "updateVolumeFromArray", "arrayFromVTKMatrix",
@@ -128,15 +130,38 @@ def lazy_imports(path: Path) -> set[str]:
 
 
 # -- the module files -----------------------------------------------------------------------------
-@pytest.mark.parametrize("path", GUI_FILES, ids=lambda p: p.name)
-def test_module_files_import_only_slicer_qt_and_stdlib_at_top_level(path):
+@pytest.mark.parametrize("path", [p for p in GUI_FILES if p.name != "__init__.py"], ids=lambda p: p.name)
+def test_module_files_import_only_slicer_qt_stdlib_and_torch_free_logic_at_top_level(path):
     imports = top_level_imports(path)
     assert imports, "the parser found no imports: the check would pass vacuously"
     for module, line in imports:
         top = module.split(".")[0]
-        assert top in GUI_TOP_LEVEL_ALLOWED or top in sys.stdlib_module_names, (
-            f"{path.name}:{line} imports {module} at module level; Slicer runs this at start-up: import it inside the method that needs it"
+        assert top in GUI_TOP_LEVEL_ALLOWED or top in sys.stdlib_module_names or module in TORCH_FREE_LOGIC or module == "IDEALSegmentLib", (
+            f"{path.name}:{line} imports {module} at module level; Slicer runs this at start-up: only torch-free Logic modules"
         )
+
+
+def _threads(path: Path) -> list[str]:
+    """Python threads a file starts that do anything but read a child's output (target ``..._read...``), as 'line: call'."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("Thread", "ThreadPoolExecutor", "start_new_thread"):
+            target = next((ast.unparse(k.value) for k in node.keywords if k.arg == "target"), "")
+            if "._read" not in target:
+                found.append(f"{node.lineno}: {ast.unparse(node.func)}")
+    return found
+
+
+@pytest.mark.parametrize("path", [*GUI_FILES, *sorted(LOGIC_DIR.glob("*.py"))], ids=lambda p: p.name)
+def test_no_python_thread_runs_model_work(path):
+    """Model work runs in child processes; the only threads move a child's output lines into a queue."""
+    assert _threads(path) == []
+
+
+def test_the_thread_check_sees_threads(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import threading\nthreading.Thread(target=work).start()\nthreading.Thread(target=self._read_stdout).start()\n")
+    assert _threads(bad) == ["2: threading.Thread"]
 
 
 # Logic modules the widgets use before PyTorch is installed (listing models, checking inputs, the
@@ -146,6 +171,9 @@ TORCH_FREE_LOGIC = [
     "IDEALSegmentLib.registry", "IDEALSegmentLib.inference", "IDEALSegmentLib.uncertainty",
     "IDEALSegmentLib.measurements", "IDEALSegmentLib.cine", "IDEALSegmentLib.corrections",
     "IDEALSegmentLib.jobs", "IDEALSegmentLib.selftest", "IDEALSegmentLib.retraining",
+    "IDEALSegmentLib.sample_data", "IDEALSegmentLib.refinement", "IDEALSegmentLib.panel", "IDEALSegmentLib.segment_job",
+    "IDEALSegmentLib.trainer_panel", "IDEALSegmentLib.comparison_job", "IDEALSegmentLib.comparison", "IDEALSegmentLib.devices",
+    "IDEALSegmentLib.review",
 ]
 
 
@@ -235,7 +263,7 @@ def test_logic_check_catches_gui_names(tmp_path):
 
 def test_module_files_register_the_packages_before_using_them():
     """Both module files import IDEALSegmentPackages (the one registration) before any Logic import."""
-    for path in GUI_FILES:
+    for path in GUI_FILES[:2]:
         imports = top_level_imports(path)
         names = [name for name, _ in imports]
         assert "IDEALSegmentPackages" in names, f"{path.name} never imports IDEALSegmentPackages"

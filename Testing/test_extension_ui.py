@@ -68,10 +68,11 @@ def loaded_ui_file(source: str) -> str:
 def parameter_types(source: str) -> dict[str, str]:
     """Fields of the @parameterNodeWrapper class: name -> one of BINDABLE's kinds (or 'list', 'other')."""
     tree = ast.parse(source)
-    enums = {
-        node.name for node in tree.body
-        if isinstance(node, ast.ClassDef) and any(getattr(base, "attr", getattr(base, "id", "")) == "Enum" for base in node.bases)
-    }
+    enums = _enum_names(tree)
+    for node in tree.body:  # enums the module imports from its Logic package (e.g. the trainer controller's EncoderStart)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("IDEALSegmentLib."):
+            logic = MODULE_DIR.joinpath(*node.module.split(".")).with_suffix(".py")
+            enums |= _enum_names(ast.parse(logic.read_text())) & {alias.name for alias in node.names}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
             fields = {}
@@ -80,6 +81,13 @@ def parameter_types(source: str) -> dict[str, str]:
                     fields[item.target.id] = _kind(item.annotation, enums)
             return fields
     raise AssertionError("no @parameterNodeWrapper class in the module")
+
+
+def _enum_names(tree: ast.Module) -> set[str]:
+    return {
+        node.name for node in tree.body
+        if isinstance(node, ast.ClassDef) and any(getattr(base, "attr", getattr(base, "id", "")) == "Enum" for base in node.bases)
+    }
 
 
 def _kind(annotation: ast.expr, enums: set[str]) -> str:

@@ -9,28 +9,32 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
-
 from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
-import IDEALTrain  # noqa: E402
+from IDEALSegmentLib.cine import sequence_from_images  # noqa: E402
 from IDEALSegmentLib.corrections import (  # noqa: E402
+    add_to_pool,
     add_unlabeled_volume,
     dataset_summary,
     export_correction,
+    pool_count,
     read_manifest,
     safe_case_id,
     voxel_sha256,
 )
+from IDEALSegmentLib.review import mark_model_output  # noqa: E402
 from IDEALSegmentLib.segmentations import (  # noqa: E402
     Provenance,
     replace_segments,
     segmentation_from_labels,
 )
 from IDEALSegmentLib.volumes import image_from_volume, volume_from_image  # noqa: E402
-from IDEALTrain.io.datasets import load_cases  # noqa: E402
+
+import IDEALTrain  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
+from IDEALTrain.io.datasets import load_cases  # noqa: E402
 from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 
 PROVENANCE = Provenance("idealsegment-acdc", "1.2.0", "2026-01-02T03:04:05+00:00")
@@ -106,7 +110,7 @@ def test_manifest_records_source_model_reviewer_and_counts(case, tmp_path):
     assert entry["idealtrain_version"] == IDEALTrain.__version__
     assert entry["size"] == [40, 36, 6] and entry["spacing"] == pytest.approx([1.5, 1.4, 8.0])
     document = json.loads((tmp_path / "manifest.json").read_text())
-    assert document["format"] == "idealsegment-corrections" and document["version"] == 1
+    assert document["format"] == "idealsegment-corrections" and document["version"] == 2
 
 
 def test_hand_drawn_segmentation_has_no_model(pair, tmp_path):
@@ -115,7 +119,12 @@ def test_hand_drawn_segmentation_has_no_model(pair, tmp_path):
     drawn = segmentation_from_labels(pair.es_label, volume)  # no provenance: drawn by hand
     export_correction(tmp_path, volume, drawn)
     [entry] = read_manifest(tmp_path)
-    assert entry["model"] is None and entry["reviewed_slices"] is None and entry["reviewer"] == ""
+    assert entry["model"] is None and entry["reviewer"] == ""
+    # No record of a model's output: every structure counts as reviewed, on every slice where it is drawn.
+    present = {name: [k for k in range(6) if (pair.es_label.array[k] == value).any()] for value, name in ((1, "RV"), (2, "LV_Myocardium"), (3, "LV"))}
+    assert entry["reviewed"] == {name: slices for name, slices in present.items() if slices}
+    assert entry["reviewed_rule"].startswith("every structure") and entry["patient_id"] == "es"
+    assert entry["reviewed_slices"] == sorted({k for slices in present.values() for k in slices})
 
 
 def test_an_existing_case_is_never_replaced_silently(case, tmp_path):
@@ -152,6 +161,7 @@ def test_unlabeled_volumes_and_summary(case, pair, tmp_path):
         "cases": 2,
         "reviewed_slices": 9,
         "unlabeled_volumes": 1,
+        "patients": 2,
         "models": {"idealsegment-acdc 1.2.0": 1, "drawn by hand": 1},
         "reviewers": [],
     }
@@ -237,3 +247,52 @@ def test_idealtrain_finetunes_on_the_exported_data_set(case, pair, tmp_path):
     assert events[-1]["event"] == "done" and (out / "card.json").is_file()
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["labeled_data"] == f"folder:{dataset}"
+
+
+# -- what was reviewed, and the unlabelled pool -------------------------------------------------------
+def test_chosen_structures_are_recorded_per_slice(case, tmp_path):
+    scene, volume, segmentation, corrected = case
+    export_correction(tmp_path, volume, segmentation, case_id="map", reviewed_structures={"LV": [3, 1], "RV": []}, patient_id="p7")
+    export_correction(tmp_path, volume, segmentation, case_id="list", reviewed_structures=["LV_Myocardium"], reviewed_slices=[3, 4])
+    by_id = {entry["case_id"]: entry for entry in read_manifest(tmp_path)}
+    assert by_id["map"]["reviewed"] == {"LV": [1, 3]} and by_id["map"]["reviewed_slices"] == [1, 3]
+    assert by_id["map"]["patient_id"] == "p7" and by_id["map"]["reviewed_rule"] == "chosen structures"
+    myocardium = [k for k in (3, 4) if (corrected.array[k] == 2).any()]
+    assert myocardium and by_id["list"]["reviewed"] == {"LV_Myocardium": myocardium}
+    with pytest.raises(IdealError, match="unknown structure"):
+        export_correction(tmp_path, volume, segmentation, case_id="bad", reviewed_structures=["Aorta"])
+    with pytest.raises(IdealError, match="nothing reviewed"):
+        export_correction(tmp_path, volume, segmentation, case_id="none", reviewed_structures={"LV": []})
+    assert sorted(by_id) == sorted(entry["case_id"] for entry in read_manifest(tmp_path))  # refusals wrote nothing
+
+
+def test_by_default_the_edited_structures_are_the_reviewed_ones(pair, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    volume = volume_from_image(pair.ed_image, scene, "ed")
+    segmentation = segmentation_from_labels(pair.ed_label, volume, provenance=PROVENANCE)
+    mark_model_output(segmentation, pair.ed_label)  # what the module records when the model draws
+    edited = pair.ed_label.array.copy()
+    edited[3][edited[3] == 3] = 0  # the clinician erases the LV on slice 3 and redraws a smaller one
+    edited[3, 18:22, 18:22] = 3
+    replace_segments(segmentation, pair.ed_label.with_array(edited), volume, ["LV"])
+    export_correction(tmp_path, volume, segmentation)
+    [entry] = read_manifest(tmp_path)
+    assert entry["reviewed_rule"] == "edited structures"
+    assert entry["reviewed"] == {"LV": [k for k in range(6) if (edited[k] == 3).any()]}  # not the untouched RV or myocardium
+
+
+def test_add_to_pool_takes_every_frame_of_a_cine_and_only_when_asked(pair, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    cine = sequence_from_images(scene, [pair.ed_image, pair.es_image, pair.ed_image], "Patient 7 cine")
+    pool = tmp_path / "pool"
+    assert pool_count(pool) == 0 and not pool.exists()  # nothing is copied before the step
+    files = add_to_pool(pool, cine)
+    assert [f.name for f in files] == [f"Patient_7_cine_frame{n:02d}.nii.gz" for n in range(3)]
+    assert pool_count(pool) == 3 and dataset_summary(pool)["unlabeled_volumes"] == 3
+    add_to_pool(pool, volume_from_image(pair.es_image, scene, "single"))
+    assert pool_count(pool) == 4
+    loaded = load_cases(f"folder:{pool}/unlabeled")
+    assert len(loaded) == 4 and all(c.label is None for c in loaded)
+    assert np.array_equal(loaded[1].image.array, pair.es_image.array)
+    with pytest.raises(IdealError, match="already in"):
+        add_to_pool(pool, cine)

@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
-
 from IDEALSegmentLib.jobs import TrainingJob, finetune_arguments, parse_line, python_executable
-from IDEALTrain.model.bundle import load_bundle
+
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.phantom import write_phantom_dataset
+from IDEALTrain.model.bundle import load_bundle
 
 TINY = ["--base-channels", "4", "--depth", "3", "--inplane", "spacing", "--spacing", "4", "--batch-size", "2",
         "--unlabeled-batch-size", "2", "--validate-every", "1000"]
@@ -110,3 +110,27 @@ def test_python_inside_slicer_is_pythonslicer_beside_the_launcher(tmp_path, monk
     (tmp_path / "PythonSlicer").write_text("")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "Slicer"))
     assert python_executable() == tmp_path / "PythonSlicer"
+
+
+def test_request_cancel_returns_at_once_and_poll_ends_a_stubborn_tree(tmp_path):
+    """What the GUI calls never waits on the child: request_cancel returns at once; poll SIGKILLs after the grace time."""
+    script = tmp_path / "stubborn.py"
+    script.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)\n")
+
+    class StubbornJob(TrainingJob):  # the stubborn script instead of idealtrain, with the same process-group machinery
+        @property
+        def command(self) -> list[str]:
+            return [sys.executable, str(script)]
+
+    job = StubbornJob([])
+    job.start()
+    wait_for(job, lambda e: e.get("text") == "up")
+    assert not job.finished
+    start = time.monotonic()
+    job.request_cancel(grace=0.5)
+    assert time.monotonic() - start < 0.2 and job.cancelled
+    deadline = time.monotonic() + 10
+    while not job.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.finished and job.returncode != 0  # SIGTERM was ignored: poll killed the group

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import pytest
-
 from helpers import import_slicer_core  # noqa: E402
 
 import_slicer_core()
 
+from helpers import tiny_bundle  # noqa: E402
 from IDEALSegmentLib.registry import (  # noqa: E402
     DEFAULT_MODEL_ID,
     SHIPPED_MODELS_DIR,
@@ -17,10 +18,9 @@ from IDEALSegmentLib.registry import (  # noqa: E402
     next_patch_version,
     version_key,
 )
-from IDEALTrain.model.bundle import load_bundle, save_bundle  # noqa: E402
-from IDEALTrain.errors import IdealError  # noqa: E402
 
-from helpers import tiny_bundle  # noqa: E402
+from IDEALTrain.errors import IdealError  # noqa: E402
+from IDEALTrain.model.bundle import load_bundle, save_bundle  # noqa: E402
 
 
 def write_bundle(folder, model_id, version, **card):
@@ -125,3 +125,122 @@ def test_register_copies_a_new_version_and_never_replaces(folders, tmp_path):
 def test_default_locations():
     assert SHIPPED_MODELS_DIR.parts[-3:] == ("IDEALSegment", "Resources", "Models")
     assert default_user_dir().parts[-2:] == ("IDEALSegment", "Models")
+
+
+def rewrite_card(bundle_folder, **changes):
+    """Change card fields in place, keeping the weights and their (still valid) checksum."""
+    card_file = bundle_folder / "card.json"
+    card = json.loads(card_file.read_text())
+    card.update(changes)
+    card_file.write_text(json.dumps(card))
+
+
+def test_an_unorderable_version_is_one_broken_bundle_not_a_crash(folders):
+    shipped, user = folders
+    good = write_bundle(shipped, "good", "1.0.0")
+    odd = write_bundle(user, "odd", "1.0.0")
+    rewrite_card(odd, version="1.\u00b2")  # a superscript two: isdigit() but not int()-able
+    registry = ModelRegistry(user, shipped)
+    assert [e.path for e in registry.entries()] == [good]
+    assert len(registry.problems) == 1 and str(odd) in registry.problems[0]
+    assert version_key("1.\u00b2") < version_key("1.0")  # ordered as text, never int("\u00b2")
+
+
+def test_every_problem_names_its_bundle(folders):
+    shipped, user = folders
+    labels = write_bundle(shipped, "labels", "1.0.0")
+    rewrite_card(labels, architecture={**json.loads((labels / "card.json").read_text())["architecture"], "num_classes": 6})
+    unsigned = write_bundle(shipped, "unsigned", "1.0.0")
+    card = json.loads((unsigned / "card.json").read_text())
+    rewrite_card(unsigned, weights={**card["weights"], "sha256": ""})
+    (shipped / "empty-folder").mkdir()
+    registry = ModelRegistry(user, shipped)
+    assert registry.entries() == []
+    assert len(registry.problems) == 3
+    for problem, folder in zip(sorted(registry.problems), sorted([labels, unsigned, shipped / "empty-folder"])):
+        assert problem.startswith(f"{folder}: "), problem
+    assert any("records no valid weights checksum" in p for p in registry.problems)
+
+
+def test_registry_and_bundle_loader_refuse_broken_bundles_with_one_message(tmp_path):
+    """One torch-free implementation of the bundle checks: the registry and load_bundle say the same thing."""
+    from IDEALSegmentLib.registry import read_bundle
+
+    broken = {}
+    for name, change in (
+        ("bad-json", lambda b: (b / "card.json").write_text("{not json")),
+        ("newer-format", lambda b: rewrite_card(b, format_version=99)),
+        ("no-sha", lambda b: rewrite_card(b, weights={"file": "model.safetensors", "sha256": "abc"})),
+        ("truncated", lambda b: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:100])),
+        ("no-card", lambda b: (b / "card.json").unlink()),
+    ):
+        broken[name] = write_bundle(tmp_path, name, "1.0.0")
+        change(broken[name])
+    zipped = tmp_path / "zipped.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02")  # what torch.save writes
+    broken["torch-save"] = zipped
+    for name, path in broken.items():
+        with pytest.raises(IdealError) as from_registry:
+            read_bundle(path)
+        with pytest.raises(IdealError) as from_loader:
+            load_bundle(path)
+        assert str(from_registry.value) == str(from_loader.value), name
+        assert str(from_registry.value).startswith(f"{path}: "), name
+
+
+def test_register_into_a_user_folder_that_is_a_file_is_a_clear_error(folders, tmp_path):
+    shipped, _ = folders
+    trained = write_bundle(tmp_path, "my-model", "0.1.0")
+    not_a_folder = tmp_path / "models.txt"
+    not_a_folder.write_text("a file")
+    with pytest.raises(IdealError, match="models.txt: the user model folder is a file"):
+        ModelRegistry(not_a_folder, shipped).register(trained)
+    assert not_a_folder.read_text() == "a file"
+
+
+def test_listing_the_shipped_models_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from IDEALSegmentLib.registry import ModelRegistry, default_entry; "
+        "entries = ModelRegistry(user_dir='/nonexistent').entries(); "
+        "print(default_entry(entries).model_id, 'torch' in sys.modules)"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{root / 'IDEALSegment'}:{root}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [DEFAULT_MODEL_ID, "False"]
+
+
+def test_select_entry_keeps_the_users_choice_else_the_default(folders):
+    from IDEALSegmentLib.registry import entry_key, select_entry
+
+    shipped, user = folders
+    write_bundle(shipped, DEFAULT_MODEL_ID, "1.0.0")
+    write_bundle(user, "mine", "0.2.0")
+    entries = ModelRegistry(user, shipped).entries()
+    assert entry_key(select_entry(entries, "mine@0.2.0")) == "mine@0.2.0"
+    assert entry_key(select_entry(entries, "gone@9")) == f"{DEFAULT_MODEL_ID}@1.0.0"
+    assert select_entry([], "") is None
+
+
+def test_listing_again_reverifies_nothing_until_a_bundle_changes(folders, monkeypatch):
+    """Typing a models-folder path must not re-hash every bundle per keystroke: verification is cached per file stamp."""
+    import IDEALSegmentLib.registry as registry_module
+
+    shipped, user = folders
+    write_bundle(shipped, "a", "1.0.0")
+    calls = []
+    original = registry_module.read_bundle
+    monkeypatch.setattr(registry_module, "read_bundle", lambda path: calls.append(path) or original(path))
+    registry = ModelRegistry(user, shipped)
+    registry.entries()
+    registry.user_dir = user / "elsewhere"  # what the panel does when the folder setting changes
+    registry.entries()
+    registry.entries()
+    assert len(calls) == 1

@@ -7,44 +7,42 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from helpers import import_slicer_core, tiny_bundle, varied_bundle
+from helpers import import_slicer_core, tiny_bundle
 
 slicer = import_slicer_core()
 
 from IDEALSegmentLib import retraining  # noqa: E402
-from IDEALSegmentLib.cancel import Cancelled, CancelToken  # noqa: E402
 from IDEALSegmentLib.corrections import add_unlabeled_volume, export_correction  # noqa: E402
 from IDEALSegmentLib.registry import ModelEntry  # noqa: E402
 from IDEALSegmentLib.retraining import (  # noqa: E402
+    CONTINUE,
     FINETUNE_PHASE,
     PRETRAIN_PHASE,
-    ModelComparison,
-    comparison_from_table,
-    comparison_table,
-    compare_models,
+    carried_flags,
+    estimate_text,
     prepare_run,
     split_cases,
     training_plan,
 )
 from IDEALSegmentLib.segmentations import segmentation_from_labels  # noqa: E402
 from IDEALSegmentLib.volumes import volume_from_image  # noqa: E402
-from IDEALTrain.model.bundle import Bundle, read_card, save_bundle  # noqa: E402
-from IDEALTrain.cli import _network_and_plan, build_parser  # noqa: E402
-from IDEALTrain.io.datasets import load_cases  # noqa: E402
+
+from IDEALTrain.cli import build_parser  # noqa: E402
+from IDEALTrain.cli.train import network_and_plan  # noqa: E402
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.evaluation.metrics import dice  # noqa: E402
-from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork  # noqa: E402
+from IDEALTrain.io.datasets import load_cases  # noqa: E402
 from IDEALTrain.io.phantom import make_phantom  # noqa: E402
+from IDEALTrain.io.volume_files import read_image  # noqa: E402
+from IDEALTrain.model.bundle import Bundle, read_card, save_bundle  # noqa: E402
+from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork  # noqa: E402
 from IDEALTrain.model.postprocessing import Postprocessing  # noqa: E402
-from IDEALTrain.inference.predictor import Predictor  # noqa: E402
 from IDEALTrain.model.preprocessing import Preprocessing  # noqa: E402
+from IDEALTrain.training.partial_labels import PARTIAL, UNLABELLED, class_set_value  # noqa: E402
 
 CASES = [f"case{number}" for number in range(6)]
 
@@ -123,11 +121,50 @@ def test_prepare_run_copies_the_split_and_leaves_the_dataset_untouched(correctio
         for kind in ("images", "labels"):
             assert sorted(p.name for p in (folder / kind).iterdir()) == sorted(f"{case}.nii.gz" for case in ids)
             for case in ids:
-                assert (folder / kind / f"{case}.nii.gz").read_bytes() == (corrections / kind / f"{case}.nii.gz").read_bytes()
+                copied, original = folder / kind / f"{case}.nii.gz", corrections / kind / f"{case}.nii.gz"
+                if (folder, kind) == (run.train_dir, "labels"):  # every structure reviewed where present: labels kept there
+                    train, source = read_image(copied).array, read_image(original).array
+                    assert np.array_equal(train[train < PARTIAL], source[train < PARTIAL]) and np.array_equal(train[source > 0], source[source > 0])
+                else:
+                    assert copied.read_bytes() == original.read_bytes()
     assert [case.name for case in load_cases(f"folder:{run.held_out_dir}", require_labels=True)] == ["case4"]
     record = json.loads((run.run_dir / "run.json").read_text())
     assert record["train_cases"] == list(run.train_cases) and record["held_out_cases"] == ["case4"]
     assert snapshot(corrections) == before
+
+
+def test_split_keeps_each_patients_cases_together():
+    ids = [f"{patient}_{phase}" for patient in ("p1", "p2", "p3", "p4") for phase in ("ed", "es")]
+    patients = {case: case.split("_")[0] for case in ids}
+    train, held = split_cases(ids, patients=patients)
+    assert held == ["p4_ed", "p4_es"] and train == ids[:6]  # 4 patients: the last patient, both frames
+    assert split_cases(ids[:4], patients=patients) == (ids[:4], [])  # 2 patients: nothing can be held out
+    five = ids + ["p5_ed", "p6_ed"]
+    assert split_cases(five, patients=patients | {"p5_ed": "p5", "p6_ed": "p6"})[1] == ["p5_ed"]  # the 5th patient
+
+
+def test_prepare_run_trains_only_where_reviewed_and_records_the_corrections(tmp_path):
+    """Unreviewed voxels never act as labels: unreviewed slices are unlabelled, an unreviewed RV is 'not LV' only."""
+    scene = slicer.vtkMRMLScene()
+    data = tmp_path / "data"
+    for number, patient in enumerate(("p1", "p1", "p2", "p3")):
+        image, label = make_phantom(number, size=(32, 32, 3), spacing=(2.5, 2.5, 8.0))
+        volume = volume_from_image(image, scene, f"c{number}")
+        export_correction(data, volume, segmentation_from_labels(label, volume), case_id=f"c{number}", reviewer=f"dr {patient}",
+                          reviewed_structures={"LV": [1]}, patient_id=patient)
+    run = prepare_run(data, tmp_path / "run")
+    assert run.train_cases == ("c0", "c1", "c2") and run.held_out_cases == ("c3",)  # patient p3 held out
+    source, train = read_image(data / "labels" / "c0.nii.gz").array, read_image(run.train_dir / "labels" / "c0.nii.gz").array
+    assert (train[[0, 2]] == UNLABELLED).all()  # slices nobody reviewed
+    lv = source[1] == 3
+    assert lv.any() and (source[1] == 1).any()
+    assert (train[1][lv] == 3).all() and (train[1][~lv] == class_set_value([0, 1, 2])).all()  # the RV there is only "not LV"
+    held = json.loads((run.held_out_dir / "manifest.json").read_text())
+    assert [case["case_id"] for case in held["cases"]] == ["c3"] and held["cases"][0]["reviewed"] == {"LV": [1]}
+    provenance = json.loads((run.run_dir / "corrections.json").read_text())
+    assert [case["case_id"] for case in provenance["cases"]] == ["c0", "c1", "c2"]
+    assert provenance["reviewers"] == ["dr p1", "dr p2"] and provenance["patients"] == 2
+    assert all(case["structures"] == ["LV"] for case in provenance["cases"])
 
 
 def test_prepare_run_with_few_cases_holds_nothing_out(tmp_path):
@@ -199,7 +236,7 @@ def test_plan_rebuilds_the_old_models_architecture_and_preprocessing(run, tmp_pa
     assert [pretrain[i + 1] for i, a in enumerate(pretrain) if a == "--data"] == [f"folder:{run.train_dir}", f"folder:{run.unlabeled_dir}"]
     assert value(pretrain, "--iterations") == "7" and value(pretrain, "--out") == str(run.encoder)
     args = build_parser().parse_args(pretrain)
-    network, preprocessing = _network_and_plan(args)
+    network, preprocessing = network_and_plan(args)
     assert (network.base_channels, network.depth) == (4, 3)
     assert preprocessing == old_preprocessing(old)
 
@@ -212,7 +249,7 @@ def test_plan_rebuilds_the_old_models_architecture_and_preprocessing(run, tmp_pa
     assert value(finetune, "--val") == f"folder:{run.held_out_dir}" and value(finetune, "--keep") == "last"
     assert not any(str(run.run_dir / "held_out") in a for a in pretrain)
     args = build_parser().parse_args(finetune)
-    network, preprocessing = _network_and_plan(args)
+    network, preprocessing = network_and_plan(args)
     assert network == NetworkConfig.from_json(old.card["architecture"])
     assert preprocessing == old_preprocessing(old)
 
@@ -275,6 +312,23 @@ def test_plan_continues_the_old_model_from_its_weights(run, tmp_path):
         training_plan(run, encoder="model")
 
 
+def test_the_default_continue_plan_protects_against_forgetting_and_fits_minutes(run, tmp_path):
+    old = entry(tiny_bundle(), tmp_path, "4.0.0")
+    arguments = training_plan(run, encoder="model", old_model=old)[0][1]
+    assert value(arguments, "--iterations") == str(CONTINUE.iterations)
+    assert value(arguments, "--distill") == str(CONTINUE.distill) and float(CONTINUE.distill) > 0
+    assert value(arguments, "--frozen-levels") == str(CONTINUE.frozen_levels) and value(arguments, "--crop") == str(CONTINUE.crop)
+    assert value(arguments, "--provenance") == str(run.run_dir / "corrections.json")
+    assert "--frozen-norm" in arguments and CONTINUE.frozen_norm
+    assert "--supervised-only" not in arguments and value(arguments, "--unlabeled") == f"folder:{run.unlabeled_dir}"
+    args = build_parser().parse_args(arguments)
+    assert (args.distill, args.frozen_levels, args.crop, args.frozen_norm) == (CONTINUE.distill, CONTINUE.frozen_levels, CONTINUE.crop, True)
+    text = estimate_text(run)
+    minutes = CONTINUE.estimate_seconds(len(run.train_cases) + 1) / 60
+    assert f"about {max(1, round(minutes))} min for {CONTINUE.iterations} iterations" in text and "1 unlabelled" in text
+    assert CONTINUE.estimate_seconds(4 + 100) <= 600  # the benchmark's case: 4 reviewed volumes and 100 cine frames
+
+
 def test_plan_refuses_bad_options(run):
     with pytest.raises(IdealError, match="unknown encoder start 'random'"):
         training_plan(run, encoder="random")
@@ -284,117 +338,12 @@ def test_plan_refuses_bad_options(run):
         training_plan(run, encoder="none", label_budget=-1)
 
 
-# -- old vs new -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def comparison_setup(corrections, tmp_path_factory):
-    """Three held-out cases and two different tiny models."""
-    folder = tmp_path_factory.mktemp("compare")
-    run = prepare_run(corrections, folder / "run", hold_out_every=2)
-    first = save_bundle(varied_bundle(0), folder / "first")
-    second = save_bundle(varied_bundle(5), folder / "second")
-    return run, first, second
-
-
-def test_compare_models_scores_both_models_on_the_held_out_cases(comparison_setup):
-    run, first, second = comparison_setup
-    assert run.held_out_cases == ("case1", "case3", "case5")
-    fractions = []
-    comparison = compare_models(first, second, run.held_out_dir, device="cpu", progress=fractions.append)
-    assert comparison.cases == ("case1", "case3", "case5")
-    assert list(comparison.old_dice) == ["RV", "LV_Myocardium", "LV"] == list(comparison.new_dice)
-    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0) and fractions[0] < 0.5
-    # The numbers are the per-class Dice averaged over the cases, computed here independently.
-    cases = load_cases(f"folder:{run.held_out_dir}", require_labels=True)
-    for bundle, scores, mean in ((first, comparison.old_dice, comparison.old_mean), (second, comparison.new_dice, comparison.new_mean)):
-        predictor = Predictor(bundle, device="cpu")
-        predictions = [predictor.predict(case.image).labels.array for case in cases]
-        for value_, name in ((1, "RV"), (2, "LV_Myocardium"), (3, "LV")):
-            expected = np.mean([dice(p == value_, case.label.array == value_) for p, case in zip(predictions, cases)])
-            assert scores[name] == pytest.approx(expected)
-        assert mean == pytest.approx(np.mean(list(scores.values())))
-    assert comparison.old_dice != comparison.new_dice
-    swapped = compare_models(second, first, run.held_out_dir, device="cpu")
-    assert (swapped.old_dice, swapped.new_dice) == (comparison.new_dice, comparison.old_dice)
-    assert comparison.new_mean != comparison.old_mean
-    gain, loss = (comparison, swapped) if comparison.new_mean > comparison.old_mean else (swapped, comparison)
-    assert not loss.new_is_better()
-    assert gain.new_is_better() is not bool(gain.class_drops())
-
-
-def test_a_model_compared_with_itself_is_not_better(comparison_setup, tmp_path):
-    run, first, _ = comparison_setup
-    old = ModelEntry("tiny-test", "0.0.1", first, "user", read_card(first))
-    copy = shutil.copytree(first, tmp_path / "copy")
-    comparison = compare_models(old, copy, run.held_out_dir, device="cpu")
-    assert comparison.old_dice == comparison.new_dice and comparison.old_mean == comparison.new_mean
-    assert not comparison.new_is_better()
-    assert "not better: its mean Dice is not higher" in comparison.summary()
-
-
-def test_compare_models_cancels_and_needs_held_out_cases(comparison_setup):
-    run, first, second = comparison_setup
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Cancelled):
-        compare_models(first, second, run.held_out_dir, device="cpu", cancel=token)
-    with pytest.raises(IdealError, match="review at least 3 cases"):
-        compare_models(first, second, None, device="cpu")
-
-
-def comparison(old: dict, new: dict) -> ModelComparison:
-    return ModelComparison(("a", "b"), old, new, float(np.mean(list(old.values()))), float(np.mean(list(new.values()))))
-
-
-OLD = {"RV": 0.70, "LV_Myocardium": 0.80, "LV": 0.90}
-
-
-@pytest.mark.parametrize(
-    "new, margin, better",
-    [
-        ({"RV": 0.75, "LV_Myocardium": 0.80, "LV": 0.90}, 0.0, True),  # higher mean, no class worse
-        ({"RV": 0.80, "LV_Myocardium": 0.76, "LV": 0.90}, 0.0, True),  # a small drop (0.04) is tolerated
-        (dict(OLD), 0.0, False),  # equal is not better
-        ({"RV": 0.69, "LV_Myocardium": 0.80, "LV": 0.90}, 0.0, False),  # lower mean
-        ({"RV": 0.95, "LV_Myocardium": 0.70, "LV": 0.90}, 0.0, False),  # higher mean but myocardium drops 0.10
-        ({"RV": 0.75, "LV_Myocardium": 0.80, "LV": 0.90}, 0.02, False),  # +0.0167 does not clear a 0.02 margin
-        ({"RV": 0.75, "LV_Myocardium": 0.80, "LV": 0.90}, 0.01, True),
-        ({"RV": math.nan, "LV_Myocardium": 0.90, "LV": 0.95}, 0.0, False),  # undefined is never better
-    ],
-)
-def test_new_is_better_rule(new, margin, better):
-    assert comparison(OLD, new).new_is_better(margin) is better
-
-
-def test_summary_says_why_and_negative_margins_are_refused():
-    worse = comparison(OLD, {"RV": 0.95, "LV_Myocardium": 0.70, "LV": 0.90})
-    text = worse.summary()
-    assert "old 0.800, new 0.850 (+0.050)" in text and "LV_Myocardium 0.800 -> 0.700" in text
-    assert "not better: LV_Myocardium drops by 0.100 (more than 0.05)" in text
-    assert comparison(OLD, {"RV": 0.75, "LV_Myocardium": 0.80, "LV": 0.90}).summary().endswith("The new model is better.")
-    with pytest.raises(IdealError, match="margin"):
-        worse.new_is_better(-0.1)
-
-
-# -- the table ------------------------------------------------------------------------------------
-def test_comparison_table_holds_the_dice_and_reads_back():
-    scene = slicer.vtkMRMLScene()
-    result = comparison(OLD, {"RV": 0.75, "LV_Myocardium": 0.78, "LV": 0.92})
-    table = comparison_table(scene, result, "heart 1.2.0")
-    contents = table.GetTable()
-    assert [contents.GetColumn(i).GetName() for i in range(contents.GetNumberOfColumns())] == ["Class", "Old (heart 1.2.0)", "New", "Change"]
-    rows = [[contents.GetValue(r, c).ToString() if c == 0 else contents.GetValue(r, c).ToDouble() for c in range(4)] for r in range(contents.GetNumberOfRows())]
-    assert [row[0] for row in rows] == ["RV", "LV_Myocardium", "LV", "Mean"]
-    assert rows[1][1:] == pytest.approx([0.80, 0.78, -0.02])
-    assert rows[3][1:] == pytest.approx([0.80, 0.8166667, 0.0166667], abs=1e-6)
-    assert comparison_from_table(table) == result
-    again = comparison_table(scene, result, "heart 1.2.0")
-    assert again.GetName() != table.GetName() and scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 2
-
-
-def test_comparison_from_table_refuses_other_tables():
-    scene = slicer.vtkMRMLScene()
-    other = scene.AddNewNodeByClass("vtkMRMLTableNode", "measurements")
-    with pytest.raises(IdealError, match="not an old vs new model comparison"):
-        comparison_from_table(other)
-    with pytest.raises(IdealError, match="no scene"):
-        comparison_table(None, comparison(OLD, OLD), "old")
+def test_a_model_trained_anew_keeps_the_old_augmentation_and_float16_storage(run, tmp_path):
+    card = {"training": {"recipe": {"augmentation": {"rotation_degrees": 180.0, "scale_range": [0.7, 1.4]}}},
+            "weights": {"dtype": "float16"}}
+    assert carried_flags(card) == ["--rotation", "180.0", "--scale-range", "0.7", "1.4", "--half"]
+    assert carried_flags({"weights": {"dtype": "float32"}}) == []
+    old = entry(idealtrain_like(), tmp_path)
+    old.card["training"] = card["training"]
+    arguments = training_plan(run, encoder="none", iterations=3, old_model=old)[-1][1]
+    assert value(arguments, "--rotation") == "180.0" and "--half" not in arguments  # saved as float32

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.model.networks import DenseProjectionHead, NetworkConfig, SegmentationNetwork
+from IDEALTrain.model.networks import DenseProjectionHead, NetworkConfig, SegmentationNetwork, StreamPerturbation
 
 
 def test_default_matches_the_ssl4mis_unet():
@@ -48,3 +48,26 @@ def test_config_json_round_trip_and_errors():
         NetworkConfig.from_json({**config.to_json(), "attention": True})
     with pytest.raises(IdealError, match="one value per level"):
         NetworkConfig(depth=3, dropout=(0.1, 0.2))
+
+
+@pytest.mark.parametrize("kind", ["dropout", "noise"])
+def test_stream_perturbation_gives_each_decoder_its_own_features_in_training_only(kind):
+    torch.manual_seed(0)
+    network = SegmentationNetwork(NetworkConfig(base_channels=4, depth=3, decoders=("unet", "unet"), dropout=(0.0,) * 3))
+    network.decoders[1].load_state_dict(network.decoders[0].state_dict())  # identical decoders: only the features differ
+    plain_state = {k: v.clone() for k, v in network.state_dict().items()}
+    x = torch.rand(2, 1, 32, 32)
+    network.perturbation = StreamPerturbation(kind, 0.5)
+    network.eval()
+    assert torch.equal(*network(x))  # eval mode: no perturbation
+    network.train()
+    first, second = network(x)
+    assert not torch.allclose(first, second)  # each decoder drew its own perturbation
+    assert network.state_dict().keys() == plain_state.keys()  # no weights: bundles are unchanged
+
+
+def test_stream_perturbation_refuses_bad_settings():
+    with pytest.raises(IdealError, match="must be one of"):
+        StreamPerturbation("gaussian", 0.5)
+    with pytest.raises(IdealError, match="strength"):
+        StreamPerturbation("dropout", 1.0)

@@ -115,7 +115,7 @@ def test_slice_grid_maps_back_exactly():
 
 
 def test_dicom_folder_prediction_keeps_the_series_grid(predictor, tmp_path):
-    from IDEALTrain.io.dicom_series import write_dicom_series
+    from IDEALTrain.io.dicom_write import write_dicom_series
 
     image = oblique_image().with_array(np.round(oblique_image().array).astype(np.int16))
     write_dicom_series(image, tmp_path / "series")

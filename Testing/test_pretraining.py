@@ -13,7 +13,7 @@ from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
 from IDEALTrain.io.phantom import make_phantom
 from IDEALTrain.training.pretraining import PretrainConfig, pretrain
 from IDEALTrain.model.preprocessing import Preprocessing
-from IDEALTrain.training.finetune import load_pretrained_encoder
+from IDEALTrain.training.encoder_start import load_pretrained_encoder
 
 NETWORK = NetworkConfig(base_channels=4, depth=3, projection_dim=16)
 PLAN = Preprocessing(inplane="spacing", spacing=(4.0, 4.0))
@@ -78,3 +78,32 @@ def test_frozen_levels_keep_their_random_start(unlabelled):
     assert finest and all(torch.equal(short.weights[name], longer.weights[name]) for name in finest)
     assert all(not torch.equal(short.weights[name], longer.weights[name]) for name in learned if name.startswith("encoder.levels.2.0."))
     assert longer.training["recipe"]["frozen_levels"] == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_pretraining_records_encoder_norms_for_each_optimizer(unlabelled, optimizer):
+    lr = 0.05 if optimizer == "sgd" else 3e-3
+    bundle = pretrain(unlabelled, small_config(3, optimizer=optimizer, learning_rate=lr), device="cpu")
+    norms = bundle.training["encoder_level_norms"]
+    assert len(norms["initial"]) == len(norms["final"]) == NETWORK.depth
+    assert norms["initial"] != norms["final"]  # the encoder learnt
+    assert bundle.training["recipe"]["optimizer"] == optimizer
+    with pytest.raises(IdealError, match="optimizer must be one of"):
+        pretrain(unlabelled, small_config(1, optimizer="lbfgs"), device="cpu")
+
+
+def test_pretraining_variants_change_the_encoder_they_learn(unlabelled):
+    config = small_config(2, precision="fp32")
+    base = pretrain(unlabelled, config, device="cpu")
+    variants = {
+        "dropout": dict(dropout=False), "key_eval": dict(key_eval=True), "extra_dense_levels": dict(extra_dense_levels=(1,)),
+        "positive_radius": dict(positive_radius=1.5), "queue": dict(queue_size=32), "global": dict(global_weight=0.5),
+    }
+    for name, change in variants.items():
+        other = pretrain(unlabelled, small_config(2, precision="fp32", **change), device="cpu")
+        assert not all(torch.equal(t, other.weights[k]) for k, t in base.weights.items()), name
+        assert set(other.weights) == set(base.weights), name  # the extra heads are not part of the encoder
+    with pytest.raises(IdealError, match="one encoder level twice"):
+        pretrain(unlabelled, small_config(1, extra_dense_levels=(2,)), device="cpu")
+    with pytest.raises(IdealError, match="outside the encoder"):
+        pretrain(unlabelled, small_config(1, extra_dense_levels=(7,)), device="cpu")

@@ -11,6 +11,7 @@ from helpers import import_slicer_core
 slicer = import_slicer_core()
 
 from IDEALSegmentLib.selftest import SelftestFailure, run_selftest_scenario  # noqa: E402
+
 from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
 
 
@@ -28,11 +29,13 @@ def test_selftest_scenario_runs_end_to_end(tmp_path):
     assert report["registered_versions"] == [report["registered_version"], report["drafting_version"]]
     assert report["loaded_model"] == f"{report['registered_id']} {report['registered_version']}"
     assert messages[0] == "Drafting model" and "Registering and loading the new model" in messages
-    # The scene holds what a clinician would see: the phantom, its segmentation, the uncertainty
-    # volume and the unlabelled pool volume (nothing from the cancelled run).
+    # The scene holds what a clinician would see: the phantom, its segmentation by the drafting and
+    # by the new model, their uncertainty volumes and the unlabelled pool volume (nothing from the
+    # cancelled runs).
     volumes = [n.GetName() for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode")]
-    assert len(volumes) == 3, volumes
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert len(volumes) == 4, volumes
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert not list((tmp_path / "work").glob("IDEALSegment-*"))  # every hand-off folder is gone
 
 
 def test_selftest_failures_are_explicit_assertion_errors():

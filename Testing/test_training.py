@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from IDEALTrain.model.bundle import Bundle
 from IDEALTrain.training.checkpoint import load_checkpoint
@@ -16,7 +17,8 @@ from IDEALTrain.io.phantom import make_phantom
 from IDEALTrain.inference.predictor import Predictor
 from IDEALTrain.model.preprocessing import Preprocessing
 from IDEALTrain.training.losses import cross_pseudo_label_loss
-from IDEALTrain.training.finetune import TrainConfig, consistency_ramp, load_pretrained_encoder, train_segmentation
+from IDEALTrain.training.encoder_start import load_pretrained_encoder
+from IDEALTrain.training.finetune import TrainConfig, consistency_ramp, train_segmentation
 
 def small_config(iterations: int, **overrides) -> TrainConfig:
     network = NetworkConfig(base_channels=8, depth=4, dropout=(0.0, 0.0, 0.0, 0.0), fpn_channels=8)
@@ -188,3 +190,57 @@ def test_pretrained_mix_starts_between_the_pretrained_and_the_random_encoder(pha
             train_segmentation(train, small_config(1, pretrained_mix=bad), pretrained=encoder, device="cpu")
     with pytest.raises(IdealError, match="needs a pretrained encoder"):
         train_segmentation(train, small_config(1, pretrained_mix=0.5), device="cpu")
+
+
+def test_precision_is_resolved_recorded_and_checked(phantoms):
+    from IDEALTrain.training.precision import cpu_supports_bf16, resolve_precision
+
+    train = phantoms[0][:2]
+    fp32 = train_segmentation(train, small_config(2, precision="fp32"), device="cpu")
+    auto = train_segmentation(train, small_config(2), device="cpu")
+    assert fp32.training["precision"] == "fp32"
+    assert auto.training["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
+    if cpu_supports_bf16():  # bf16 autocast really runs: the weights differ from fp32's
+        assert not all(torch.equal(t, auto.weights[n]) for n, t in fp32.weights.items())
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(IdealError, match="precision must be one of"):
+        train_segmentation(train, small_config(1, precision="fp16"), device="cpu")
+
+
+def test_rescaled_pretrained_filters_keep_direction_and_take_the_initial_norms(phantoms):
+    train = phantoms[0][:2]
+    trained = train_segmentation(train, small_config(2), device="cpu")
+    inflated = {k: v * 3 if v.ndim == 4 else v for k, v in trained.weights.items() if k.startswith("encoder.")}
+    encoder = Bundle(trained.network, trained.preprocessing, inflated, kind="pretrained-encoder")
+    torch.manual_seed(3)
+    network = SegmentationNetwork(trained.network)
+    fresh = {name: t.clone() for name, t in network.encoder.state_dict().items()}
+    norms = load_pretrained_encoder(network, encoder, rescale=True)
+    for name, start in network.encoder.state_dict().items():
+        if start.ndim == 4:
+            pretrained = encoder.weights[f"encoder.{name}"].flatten(1)
+            assert torch.allclose(start.flatten(1).norm(dim=1), fresh[name].flatten(1).norm(dim=1), rtol=1e-5), name
+            assert torch.allclose(F.cosine_similarity(start.flatten(1), pretrained), torch.ones(len(pretrained)), atol=1e-5), name
+        else:
+            assert torch.equal(start, encoder.weights[f"encoder.{name}"]), name
+    assert norms["start"] == pytest.approx(norms["initial"], rel=1e-5)
+    assert all(p > 2 * i for p, i in zip(norms["pretrained"], norms["initial"]))
+    run = train_segmentation(train, small_config(1, pretrained_rescale=True), pretrained=encoder, device="cpu")
+    assert run.training["encoder_level_norms"]["start"] == pytest.approx(run.training["encoder_level_norms"]["initial"], rel=1e-5)
+    with pytest.raises(IdealError, match="exclude each other"):
+        train_segmentation(train, small_config(1, pretrained_rescale=True, pretrained_mix=0.5), pretrained=encoder, device="cpu")
+    with pytest.raises(IdealError, match="needs a pretrained encoder"):
+        train_segmentation(train, small_config(1, pretrained_rescale=True), device="cpu")
+
+
+def test_stream_perturbation_changes_two_stream_training(phantoms):
+    train = phantoms[0]
+    config = small_config(2, supervised_only=False, unlabeled_batch_size=2)
+    plain = train_segmentation(train[:2], config, unlabeled=train[2:4], device="cpu")
+    config.stream_perturbation = "dropout"
+    perturbed = train_segmentation(train[:2], config, unlabeled=train[2:4], device="cpu")
+    assert not all(torch.equal(t, perturbed.weights[n]) for n, t in plain.weights.items())
+    assert perturbed.training["recipe"]["stream_perturbation"] == "dropout"
+    with pytest.raises(IdealError, match="strength"):
+        train_segmentation(train[:2], small_config(1, stream_perturbation="noise", perturbation_strength=2.0), device="cpu")

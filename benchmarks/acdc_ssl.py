@@ -42,6 +42,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="same-image cells closer than this many feature cells are not negatives in the dense loss")
     parser.add_argument("--pretrain-same-image-negatives", action="store_true",
                         help="dense loss negatives only from the query's own image (Chaitanya et al.'s local loss)")
+    parser.add_argument("--pretrain-optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-weight-decay", type=float, default=1e-4)
+    parser.add_argument("--pretrain-no-dropout", action="store_true", help="no dropout in either encoder while pretraining")
+    parser.add_argument("--pretrain-key-eval", action="store_true", help="the key encoder runs in eval mode")
+    parser.add_argument("--pretrain-extra-levels", type=int, nargs="*", default=[], help="more encoder levels for the dense loss")
+    parser.add_argument("--pretrain-positive-radius", type=float, default=0.0, help="same-image cells this close are positives")
+    parser.add_argument("--pretrain-queue", type=int, default=0, help="key queue size (negatives from other images)")
+    parser.add_argument("--pretrain-global-weight", type=float, default=0.0, help="weight of the image-level InfoNCE term")
     parser.add_argument("--size", type=int, default=128, help="network in-plane size (SSL4MIS uses 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--unlabeled-batch-size", type=int, default=8)
@@ -53,6 +62,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encoder-warmup", type=int, default=0, help="IDEAL runs: iterations with the pretrained encoder frozen first")
     parser.add_argument("--pretrained-mix", type=float, default=1.0,
                         help="IDEAL runs: start from this share of the pretrained encoder, the rest the run's own random weights")
+    parser.add_argument("--pretrained-rescale", action="store_true",
+                        help="IDEAL runs: rescale each pretrained conv filter to the norm of the run's own random filter")
+    parser.add_argument("--stream-perturbation", choices=("none", "dropout", "noise"), default="none",
+                        help="two-stream runs (finetune-no-pretraining and ideal): encoder features perturbed anew before each decoder")
+    parser.add_argument("--perturbation-strength", type=float, default=0.5)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (pretraining uses the first)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--device", default="auto")
@@ -60,7 +75,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 RECORDED_PRETRAINING = ("batch_size", "dense_level", "global_weight", "samples_per_image", "negative_min_distance",
-                        "same_image_negatives", "frozen_levels", "temperature", "queue_size")  # of a reused encoder's recipe
+                        "same_image_negatives", "frozen_levels", "temperature", "queue_size", "optimizer", "learning_rate",
+                        "dropout", "key_eval", "extra_dense_levels", "positive_radius")  # of a reused encoder's recipe
 
 
 def run_key(patients: int, method: str, seed: int) -> str:
@@ -100,12 +116,12 @@ def summarize(runs: dict, patients_list: list[int], methods: list[str], seeds: l
 
 def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: int, pretrained, val_cases: list) -> dict:
     """One run of the protocol: train, save the bundle under ``--work``, score on val.list."""
-    from IDEALTrain.model.bundle import save_bundle
     from IDEALTrain.evaluation.metrics import mean_scores, score
-    from IDEALTrain.model.networks import NetworkConfig
     from IDEALTrain.inference.predictor import Predictor
-    from IDEALTrain.training.selection import LabelSelection, select_training_cases
+    from IDEALTrain.model.bundle import save_bundle
+    from IDEALTrain.model.networks import NetworkConfig
     from IDEALTrain.training.finetune import TrainConfig, train_segmentation
+    from IDEALTrain.training.selection import LabelSelection, select_training_cases
 
     data = Path(args.data)
     labeled, unlabeled = select_training_cases(f"ssl4mis:{data}", f"ssl4mis:{data}", LabelSelection(patients=patients), require_unlabeled=True)
@@ -117,6 +133,9 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
         encoder_lr_scale=args.encoder_lr_scale if method == "ideal" else 1.0,
         encoder_warmup=args.encoder_warmup if method == "ideal" else 0,
         pretrained_mix=args.pretrained_mix if method == "ideal" else 1.0,
+        pretrained_rescale=args.pretrained_rescale and method == "ideal", precision=args.precision,
+        stream_perturbation=args.stream_perturbation if method != "supervised-only" else "none",
+        perturbation_strength=args.perturbation_strength,
         checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=preprocessing_plan(args),
     )
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
@@ -128,6 +147,7 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
     return {
         "patients": patients, "method": method, "seed": seed,
         "labeled_slices": len(labeled), "unlabeled_slices": len(unlabeled), "train_seconds": trained_seconds,
+        "precision": bundle.training["precision"], "encoder_level_norms": bundle.training["encoder_level_norms"],
         "mean": summary["mean"], "classes": summary["classes"], "undefined": summary["undefined"], "per_volume": per_volume,
     }
 
@@ -140,10 +160,14 @@ def child_command(args: argparse.Namespace, patients: int, method: str, seed: in
         "--unlabeled-batch-size": args.unlabeled_batch_size, "--lr": args.lr, "--consistency-weight": args.consistency_weight,
         "--ramp-up": args.ramp_up, "--encoder-lr-scale": args.encoder_lr_scale,
         "--encoder-warmup": args.encoder_warmup, "--pretrained-mix": args.pretrained_mix, "--seeds": seed, "--device": args.device,
+        "--stream-perturbation": args.stream_perturbation, "--perturbation-strength": args.perturbation_strength,
+        "--precision": args.precision,
     }
+    if args.pretrained_rescale:
+        options["--pretrained-rescale"] = ""
     if pretrained_path and method == "ideal":
         options["--pretrained"] = pretrained_path
-    return [sys.executable, str(Path(__file__).resolve())] + [str(x) for pair in options.items() for x in pair]
+    return [sys.executable, str(Path(__file__).resolve())] + [str(x) for pair in options.items() for x in pair if x != ""]
 
 
 def run_in_processes(args: argparse.Namespace, jobs: list[tuple[int, str, int]], pretrained_path: str | None, finished) -> list[str]:
@@ -180,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from IDEALTrain.model.bundle import load_bundle, save_bundle
     from IDEALTrain.io.datasets import load_cases
+    from IDEALTrain.model.bundle import load_bundle, save_bundle
     from IDEALTrain.model.networks import NetworkConfig
     from IDEALTrain.training.pretraining import PretrainConfig, pretrain
 
@@ -195,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance",
                    "pretrain_same_image_negatives", "size", "batch_size",
-                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "encoder_warmup", "pretrained_mix", "parallel")
+                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale",
+                   "encoder_warmup", "pretrained_mix", "parallel", "pretrained_rescale", "stream_perturbation",
+                   "perturbation_strength", "precision")
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
         "budget": {k: getattr(args, k) for k in budget_keys},
@@ -221,20 +247,27 @@ def main(argv: list[str] | None = None) -> int:
         recipe = pretrained.training.get("recipe", {})
         report["pretraining"] = {"reused": args.pretrained, "slices": pretrained.training.get("slices"),
                                  "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size"),
-                                 **{k: recipe.get(k) for k in RECORDED_PRETRAINING}}
+                                 **{k: recipe.get(k) for k in RECORDED_PRETRAINING},
+                                 "encoder_level_norms": pretrained.training.get("encoder_level_norms")}
     if "ideal" in args.methods and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
         config = PretrainConfig(iterations=args.pretrain_iterations, batch_size=args.pretrain_batch_size, seed=args.seeds[0],
                                 negative_min_distance=args.pretrain_negative_min_distance,
                                 same_image_negatives=args.pretrain_same_image_negatives,
+                                optimizer=args.pretrain_optimizer, learning_rate=args.pretrain_lr,
+                                weight_decay=args.pretrain_weight_decay, dropout=not args.pretrain_no_dropout,
+                                key_eval=args.pretrain_key_eval, extra_dense_levels=tuple(args.pretrain_extra_levels),
+                                positive_radius=args.pretrain_positive_radius, queue_size=args.pretrain_queue,
+                                global_weight=args.pretrain_global_weight, precision=args.precision,
                                 network=NetworkConfig(), preprocessing=preprocessing_plan(args))
         pretrained = pretrain(everything, config, device=args.device)
         pretrained_path = str(work / "pretrained")
         save_bundle(pretrained, pretrained_path, overwrite=True)
         report["pretraining"] = {"slices": len(everything), "iterations": args.pretrain_iterations, "batch_size": args.pretrain_batch_size,
                                  "negative_min_distance": args.pretrain_negative_min_distance,
-                                 "same_image_negatives": args.pretrain_same_image_negatives, "seconds": time.perf_counter() - start}
+                                 "same_image_negatives": args.pretrain_same_image_negatives, "seconds": time.perf_counter() - start,
+                                 "recipe": pretrained.training["recipe"], "encoder_level_norms": pretrained.training["encoder_level_norms"]}
         write()
         print(f"pretraining: {report['pretraining']['seconds']:.0f} s", flush=True)
 

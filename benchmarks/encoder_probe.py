@@ -48,7 +48,7 @@ def features(encoder, images, levels: list[int], size: int):
     with torch.no_grad():
         for start in range(0, len(images), 32):
             maps = encoder(images[start : start + 32])
-            chunks.append(torch.cat([F.interpolate(maps[l], size=(size, size), mode="bilinear", align_corners=False) for l in levels], 1))
+            chunks.append(torch.cat([F.interpolate(maps[level], size=(size, size), mode="bilinear", align_corners=False) for level in levels], 1))
     return torch.cat(chunks)
 
 
@@ -107,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from IDEALTrain.model.bundle import load_bundle
     from IDEALTrain.io.datasets import load_cases
+    from IDEALTrain.model.bundle import load_bundle
     from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
     from IDEALTrain.model.preprocessing import Preprocessing
+    from IDEALTrain.training.encoder_start import load_pretrained_encoder
     from IDEALTrain.training.selection import LabelSelection, select_training_cases
-    from IDEALTrain.training.finetune import load_pretrained_encoder, network_slices
+    from IDEALTrain.training.slices import network_slices
 
     data = Path(args.data)
     if not (data / "train_slices.list").is_file():
@@ -138,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         network = SegmentationNetwork(config)
         if name != "random":
             pretrained = load_bundle(name)
-            load_pretrained_encoder(network, pretrained)
+            norms = load_pretrained_encoder(network, pretrained)
             recipe = pretrained.training.get("recipe", {})
-            report["encoders"][name] = {"recipe": {k: recipe.get(k) for k in ("iterations", "dense_level", "global_weight", "samples_per_image",
-                                                                            "negative_min_distance", "same_image_negatives", "frozen_levels")}}
+            recorded = ("iterations", "dense_level", "global_weight", "samples_per_image", "negative_min_distance",
+                        "same_image_negatives", "frozen_levels", "optimizer", "learning_rate", "dropout", "key_eval",
+                        "extra_dense_levels", "positive_radius", "queue_size")
+            report["encoders"][name] = {"recipe": {k: recipe.get(k) for k in recorded}, "encoder_level_norms": norms}
         encoder = network.encoder
         recalibrate_batch_norm(encoder, train[0])
         results = {label: probe(encoder, train, val, levels, args.steps, args.seed) for label, levels in level_sets(config.depth).items()}

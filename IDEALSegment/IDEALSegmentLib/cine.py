@@ -1,43 +1,50 @@
 """Cine (4D) segmentation: every frame of a volume sequence, ED/ES from the LV volume curve, a measurements table.
 
-A cine is a ``vtkMRMLSequenceNode`` whose data nodes are scalar volumes. The result is a new
-sequence of segmentation nodes with the same index values, synchronised with the cine in a
-sequence browser (the cine's own browser when it has one), and a measurements table.
+A cine is a ``vtkMRMLSequenceNode`` whose data nodes are scalar volumes; the user picks its proxy
+volume (the browser's current frame) and :func:`cine_of_proxy` finds the browser and the sequence
+through the Sequences logic. The result is a new sequence of segmentation nodes with the same
+index values, synchronised with the cine in its browser with "save changes" on (so Segment Editor
+edits of the proxy segmentation are kept when the frame changes), and a measurements table.
 
-As in :mod:`.inference`, the work is split so that a GUI can keep Slicer responsive:
-:func:`frame_images` reads the frames (main thread, cheap), :func:`predict_sequence` runs the
-network on them and touches no scene (worker thread, cancellable), and :func:`add_sequence_to_scene`
-adds the nodes (main thread) or, if anything fails, removes what it added. :func:`segment_sequence`
-does all three in one call. A cancel or an error leaves the scene as it was.
+:func:`frame_images` reads the frames (main thread, cheap); the labels come from a child process
+(the panel) or from :func:`predict_sequence` (in-process: batch scripts, tests);
+:func:`add_frame_labels_to_scene` adds the nodes or, if anything fails, removes what it added.
+A cancel or an error leaves the scene as it was.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import slicer
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.evaluation.metrics import label_volume_ml
 from IDEALTrain.io.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
-from IDEALTrain.evaluation.metrics import label_volume_ml
 
-from .cancel import CancelToken, Cancelled
-from .inference import node_ids, predict_volume, remove_nodes_added_since
+from .cancel import Cancelled, CancelToken
+from .inference import PREDICTION_SHARE, node_ids, predict_volume, remove_nodes_added_since
 from .measurements import cardiac_measurements, find_ed_es, measurements_table
-from .segmentations import Provenance, segmentation_from_labels
 from .scene_files import register_sequence_browser_class
-from .volumes import check_scalar_volume, image_from_volume, node_label, unique_node_name, volume_from_image, volume_grid
+from .segmentations import Provenance, segmentation_from_labels
+from .volumes import (
+    check_scalar_volume,
+    image_from_volume,
+    node_label,
+    unique_node_name,
+    volume_from_image,
+    volume_grid,
+)
 
 if TYPE_CHECKING:  # torch-importing modules, only for annotations
-    from IDEALTrain.model.bundle import Bundle
     from IDEALTrain.inference.predictor import Prediction, Predictor
+    from IDEALTrain.model.bundle import Bundle
 
 SEQUENCE_CLASS = "vtkMRMLSequenceNode"
 BROWSER_CLASS = "vtkMRMLSequenceBrowserNode"
-#: Share of segment_sequence's progress spent predicting (the rest builds the nodes).
-_PREDICTION_SHARE = 0.95
 #: What a cancelled cine reports ("segmenting the cine was cancelled; the scene is unchanged").
 _WHAT = "segmenting the cine"
 
@@ -49,10 +56,11 @@ class CineResult:
     segmentation_sequence: object
     browser: object | None  # None where no sequence browser can be made (no Sequences module)
     frame_labels_ml: list[dict]  # per frame: segment ID -> volume in ml
-    ed_index: int
-    es_index: int
+    ed_index: int | None  # None only with require_ed_es=False when ED/ES cannot be found
+    es_index: int | None
     measurements: dict
     table: object | None = None
+    note: str = ""  # why there are no ED/ES measurements, when there are none
 
 
 def is_cine(node: object) -> bool:
@@ -65,6 +73,26 @@ def is_cine(node: object) -> bool:
         and not first.IsA("vtkMRMLLabelMapVolumeNode")
         and not first.IsA("vtkMRMLTensorVolumeNode")
     )
+
+
+def sequences_logic_for(scene: object, logic: object | None = None) -> object | None:
+    """The Sequences logic to use: ``logic`` (Slicer's module logic) else one bound to ``scene``; None without Sequences."""
+    if logic is not None:
+        return logic
+    if not hasattr(slicer, "vtkSlicerSequencesLogic"):
+        return None
+    bound = slicer.vtkSlicerSequencesLogic()
+    bound.SetMRMLScene(scene)  # registers the browser class and keeps proxies and sequences in step
+    return bound
+
+
+def cine_of_proxy(volume: object, logic: object | None) -> tuple[object, object] | None:
+    """(browser, volume sequence) when ``volume`` is a cine's proxy volume, None for a plain volume."""
+    if volume is None or logic is None or volume.GetScene() is None:
+        return None
+    browser = logic.GetFirstBrowserNodeForProxyNode(volume)
+    sequence = browser.GetSequenceNode(volume) if browser is not None else None
+    return (browser, sequence) if sequence is not None and is_cine(sequence) else None
 
 
 def sequence_frames(sequence_node: object) -> list[object]:
@@ -140,11 +168,11 @@ def frame_images(sequence_node: object) -> list[Image]:
 
 def predict_sequence(
     images: Sequence[Image],
-    predictor: "Predictor",
+    predictor: Predictor,
     progress: Callable[[float], None] | None = None,
     cancel: CancelToken | None = None,
-) -> list["Prediction"]:
-    """Run the predictor on every frame image; touches no scene, so it is safe in a worker thread.
+) -> list[Prediction]:
+    """Run the predictor on every frame image, in-process (batch scripts, tests); touches no scene.
 
     ``progress`` gets the done fraction (0..1) over all frames; ``cancel`` is checked between frames
     and between slice batches, raising :class:`~IDEALSegmentLib.cancel.Cancelled`. Only the labels
@@ -176,21 +204,36 @@ def predict_sequence(
     return predictions
 
 
-def add_sequence_to_scene(sequence_node: object, predictions: Sequence["Prediction"], bundle: "Bundle") -> CineResult:
-    """A NEW segmentation sequence for the cine's ``predictions``, synchronised with it, and a measurements table; main thread.
+def add_sequence_to_scene(
+    sequence_node: object, predictions: Sequence[Prediction], bundle: Bundle, sequences_logic: object | None = None,
+    *, require_ed_es: bool = True,
+) -> CineResult:
+    """:func:`add_frame_labels_to_scene` for in-process predictions."""
+    return add_frame_labels_to_scene(
+        sequence_node, [p.labels for p in predictions], bundle, sequences_logic, require_ed_es=require_ed_es
+    )
 
-    ED and ES are the frames with the largest and smallest LV blood pool. The nodes record the
-    bundle's model id and version. If anything fails, every node this call added is removed (and the
-    cine's own browser no longer synchronises the segmentation) and the error is raised: the scene
-    is left as it was.
+
+def add_frame_labels_to_scene(
+    sequence_node: object, labels: Sequence[Image], model: object, sequences_logic: object | None = None,
+    *, require_ed_es: bool = True,
+) -> CineResult:
+    """A NEW segmentation sequence for the cine's per-frame ``labels``, synchronised with it, and a measurements table.
+
+    ``model`` has ``model_id``, ``version`` and ``labels`` (a Bundle or a ModelEntry). ED and ES
+    are the frames with the largest and smallest LV blood pool. If anything fails, every node this
+    call added is removed (and the cine's own browser no longer synchronises the segmentation) and
+    the error is raised: the scene is left as it was. Main thread. With ``require_ed_es`` False, a cine
+    whose ED/ES cannot be found (no LV in any frame, the same LV volume in all) still gets its
+    segmentation sequence, with no measurements or table and the reason in ``note`` (batch use).
     """
     frames = _cine_frames(sequence_node)
-    if len(predictions) != len(frames):
+    labels = list(labels)
+    if len(labels) != len(frames):
         raise IdealError(
-            f"sequence {node_label(sequence_node)} has {len(frames)} frames but {len(predictions)} were segmented: "
+            f"sequence {node_label(sequence_node)} has {len(frames)} frames but {len(labels)} were segmented: "
             "it changed while segmenting; segment it again"
         )
-    labels = [prediction.labels for prediction in predictions]
     for index, (frame, frame_labels) in enumerate(zip(frames, labels)):
         if not frame_labels.same_grid(volume_grid(frame)):
             raise IdealError(
@@ -198,32 +241,40 @@ def add_sequence_to_scene(sequence_node: object, predictions: Sequence["Predicti
                 "it changed while segmenting; segment it again"
             )
     volumes_ml = [{label.segment_id: label_volume_ml(frame, label.value) for label in CARDIAC_LABELS} for frame in labels]
-    ed, es = find_ed_es([frame["LV"] for frame in volumes_ml])
-    measurements = {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}
+    try:
+        ed, es = find_ed_es([frame["LV"] for frame in volumes_ml])
+        measurements, note = {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}, ""
+    except IdealError as error:
+        if require_ed_es:
+            raise
+        ed = es = None
+        measurements, note = {}, str(error)
 
     scene = sequence_node.GetScene()
-    provenance = Provenance.now(bundle.model_id, bundle.version)
-    segmentation_sequence = _segmentation_sequence(sequence_node, frames, labels, provenance)
+    logic = sequences_logic_for(scene, sequences_logic)
+    provenance = Provenance.now(model.model_id, model.version)
+    segmentation_sequence = _segmentation_sequence(sequence_node, frames, labels, model.labels, provenance)
     before = node_ids(scene)
-    existing = _cine_browser(scene, sequence_node)
+    existing = _cine_browser(sequence_node, logic)
     try:
         scene.AddNode(segmentation_sequence)
-        browser = _browse_together(scene, sequence_node, segmentation_sequence, existing)
-        table = measurements_table(scene, measurements, f"{sequence_node.GetName()} measurements")
+        browser = _browse_together(scene, sequence_node, segmentation_sequence, existing, logic)
+        table = measurements_table(scene, measurements, f"{sequence_node.GetName()} measurements") if measurements else None
     except BaseException:
         if existing is not None and existing.IsSynchronizedSequenceNodeID(segmentation_sequence.GetID(), False):
             existing.RemoveSynchronizedSequenceNode(segmentation_sequence.GetID())
         remove_nodes_added_since(scene, before)
         raise
-    return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table)
+    return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table, note)
 
 
 def segment_sequence(
     sequence_node: object,
-    predictor: "Predictor",
+    predictor: Predictor,
     *,
     progress: Callable[[float], None] | None = None,
     cancel: CancelToken | None = None,
+    require_ed_es: bool = True,
 ) -> CineResult:
     """Segment every frame of a cine with ``predictor`` (an IDEALTrain Predictor), all in one call.
 
@@ -232,15 +283,15 @@ def segment_sequence(
     :class:`~IDEALSegmentLib.cancel.Cancelled` and leaves the scene unchanged.
     """
     images = frame_images(sequence_node)
-    scaled = None if progress is None else (lambda fraction: progress(_PREDICTION_SHARE * fraction))
+    scaled = None if progress is None else (lambda fraction: progress(PREDICTION_SHARE * fraction))
     predictions = predict_sequence(images, predictor, scaled, cancel)
-    result = add_sequence_to_scene(sequence_node, predictions, predictor.bundle)
+    result = add_sequence_to_scene(sequence_node, predictions, predictor.bundle, require_ed_es=require_ed_es)
     if progress is not None:
         progress(1.0)
     return result
 
 
-def _segmentation_sequence(sequence_node: object, frames: list[object], labels: list, provenance: Provenance) -> object:
+def _segmentation_sequence(sequence_node: object, frames: list[object], labels: list, label_map: Sequence, provenance: Provenance) -> object:
     """A sequence node (not yet in any scene) holding one segmentation per frame, at the cine's index values."""
     scene = sequence_node.GetScene()
     sequence = slicer.vtkMRMLSequenceNode()
@@ -257,29 +308,28 @@ def _segmentation_sequence(sequence_node: object, frames: list[object], labels: 
     for index, (frame, frame_labels) in enumerate(zip(frames, labels)):
         name = frame.GetName() or f"frame {index}"
         reference = volume_from_image(frame_labels, scratch, name)  # the frame's grid (labels lie on it)
-        segmentation = segmentation_from_labels(frame_labels, reference, CARDIAC_LABELS, provenance, name=f"{name} segmentation")
+        segmentation = segmentation_from_labels(frame_labels, reference, label_map, provenance, name=f"{name} segmentation")
         sequence.SetDataNodeAtValue(segmentation, sequence_node.GetNthIndexValue(index))
     scratch.Clear(True)
     return sequence
 
 
-def _cine_browser(scene: object, volume_sequence: object) -> object | None:
+def _cine_browser(volume_sequence: object, logic: object | None) -> object | None:
     """The sequence browser that already shows the cine (as after loading a 4D file), None if there is none."""
-    if not scene.IsNodeClassRegistered(BROWSER_CLASS):
-        return None
-    browsers = [node for node in _nodes_of_class(scene, BROWSER_CLASS) if node.IsSynchronizedSequenceNodeID(volume_sequence.GetID(), True)]
-    return browsers[0] if browsers else None
+    return logic.GetFirstBrowserNodeForSequenceNode(volume_sequence) if logic is not None else None
 
 
-def _browse_together(scene: object, volume_sequence: object, segmentation_sequence: object, existing: object | None) -> object | None:
+def _browse_together(
+    scene: object, volume_sequence: object, segmentation_sequence: object, existing: object | None, logic: object | None
+) -> object | None:
     """Synchronise the segmentation sequence with the cine's ``existing`` browser, or with a new one.
 
-    Plain slicer-core has no Sequences module logic: the browser class is registered here (as that
-    logic does) and the proxy nodes are made by a scene-less Sequences logic, which in Slicer merely
-    repeats what the module's own logic does. None without any Sequences support.
+    "Save changes" is switched on for the segmentation sequence: the displayed segmentation is the
+    browser's proxy, and without it Segment Editor edits are dropped when the frame changes. None
+    without any Sequences support (the sequence alone is the result).
     """
-    if not hasattr(slicer, "vtkSlicerSequencesLogic"):
-        return None  # no Sequences module at all: the sequence alone is the result
+    if logic is None:
+        return None
     if existing is not None:
         browser = existing
         browser.AddSynchronizedSequenceNodeID(segmentation_sequence.GetID())
@@ -289,7 +339,8 @@ def _browse_together(scene: object, volume_sequence: object, segmentation_sequen
         browser.SetAndObserveMasterSequenceNodeID(volume_sequence.GetID())
         browser.AddSynchronizedSequenceNodeID(segmentation_sequence.GetID())
         browser.SetSelectedItemNumber(0)
-    slicer.vtkSlicerSequencesLogic().UpdateProxyNodesFromSequences(browser)
+    browser.SetSaveChanges(segmentation_sequence, True)
+    logic.UpdateProxyNodesFromSequences(browser)
     _follow_volume_transform(browser, volume_sequence, segmentation_sequence)
     return browser
 
@@ -300,7 +351,3 @@ def _follow_volume_transform(browser: object, volume_sequence: object, segmentat
     segmentation_proxy = browser.GetProxyNode(segmentation_sequence)
     if volume_proxy is not None and segmentation_proxy is not None:
         segmentation_proxy.SetAndObserveTransformNodeID(volume_proxy.GetTransformNodeID())
-
-
-def _nodes_of_class(scene: object, class_name: str) -> list[object]:
-    return [scene.GetNthNodeByClass(index, class_name) for index in range(scene.GetNumberOfNodesByClass(class_name))]

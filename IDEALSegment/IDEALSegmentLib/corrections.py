@@ -5,7 +5,11 @@ Layout of a corrections data set ``DIR`` (``folder:DIR`` labelled, ``folder:DIR/
     DIR/images/<case>.nii.gz            image of a reviewed case (exact geometry)
     DIR/labels/<case>.nii.gz            its corrected labels (0 background, 1 RV, 2 LV myocardium, 3 LV)
     DIR/unlabeled/images/<case>.nii.gz  volumes without labels, for the unlabelled (consistency) term
-    DIR/manifest.json                   one entry per case: where it came from, who reviewed it, ...
+    DIR/manifest.json                   one entry per case: where it came from, who reviewed it, what was reviewed
+
+What was reviewed is recorded per case as ``reviewed``: segment ID -> slice indices (along the
+image's slice axis) on which the clinician checked that structure. Retraining takes labels only
+there (:mod:`IDEALTrain.training.partial_labels`); everything else trains as unlabelled.
 
 Every file is written atomically, the manifest last; an existing case is replaced only when asked
 (and the manifest keeps what was replaced). Exporting reads the scene and never changes it.
@@ -18,25 +22,26 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 import IDEALTrain
-from IDEALTrain.io.atomic import atomic_path
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.atomic import atomic_path
 from IDEALTrain.io.image import Image
-from IDEALTrain.labels import CARDIAC_LABELS
 from IDEALTrain.io.volume_files import write_image
+from IDEALTrain.labels import CARDIAC_LABELS
 
+from .review import check_slices, edited_structures, patient_of_volume, reviewed_regions
 from .segmentations import labels_from_segmentation, read_provenance
 from .volumes import check_scalar_volume, image_from_volume, node_label
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "idealsegment-corrections"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2 added per-case ``reviewed`` structures and slices, and ``patient_id``
 LABELED, UNLABELED = "labeled", "unlabeled"
 SUFFIX = ".nii.gz"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -158,19 +163,23 @@ def read_manifest(dataset_dir: str | Path) -> list[dict]:
 def dataset_summary(dataset_dir: str | Path) -> dict:
     """Counts for a corrections data set: cases, reviewed slices, unlabelled volumes, drafting models."""
     cases = read_manifest(dataset_dir)
-    labeled = [case for case in cases if case["kind"] == LABELED]
-    models: dict[str, int] = {}
-    for case in labeled:
-        model = case.get("model")
-        key = f"{model['model_id']} {model['model_version']}" if model else "drawn by hand"
-        models[key] = models.get(key, 0) + 1
-    return {
-        "cases": len(labeled),
-        "reviewed_slices": sum(len(case.get("reviewed_slices") or []) for case in labeled),
-        "unlabeled_volumes": sum(case["kind"] == UNLABELED for case in cases),
-        "models": models,
-        "reviewers": sorted({case.get("reviewer") for case in labeled if case.get("reviewer")}),
-    }
+    try:
+        labeled = [case for case in cases if case["kind"] == LABELED]
+        models: dict[str, int] = {}
+        for case in labeled:
+            model = case.get("model")
+            key = f"{model['model_id']} {model['model_version']}" if model else "drawn by hand"
+            models[key] = models.get(key, 0) + 1
+        return {
+            "cases": len(labeled),
+            "reviewed_slices": sum(len(case.get("reviewed_slices") or []) for case in labeled),
+            "unlabeled_volumes": sum(case["kind"] == UNLABELED for case in cases),
+            "patients": len({case.get("patient_id") or case["case_id"] for case in labeled}),
+            "models": models,
+            "reviewers": sorted({str(case.get("reviewer")) for case in labeled if case.get("reviewer")}),
+        }
+    except (KeyError, TypeError, AttributeError) as error:  # an entry of the wrong shape: a hand-edited manifest
+        raise IdealError(f"{dataset_dir}: the corrections manifest is corrupt ({type(error).__name__}: {error})") from None
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -183,21 +192,6 @@ def _source(volume: object, image: Image) -> dict:
         "storage_file": Path(file_name).name if file_name else None,
         "image_sha256": voxel_sha256(image),
     }
-
-
-def _reviewed_slices(reviewed: Sequence[int] | None, image: Image) -> list[int] | None:
-    """Sorted unique slice indices along the image's slice axis, checked against its size."""
-    if reviewed is None:
-        return None
-    count = image.array.shape[image.slice_axis]
-    slices = []
-    for index in reviewed:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise IdealError(f"reviewed slice {index!r} is not a slice index (an integer)")
-        if not 0 <= int(index) < count:
-            raise IdealError(f"reviewed slice {index} is outside the volume's {count} slices (0-{count - 1})")
-        slices.append(int(index))
-    return sorted(set(slices))
 
 
 def _now() -> str:
@@ -241,12 +235,17 @@ def export_correction(
     case_id: str | None = None,
     reviewer: str = "",
     reviewed_slices: Sequence[int] | None = None,
+    reviewed_structures: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
+    patient_id: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Add a reviewed case (image + corrected labels) to a corrections data set; return its label file.
 
-    Labels are read back through the standard segment IDs on the volume's grid. ``reviewed_slices``
-    are indices along the image's slice axis (recorded, None when not known).
+    Labels are read back through the standard segment IDs on the volume's grid. What was reviewed:
+    ``reviewed_structures`` (segment IDs, each on every slice where the labels have it, or segment
+    ID -> slices), by default the structures the clinician edited (see :func:`mark_model_output`),
+    or every structure when the model's output was not recorded; ``reviewed_slices`` (indices along
+    the slice axis) limits them. ``patient_id`` groups cases for a patient-level hold-out.
     """
     check_scalar_volume(volume, allow_labelmap=False)
     if segmentation is None or not hasattr(segmentation, "IsA") or not segmentation.IsA("vtkMRMLSegmentationNode"):
@@ -267,7 +266,18 @@ def export_correction(
             f"segmentation {node_label(segmentation)} is empty on volume {node_label(volume)}: nothing to learn from; "
             "add the volume as unlabelled instead"
         )
-    slices = _reviewed_slices(reviewed_slices, image)
+    slices = check_slices(reviewed_slices, image)
+    rule = "chosen structures"
+    if reviewed_structures is None:
+        edited = edited_structures(segmentation, labels)
+        rule = "edited structures" if edited is not None else "every structure (the model's output was not recorded)"
+        reviewed_structures = edited if edited is not None else [label.segment_id for label in CARDIAC_LABELS]
+    reviewed = reviewed_regions(labels, reviewed_structures, slices)
+    if not reviewed:
+        raise IdealError(
+            f"nothing reviewed on {node_label(volume)}: no edited or checked structure has voxels on the reviewed slices; "
+            "tick the structures you reviewed in Mark reviewed"
+        )
     root, document = _open_dataset(dataset_dir)
     provenance = read_provenance(segmentation)
     files = {"image": f"images/{case}{SUFFIX}", "label": f"labels/{case}{SUFFIX}"}
@@ -282,7 +292,10 @@ def export_correction(
         "reviewer": reviewer,
         "exported_at": _now(),
         "slice_axis": image.slice_axis,
-        "reviewed_slices": slices,
+        "reviewed_slices": slices if slices is not None else sorted({k for ks in reviewed.values() for k in ks}),
+        "reviewed": reviewed,
+        "reviewed_rule": rule,
+        "patient_id": patient_id or patient_of_volume(volume, case),
         "label_voxels": {label.segment_id: int(np.count_nonzero(labels.array == label.value)) for label in CARDIAC_LABELS},
         "size": list(image.size),
         "spacing": list(image.spacing),
@@ -311,3 +324,25 @@ def add_unlabeled_volume(dataset_dir: str | Path, volume: object, case_id: str |
     }
     _commit(root, document, entry, {files["image"]: image}, overwrite)
     return root / files["image"]
+
+
+def add_to_pool(dataset_dir: str | Path, node: object, case_id: str | None = None) -> list[Path]:
+    """Add a loaded volume, or every frame of a cine (sequence node), to the unlabelled pool; return the files.
+
+    The only way scans enter the pool: nothing is copied without this call. A cine's frames become
+    cases ``<case>_frameNN``; a case already in the pool is refused (choose another id).
+    """
+    from .cine import is_cine, sequence_frames
+
+    if is_cine(node):
+        case = _case_id(case_id, node)
+        frames = sequence_frames(node)
+        return [add_unlabeled_volume(dataset_dir, frame, f"{case}_frame{index:02d}") for index, frame in enumerate(frames)]
+    return [add_unlabeled_volume(dataset_dir, node, case_id)]
+
+
+def pool_count(dataset_dir: str | Path) -> int:
+    """How many unlabelled volumes the pool holds (0 for a folder that is no data set yet)."""
+    if not _manifest_path(dataset_dir).is_file():
+        return 0
+    return sum(case["kind"] == UNLABELED for case in read_manifest(dataset_dir))

@@ -1,37 +1,38 @@
-"""Segmenting a volume node with a model bundle: predict off the main thread, then add nodes at once.
+"""Segmenting a volume node with a model bundle, and adding label images to the scene as segmentations.
 
-:func:`predict_volume` touches no scene, so a GUI can run it in a worker thread with a progress bar
-and a Cancel button; :func:`add_prediction_to_scene` then runs on the main thread and either adds
-every result node or, when anything fails, removes whatever it added. torch is imported only when a
-model is loaded, so importing this module at Slicer start-up stays cheap.
+:func:`add_labels_to_scene` turns label (and uncertainty) images into nodes on the source volume's
+grid and either adds every result node or, when anything fails, removes whatever it added; the
+Slicer panel calls it with the files a child process wrote (:mod:`.segment_job`). The in-process
+path (:func:`segment_volume`, used by batch scripts and tests) loads the network here: torch is
+imported only then, so importing this module in Slicer's process stays torch-free.
 """
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.io.image import Image
 from IDEALTrain.evaluation.metrics import label_volume_ml
+from IDEALTrain.io.image import Image
 
 from .cancel import CancelToken
 from .registry import ModelEntry
+from .review import mark_model_output
 from .segmentations import Provenance, segmentation_from_labels
 from .uncertainty import SliceReview, review_order, uncertainty_volume
 from .volumes import check_scalar_volume, image_from_volume, node_label
 
 if TYPE_CHECKING:  # torch-importing modules, only for annotations
-    from IDEALTrain.model.bundle import Bundle
     from IDEALTrain.inference.predictor import Prediction, Predictor
+    from IDEALTrain.model.bundle import Bundle
 
 ProgressCallback = Callable[[float], None]
 #: Share of segment_volume's progress spent predicting; the rest is building the nodes.
 PREDICTION_SHARE = 0.95
 
-_cache: dict[tuple[str, int, str], "Predictor"] = {}
-_cache_lock = threading.Lock()
+_cache: dict[tuple[str, int, str], Predictor] = {}
 
 
 @dataclass
@@ -67,35 +68,28 @@ def _bundle_path(model: ModelEntry | str | Path) -> Path:
     return path.resolve()
 
 
-def load_predictor(model: ModelEntry | str | Path, device: str = "auto") -> "Predictor":
+def load_predictor(model: ModelEntry | str | Path, device: str = "auto") -> Predictor:
     """A :class:`Predictor` for the bundle, kept per path and device (reloaded when the files change)."""
     from IDEALTrain.inference.predictor import Predictor
 
     path = _bundle_path(model)
     key = (str(path), path.stat().st_mtime_ns, device)
-    with _cache_lock:
-        predictor = _cache.get(key)
-        if predictor is None:
-            predictor = Predictor(path, device=device)
-            for old in [k for k in _cache if k[0] == key[0] and k[2] == device]:
-                del _cache[old]  # an older copy of the same bundle
-            _cache[key] = predictor
-        return predictor
-
-
-def clear_predictor_cache() -> None:
-    """Forget every loaded network (frees its memory once no caller holds it)."""
-    with _cache_lock:
-        _cache.clear()
+    predictor = _cache.get(key)
+    if predictor is None:
+        predictor = Predictor(path, device=device)
+        for old in [k for k in _cache if k[0] == key[0] and k[2] == device]:
+            del _cache[old]  # an older copy of the same bundle
+        _cache[key] = predictor
+    return predictor
 
 
 def predict_volume(
     image: Image,
-    predictor: "Predictor",
+    predictor: Predictor,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
-) -> "Prediction":
-    """Run the predictor on ``image``; touches no scene, so it is safe in a worker thread.
+) -> Prediction:
+    """Run the predictor on ``image`` (in-process; touches no scene).
 
     ``progress`` gets the done fraction (0..1) after each slice batch; ``cancel`` is checked before,
     between batches and after the last one, raising :class:`~IDEALSegmentLib.cancel.Cancelled`.
@@ -143,31 +137,51 @@ def _id_order(node_id: str) -> tuple[int, str]:
 
 def add_prediction_to_scene(
     volume: object,
-    prediction: "Prediction",
-    bundle: "Bundle",
+    prediction: Prediction,
+    bundle: Bundle,
     *,
     with_uncertainty: bool = True,
     name: str | None = None,
 ) -> SegmentationResult:
-    """A NEW segmentation node (and uncertainty volume) for ``prediction`` on ``volume``; main thread.
+    """A NEW segmentation node (and uncertainty volume) for an in-process ``prediction``; see :func:`add_labels_to_scene`."""
+    return add_labels_to_scene(
+        volume, prediction.labels, prediction.uncertainty, bundle, prediction.device, prediction.seconds,
+        with_uncertainty=with_uncertainty, name=name,
+    )
 
-    The nodes record the bundle's model id and version. If anything fails, every node this call
-    added is removed again and the error is raised: the scene is left as it was.
+
+def add_labels_to_scene(
+    volume: object,
+    labels: Image,
+    uncertainty: Image | None,
+    model: object,
+    device: str,
+    seconds: float,
+    *,
+    with_uncertainty: bool = True,
+    name: str | None = None,
+) -> SegmentationResult:
+    """A NEW segmentation node (and uncertainty volume) for ``labels`` on ``volume``'s grid; main thread.
+
+    ``model`` is anything with ``model_id``, ``version`` and ``labels`` (a Bundle or a ModelEntry);
+    the nodes record its id and version. If anything fails, every node this call added is removed
+    again and the error is raised: the scene is left as it was.
     """
     check_scalar_volume(volume)
     scene = volume.GetScene()
     if scene is None:
         raise IdealError(f"volume {node_label(volume)} is not in a scene")
-    provenance = Provenance.now(bundle.model_id, bundle.version)
+    provenance = Provenance.now(model.model_id, model.version)
     before = node_ids(scene)
     try:
-        segmentation = segmentation_from_labels(prediction.labels, volume, bundle.labels, provenance, name)
+        segmentation = segmentation_from_labels(labels, volume, model.labels, provenance, name)
+        mark_model_output(segmentation, labels)  # so Mark reviewed knows which structures the clinician edits
         uncertainty_node, review = None, []
-        if with_uncertainty and prediction.uncertainty is not None:
-            uncertainty_node = uncertainty_volume(volume, prediction.uncertainty, f"{segmentation.GetName()} uncertainty")
+        if with_uncertainty and uncertainty is not None:
+            uncertainty_node = uncertainty_volume(volume, uncertainty, f"{segmentation.GetName()} uncertainty")
             for key, value in provenance.items():
                 uncertainty_node.SetAttribute(key, value)
-            review = review_order(prediction.uncertainty, prediction.labels)
+            review = review_order(uncertainty, labels)
     except BaseException:
         remove_nodes_added_since(scene, before)
         raise
@@ -175,17 +189,17 @@ def add_prediction_to_scene(
         segmentation=segmentation,
         uncertainty=uncertainty_node,
         review=review,
-        model_id=bundle.model_id,
-        model_version=bundle.version,
-        device=prediction.device,
-        seconds=prediction.seconds,
-        volumes_ml={label.name: label_volume_ml(prediction.labels, label.value) for label in bundle.labels},
+        model_id=model.model_id,
+        model_version=model.version,
+        device=device,
+        seconds=seconds,
+        volumes_ml={label.name: label_volume_ml(labels, label.value) for label in model.labels},
     )
 
 
 def segment_volume(
     volume: object,
-    model: "ModelEntry | str | Path | Predictor",
+    model: ModelEntry | str | Path | Predictor,
     *,
     device: str = "auto",
     progress: ProgressCallback | None = None,

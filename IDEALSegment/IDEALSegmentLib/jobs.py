@@ -1,10 +1,12 @@
-"""Training runs as background processes: ``python -m IDEALTrain ... --progress-json`` with a
-structured progress stream and a Cancel that ends the whole process tree.
+"""All model work of the Slicer panels runs as background processes: ``python -m IDEALTrain ...
+--progress-json`` (training, segmentation, model comparison) with a structured progress stream and
+a Cancel that ends the whole process tree.
 
 The child runs in its own process group (a new session on POSIX, a new process group on Windows)
-so that cancelling also reaches processes it started (``torchrun`` workers). Reader threads turn its
-stdout into events; nothing here touches Qt or MRML, so a GUI polls :meth:`TrainingJob.poll` from a
-timer on the main thread.
+so that cancelling also reaches processes it started (``torchrun`` workers). Two reader threads
+only move its output lines into a queue (no model work runs in this process); nothing here
+touches Qt or MRML, and nothing a GUI calls blocks: it polls :meth:`TrainingJob.poll` and
+:attr:`TrainingJob.finished` from a timer and cancels with :meth:`TrainingJob.request_cancel`.
 """
 from __future__ import annotations
 
@@ -17,14 +19,17 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.volume_files import has_volume_suffix
 
 PROGRESS_FLAG = "--progress-json"
 _WINDOWS = sys.platform == "win32"
+#: Seconds a cancelled process tree gets to end after SIGTERM before :meth:`TrainingJob.poll` kills it.
+CANCEL_GRACE_SECONDS = 10.0
 
 
 def python_executable() -> Path:
@@ -65,7 +70,7 @@ def parse_line(line: str) -> dict:
 
 
 class TrainingJob:
-    """One ``idealtrain`` run in the background: start, poll events, cancel, wait."""
+    """One ``idealtrain`` run in the background (any command with ``--progress-json``): start, poll, cancel."""
 
     def __init__(self, arguments: Sequence[str], log_path: Path | None = None) -> None:
         self.arguments = [str(a) for a in arguments]
@@ -74,6 +79,7 @@ class TrainingJob:
         self.log_path = Path(log_path) if log_path is not None else None
         self.latest: dict | None = None  # newest event other than log lines
         self.cancelled = False
+        self._kill_at: float | None = None  # after request_cancel: when poll() ends the tree for good
         self._process: subprocess.Popen | None = None
         self._events: queue.Queue[dict] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=200)
@@ -97,7 +103,7 @@ class TrainingJob:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "a", encoding="utf-8")
-        group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS else {"start_new_session": True}
+        group = new_process_group()
         try:
             self._process = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -133,7 +139,10 @@ class TrainingJob:
         self._process.stderr.close()
 
     def poll(self) -> list[dict]:
-        """The events that arrived since the last call (never blocks)."""
+        """The events that arrived since the last call (never blocks); ends a cancelled tree after its grace time."""
+        if self._kill_at is not None and time.monotonic() >= self._kill_at and self._process.poll() is None:
+            self._signal_group(terminate=False)
+            self._kill_at = None
         events = []
         while True:
             try:
@@ -144,6 +153,25 @@ class TrainingJob:
             if event.get("event") != "log":
                 self.latest = event
         return events
+
+    @property
+    def finished(self) -> bool:
+        """The process has ended and all its output has been read (never blocks)."""
+        if self._process is None or self._process.poll() is None:
+            return False
+        if any(reader.is_alive() for reader in self._readers):
+            return False
+        self._close_log()
+        return True
+
+    def request_cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Ask the whole process tree to stop (SIGTERM) and return at once; :meth:`poll` kills it after ``grace`` s."""
+        if self._process is None or self._process.poll() is not None:
+            self.cancelled = self._process is not None or self.cancelled
+            return
+        self.cancelled = True
+        self._signal_group(terminate=True)
+        self._kill_at = time.monotonic() + grace
 
     @property
     def running(self) -> bool:
@@ -176,9 +204,10 @@ class TrainingJob:
         return code
 
     def cancel(self, timeout: float = 10.0) -> None:
-        """Stop the whole process tree: SIGTERM to the group (training saves a checkpoint), then SIGKILL.
+        """Stop the whole process tree and wait: SIGTERM to the group (training saves a checkpoint), then SIGKILL.
 
         Returns once the main process is gone and the group is empty (or killed after ``timeout`` s).
+        Scripts and tests use it; a GUI calls :meth:`request_cancel` instead, which does not wait.
         """
         if self._process is None:
             return
@@ -198,16 +227,7 @@ class TrainingJob:
         self._join_readers(5.0)
 
     def _signal_group(self, terminate: bool) -> None:
-        if _WINDOWS:
-            if terminate:
-                self._process.send_signal(signal.CTRL_BREAK_EVENT)
-            else:  # taskkill /T ends the process and every process it started
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True)
-            return
-        try:
-            os.killpg(self._process.pid, signal.SIGTERM if terminate else signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_process_group(self._process, terminate)
 
     def _group_alive(self) -> bool:
         """Whether any process of the job's group is still running (POSIX; on Windows the main one)."""
@@ -232,6 +252,25 @@ class TrainingJob:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+
+
+def new_process_group() -> dict:
+    """Popen keyword arguments that start a child in its own process group (so a cancel reaches its children)."""
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS else {"start_new_session": True}
+
+
+def signal_process_group(process: subprocess.Popen, terminate: bool) -> None:
+    """SIGTERM (``terminate``) or SIGKILL to a child's whole process group (Windows: CTRL_BREAK, taskkill /T)."""
+    if _WINDOWS:
+        if terminate:
+            process.send_signal(signal.CTRL_BREAK_EVENT)
+        else:  # taskkill /T ends the process and every process it started
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM if terminate else signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _has_images(folder: Path) -> bool:
@@ -278,3 +317,68 @@ def finetune_arguments(
     if pretrained is not None:
         arguments += ["--pretrained", str(pretrained)]
     return arguments + [str(a) for a in extra]
+
+
+class JobChain:
+    """``idealtrain`` runs one after another (pretrain then finetune; ED then ES; old then new model), polled from a timer.
+
+    :attr:`state` is ``running``, ``done``, ``failed`` (:attr:`error` says why) or ``cancelled``;
+    :attr:`fraction` is the overall progress from the runs' ``progress`` events (``fraction``, or
+    ``iteration``/``total``); :attr:`events` keeps every other JSON event (``segmented``, ``done``...).
+    """
+
+    def __init__(self, steps: Sequence[Sequence[str]], log_path: Path | None = None, job_class: type | None = None) -> None:
+        if not steps:
+            raise IdealError("nothing to run")
+        self.steps = [list(step) for step in steps]
+        self.log_path = log_path
+        self.job_class = job_class or TrainingJob  # or worker.WorkerJob: the same interface, in a warm worker
+        self.state = "new"
+        self.error: str | None = None
+        self.fraction = 0.0
+        self.step = -1
+        self.events: list[dict] = []
+        self.job = None  # the running TrainingJob (or WorkerJob)
+
+    def start(self) -> None:
+        """Start the first run."""
+        self.state = "running"
+        self._start(0)
+
+    def _start(self, step: int) -> None:
+        self.step = step
+        self.job = self.job_class(self.steps[step], log_path=self.log_path)
+        self.job.start()
+
+    def poll(self) -> list[dict]:
+        """The new events (never blocks); starts the next run when one ends well, and sets :attr:`state`."""
+        if self.state != "running" or self.job is None:
+            return []
+        events = self.job.poll()
+        for event in events:
+            kind = event.get("event")
+            if kind == "progress":
+                fraction = event.get("fraction")
+                if not isinstance(fraction, (int, float)) and isinstance(event.get("iteration"), (int, float)):
+                    fraction = event["iteration"] / (event.get("total") or 1)
+                if isinstance(fraction, (int, float)):
+                    self.fraction = (self.step + min(max(float(fraction), 0.0), 1.0)) / len(self.steps)
+            elif kind != "log":
+                self.events.append(event)
+        if not self.job.finished:
+            return events
+        events += self.job.poll()
+        if self.job.cancelled:
+            self.state = "cancelled"
+        elif self.job.returncode != 0:
+            self.state, self.error = "failed", self.job.error or f"idealtrain ended with exit status {self.job.returncode}"
+        elif self.step + 1 < len(self.steps):
+            self._start(self.step + 1)
+        else:
+            self.state, self.fraction = "done", 1.0
+        return events
+
+    def cancel(self) -> None:
+        """Stop the running process tree (returns at once; :meth:`poll` reports ``cancelled`` once it has ended)."""
+        if self.state == "running" and self.job is not None:
+            self.job.request_cancel()

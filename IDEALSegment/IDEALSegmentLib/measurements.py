@@ -7,15 +7,15 @@ nodes and puts the results into a table node that Slicer shows and saves.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import vtk
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.evaluation.metrics import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function, label_volume_ml
 from IDEALTrain.io.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
-from IDEALTrain.evaluation.metrics import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function
 
 from .segmentations import labels_from_segmentation
 from .volumes import unique_node_name
@@ -104,6 +104,23 @@ def measurements_table(scene: object, measurements: dict, name: str = "IDEALSegm
     """
     if scene is None:
         raise IdealError("no scene to add the measurements table to")
+    columns = _table_columns(measurements)
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_node_name(scene, name))
+    _fill(table, columns)
+    return table
+
+
+def update_measurements_table(table: object, measurements: dict) -> None:
+    """Replace the rows of a measurements table in place (after corrections), keeping the node and its name."""
+    columns = _table_columns(measurements)
+    was_modifying = table.StartModify()
+    table.RemoveAllColumns()
+    _fill(table, columns)
+    table.EndModify(was_modifying)
+
+
+def _table_columns(measurements: dict) -> tuple:
+    """The Measurement, Value and Unit columns for ``measurements`` (checked)."""
     unknown = [key for key in measurements if key not in MEASUREMENTS]
     if unknown:
         raise IdealError(f"unknown measurements {unknown}; known ones are {list(MEASUREMENTS)}")
@@ -118,13 +135,38 @@ def measurements_table(scene: object, measurements: dict, name: str = "IDEALSegm
         names.InsertNextValue(MEASUREMENTS[key][0])
         values.InsertNextValue(value)
         units.InsertNextValue(MEASUREMENTS[key][1])
-    table = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_node_name(scene, name))
+    return names, values, units
+
+
+def _fill(table: object, columns: tuple) -> None:
     was_modifying = table.StartModify()
-    for column in (names, values, units):
+    for column in columns:
         table.AddColumn(column)
     table.SetColumnDescription("Value", "empty where undefined (e.g. EF when the EDV is 0)")
     table.EndModify(was_modifying)
-    return table
+
+
+def cine_measurements(browser: object, volume_sequence: object, segmentation_sequence: object) -> dict:
+    """ED/ES frames and cardiac function of a segmented cine as it is now (the user's corrections included).
+
+    Every frame's segmentation is read on its frame's grid; the browser's current frame is read
+    from its proxy nodes, which hold any edit not yet saved into the sequence.
+    """
+    count = segmentation_sequence.GetNumberOfDataNodes()
+    if count != volume_sequence.GetNumberOfDataNodes():
+        raise IdealError(f"the cine has {volume_sequence.GetNumberOfDataNodes()} frames but its segmentation {count}")
+    current = browser.GetSelectedItemNumber()
+    labels = []
+    for index in range(count):
+        value = volume_sequence.GetNthIndexValue(index)
+        if index == current and browser.GetProxyNode(segmentation_sequence) is not None:
+            segmentation, volume = browser.GetProxyNode(segmentation_sequence), browser.GetProxyNode(volume_sequence)
+        else:
+            segmentation, volume = segmentation_sequence.GetDataNodeAtValue(value), volume_sequence.GetNthDataNode(index)
+        labels.append(labels_from_segmentation(segmentation, volume, CARDIAC_LABELS))
+    lv_value = next(label.value for label in CARDIAC_LABELS if label.segment_id == "LV")
+    ed, es = find_ed_es([label_volume_ml(frame, lv_value) for frame in labels])
+    return {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}
 
 
 def table_measurements(table: object) -> dict[str, float | None]:

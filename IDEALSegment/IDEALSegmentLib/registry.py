@@ -2,10 +2,12 @@
 
 Shipped bundles live in ``IDEALSegment/Resources/Models/<folder>/`` (card.json + model.safetensors,
 or a .zip of them); the user's in a per-user folder (:func:`default_user_dir`). Every bundle is
-verified when listed (card, weights checksum, architecture); a broken one is described in
-:attr:`ModelRegistry.problems` instead of stopping the listing. A registered bundle is copied in as a
-new version and never replaces an installed one. ``IDEALTrain.model.bundle`` (which needs torch) is
-imported only when bundles are read, so the GUI can import this module before PyTorch is installed.
+checked when listed, without torch, so Slicer's process never imports it: the card (format, kind,
+id, version, label map), the weights' SHA-256 against the card and the safetensors header (the
+bundle format's torch-free checks are shared with IDEALTrain in ``IDEALTrain.model.card``). The
+architecture check needs torch and is made by the child process that loads the model. A broken
+bundle is described in :attr:`ModelRegistry.problems` (naming the bundle) and never hides the
+others. A registered bundle is copied in as a new version and never replaces an installed one.
 """
 from __future__ import annotations
 
@@ -19,22 +21,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.labels import LabelInfo, check_label_map
+from IDEALTrain.model.card import CARD_NAME, WEIGHTS_NAME, read_verified
 
 #: Bundles shipped with the extension (the default model lands in idealsegment-acdc-<version>/).
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 DEFAULT_MODEL_ID = "idealsegment-acdc"
 #: Environment variable overriding the per-user model folder.
 USER_DIR_VARIABLE = "IDEALSEGMENT_MODELS_DIR"
-SOURCES = ("shipped", "user")
+#: A model version: ASCII numbers with dots, then an optional -pre-release or +build suffix.
+VERSION_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.+-]+)?")
 
 
-def _bundle_module():
-    """IDEALTrain.model.bundle, imported on first use (it needs torch)."""
+def read_bundle(path: Path) -> tuple[dict, bytes]:
+    """(card, weights bytes) of a segmentation bundle, verified without torch; IdealError naming it otherwise."""
+    card, weights = read_verified(path)
+    if card.get("kind", "segmentation") != "segmentation":
+        raise IdealError(f"{path}: is a {card['kind']} bundle, not a segmentation model (finetune it first)")
+    if not isinstance(card.get("id"), str) or not card["id"] or not isinstance(card.get("version"), str) or not card["version"]:
+        raise IdealError(f"{path}: {CARD_NAME} has no model id or version")
+    if not VERSION_PATTERN.fullmatch(card["version"]):
+        raise IdealError(f"{path}: model version {card['version']!r} is not a version number like 1.2.0")
     try:
-        from IDEALTrain.model import bundle
-    except ModuleNotFoundError as error:
-        raise IdealError(f"cannot read model bundles: Python package '{error.name}' is not installed (install PyTorch first)") from None
-    return bundle
+        labels = [LabelInfo.from_json(entry) for entry in card.get("labels") or []]
+        check_label_map(labels, int(card["architecture"]["num_classes"]))
+    except (KeyError, TypeError, ValueError, IdealError) as error:
+        raise IdealError(f"{path}: unusable label map or architecture in {CARD_NAME}: {error}") from None
+    return card, weights
 
 
 def default_user_dir() -> Path:
@@ -57,7 +70,7 @@ def version_key(version: str) -> tuple:
     main, _, _build = main.partition("+")
     numbers = []
     for part in main.split("."):
-        numbers.append((int(part), "") if part.isdigit() else (-1, part))
+        numbers.append((int(part), "") if re.fullmatch(r"[0-9]+", part) else (-1, part))
     return (tuple(numbers), 0 if suffix else 1, suffix)
 
 
@@ -65,7 +78,7 @@ def next_patch_version(version: str) -> str:
     """``1.2.3`` -> ``1.2.4``; a version without a numeric patch part gets ``.1`` appended."""
     main = re.split(r"[-+]", version.strip(), maxsplit=1)[0]
     parts = main.split(".")
-    if parts and parts[-1].isdigit() and len(parts) >= 3:
+    if parts and re.fullmatch(r"[0-9]+", parts[-1]) and len(parts) >= 3:
         return ".".join(parts[:-1] + [str(int(parts[-1]) + 1)])
     return f"{main}.1"
 
@@ -79,6 +92,11 @@ class ModelEntry:
     path: Path
     source: str  # "shipped" or "user"
     card: dict = field(compare=False, repr=False)
+
+    @property
+    def labels(self) -> tuple[LabelInfo, ...]:
+        """The card's label map (value, segment ID, name, colour, terminology), as the model writes it."""
+        return tuple(LabelInfo.from_json(entry) for entry in self.card["labels"])
 
     @property
     def display_name(self) -> str:
@@ -135,13 +153,11 @@ class ModelRegistry:
             for path in _bundle_paths(folder):
                 try:
                     card = self._verified_card(path)
-                except IdealError as error:
-                    self.problems.append(str(error))
+                    entry = ModelEntry(card["id"], card["version"], path, source, card)
+                    version_key(entry.version)  # a version that cannot be ordered is a broken card, not a crash
+                except Exception as error:  # any defect of one bundle is that bundle's problem only
+                    self.problems.append(_naming(path, error))
                     continue
-                except OSError as error:
-                    self.problems.append(f"{path}: cannot be read ({error.strerror or error})")
-                    continue
-                entry = ModelEntry(str(card.get("id", "")), str(card.get("version", "")), path, source, card)
                 key = (entry.model_id, entry.version)
                 if key in found:
                     self.problems.append(f"{path}: model {entry.model_id} {entry.version} is also installed at {found[key].path}; ignored")
@@ -151,18 +167,11 @@ class ModelRegistry:
         return sorted(newest_first, key=lambda e: e.model_id)  # stable: versions stay newest first
 
     def _verified_card(self, path: Path) -> dict:
-        """The card of a bundle after a full verification (cached while its files are unchanged)."""
-        bundle = _bundle_module()
-        files = (path / bundle.CARD_NAME, path / bundle.WEIGHTS_NAME)
+        """The card of a bundle after the torch-free verification (cached while its files are unchanged)."""
+        files = (path / CARD_NAME, path / WEIGHTS_NAME)
         stamp = (path, path.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in files if p.exists()))
         if stamp not in self._verified:
-            card = bundle.read_card(path)
-            if card.get("kind", "segmentation") != "segmentation":
-                raise IdealError(f"{path}: is a {card['kind']} bundle, not a segmentation model (finetune it first)")
-            if not card.get("id") or not card.get("version"):
-                raise IdealError(f"{path}: {bundle.CARD_NAME} has no model id or version")
-            bundle.load_bundle(path)  # checksum, label map, weights against the architecture
-            self._verified[stamp] = card
+            self._verified[stamp] = read_bundle(path)[0]
         return self._verified[stamp]
 
     def find(self, model_id: str, version: str | None = None) -> ModelEntry:
@@ -180,17 +189,14 @@ class ModelRegistry:
         raise IdealError(f"model '{model_id}' has no version {version} (installed: {', '.join(e.version for e in matching)})")
 
     def default(self) -> ModelEntry:
-        """The shipped default model if installed, else the most recently created model."""
-        entries = self.entries()
-        shipped = [e for e in entries if e.model_id == DEFAULT_MODEL_ID and e.source == "shipped"]
-        if shipped:
-            return shipped[0]
-        if entries:
-            return max(entries, key=lambda e: (str(e.card.get("created", "")), version_key(e.version)))
-        raise IdealError(
-            f"no segmentation model is installed: put a model bundle folder (card.json + model.safetensors) into "
-            f"{self.shipped_dir} or {self.user_dir}, or register a trained bundle (IDEALSegment > Models > Add)"
-        )
+        """The default model (:func:`default_entry`); a clear error when none is installed."""
+        entry = default_entry(self.entries())
+        if entry is None:
+            raise IdealError(
+                f"no segmentation model is installed: put a model bundle folder (card.json + model.safetensors) into "
+                f"{self.shipped_dir} or {self.user_dir}, or register a trained bundle (IDEALTrainer > Use this model)"
+            )
+        return entry
 
     # -- adding ---------------------------------------------------------------------------------
     def register(self, bundle_path: str | Path, version: str | None = None) -> ModelEntry:
@@ -200,37 +206,68 @@ class ModelRegistry:
         version is used, or, when that is taken, the next free patch version (1.0.0 -> 1.0.1 ...).
         The copy's card records the new version and where it came from; it appears atomically.
         """
-        files = _bundle_module()
         source = Path(bundle_path)
-        bundle = files.load_bundle(source)  # refuses anything broken before a byte is copied
-        if bundle.kind != "segmentation":
-            raise IdealError(f"{source}: is a {bundle.kind} bundle, not a segmentation model; finetune it first")
-        card_text, weights = files._read_bundle_files(source)  # the verified bytes, folder or .zip
-        card = json.loads(card_text)
-        taken = {e.version for e in self.entries() if e.model_id == bundle.model_id}
+        card, weights = read_bundle(source)  # refuses anything broken before a byte is copied
+        model_id, old_version = card["id"], card["version"]
+        taken = {e.version for e in self.entries() if e.model_id == model_id}
         if version is not None:
             if version in taken:
-                raise IdealError(f"model {bundle.model_id} version {version} is already installed; choose another version")
+                raise IdealError(f"model {model_id} version {version} is already installed; choose another version")
             new_version = version
         else:
-            new_version = bundle.version
+            new_version = old_version
             while new_version in taken:
                 new_version = next_patch_version(new_version)
         card["version"] = new_version
-        card["registered_from"] = {"path": str(source.resolve()), "version": bundle.version}
-        self.user_dir.mkdir(parents=True, exist_ok=True)
-        target = self.user_dir / _folder_name(bundle.model_id, new_version)
+        card["registered_from"] = {"path": str(source.resolve()), "version": old_version}
+        self._make_user_dir()
+        target = self.user_dir / _folder_name(model_id, new_version)
         if target.exists():
             raise IdealError(f"{target} already exists; remove it or register under another version")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.user_dir))
         staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
         try:
-            (staging / files.WEIGHTS_NAME).write_bytes(weights)
-            (staging / files.CARD_NAME).write_text(json.dumps(card, indent=2))
+            (staging / WEIGHTS_NAME).write_bytes(weights)
+            (staging / CARD_NAME).write_text(json.dumps(card, indent=2))
             os.rename(staging, target)  # the whole folder appears at once, or not at all
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return ModelEntry(bundle.model_id, new_version, target, "user", card)
+        return ModelEntry(model_id, new_version, target, "user", card)
+
+    def _make_user_dir(self) -> None:
+        """Create the user model folder; a clear IdealError when the path is a file or cannot be made."""
+        if self.user_dir.exists() and not self.user_dir.is_dir():
+            raise IdealError(f"{self.user_dir}: the user model folder is a file, not a folder; choose another models folder")
+        try:
+            self.user_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise IdealError(f"{self.user_dir}: cannot create the user model folder ({error.strerror or error})") from None
+
+
+def default_entry(entries: list[ModelEntry]) -> ModelEntry | None:
+    """The one default-model rule: the newest shipped default model, else the most recently created model."""
+    shipped = [e for e in entries if e.model_id == DEFAULT_MODEL_ID and e.source == "shipped"]
+    if shipped:
+        return max(shipped, key=lambda e: version_key(e.version))
+    if entries:
+        return max(entries, key=lambda e: (str(e.card.get("created", "")), version_key(e.version)))
+    return None
+
+
+def select_entry(entries: list[ModelEntry], key: str) -> ModelEntry | None:
+    """The entry whose ``<id>@<version>`` is ``key`` (the user's last choice), else the default."""
+    return next((e for e in entries if entry_key(e) == key), None) or default_entry(entries)
+
+
+def entry_key(entry: ModelEntry) -> str:
+    """``<id>@<version>``: how a model choice is remembered (settings, parameter node)."""
+    return f"{entry.model_id}@{entry.version}"
+
+
+def _naming(path: Path, error: Exception) -> str:
+    """An error message that names the bundle it is about."""
+    text = str(error.strerror if isinstance(error, OSError) and error.strerror else error)
+    return text if text.startswith(str(path)) else f"{path}: {text}"
 
 
 def _folder_name(model_id: str, version: str) -> str:

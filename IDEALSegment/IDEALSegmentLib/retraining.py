@@ -11,39 +11,78 @@ this module at Slicer start-up.
 from __future__ import annotations
 
 import json
-import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-import vtk
-
-from IDEALTrain.io.atomic import atomic_path
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.atomic import atomic_path
 
-from .cancel import CancelToken
-from .corrections import LABELED, MANIFEST_NAME, read_manifest
+from .corrections import LABELED, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, read_manifest
 from .jobs import finetune_arguments
 from .registry import ModelEntry, next_patch_version
-from .volumes import unique_node_name
 
-#: With at least MIN_CASES_TO_HOLD_OUT reviewed cases, every HOLD_OUT_EVERY-th one is held out.
+#: With at least MIN_PATIENTS_TO_HOLD_OUT reviewed patients, every HOLD_OUT_EVERY-th patient is held out.
 HOLD_OUT_EVERY = 5
-MIN_CASES_TO_HOLD_OUT = 3
-#: new_is_better refuses a new model that loses more Dice than this on any single class.
-MAX_CLASS_DROP = 0.05
+MIN_PATIENTS_TO_HOLD_OUT = 3
+#: What the new model's card records about the corrections it learnt from (``--provenance``).
+PROVENANCE_FILE = "corrections.json"
 #: How the network starts: encoder pretrained in this run, encoder reused from a bundle, at random,
 #: or the whole old model continued on the new cases ("model": the quickest, keeps what it learned).
 ENCODER_STARTS = ("pretrain", "reuse", "none", "model")
 PRETRAIN_PHASE, FINETUNE_PHASE = "Pretraining the encoder", "Finetuning"
 RUN_RECORD = "run.json"
-#: Table attributes that let :func:`comparison_from_table` read a comparison back (after a scene reload too).
-TABLE_KIND_ATTRIBUTE = "IDEALTrainer.Comparison"
-TABLE_CASES_ATTRIBUTE = "IDEALTrainer.HeldOutCases"
-MEAN_ROW = "Mean"
 
-ProgressCallback = Callable[[float], None]
+
+@dataclass(frozen=True)
+class ContinueSettings:
+    """The default retraining ("continue the current model"): keeps what the model knew, fits minutes on a CPU.
+
+    Chosen and measured with ``benchmarks/site_adaptation.py`` (README): the finest encoder levels stay
+    frozen, the old model is distilled wherever the labels leave the class open, and training runs
+    few iterations of small batches on random crops, with the site's unlabelled scans in IDEAL's
+    two-stream consistency term.
+    """
+
+    iterations: int = 200
+    batch_size: int = 4
+    unlabeled_batch_size: int = 4
+    crop: int = 128
+    frozen_levels: int = 3
+    frozen_norm: bool = True
+    distill: float = 1.0
+    lr: float = 0.005
+    #: Measured by benchmarks/site_adaptation.py on this project's shared 2-core CPU (one thread, about 8 processes
+    #: running): 200 iterations of the job took 352 s with 104 volumes. A quiet machine or a GPU is faster.
+    seconds_per_iteration: float = 1.6
+    seconds_per_volume: float = 0.3  # reading and resampling one training or pool volume
+
+    def flags(self) -> list[str]:
+        """The idealtrain finetune flags of these settings (the iteration count is passed separately)."""
+        return [
+            "--batch-size", str(self.batch_size), "--unlabeled-batch-size", str(self.unlabeled_batch_size),
+            "--crop", str(self.crop), "--frozen-levels", str(self.frozen_levels), "--distill", str(self.distill),
+            "--lr", str(self.lr), *(["--frozen-norm"] if self.frozen_norm else []),
+        ]
+
+    def estimate_seconds(self, volumes: int, iterations: int | None = None) -> float:
+        """Honest wall-clock estimate of a retraining on ``volumes`` training and pool volumes."""
+        return (iterations or self.iterations) * self.seconds_per_iteration + volumes * self.seconds_per_volume + 30.0
+
+
+CONTINUE = ContinueSettings()
+
+
+def estimate_text(run: RetrainingRun, iterations: int | None = None, settings: ContinueSettings = CONTINUE) -> str:
+    """What the panel shows before starting: the estimated minutes, and on what that estimate rests."""
+    volumes = len(run.train_cases) + (sum(1 for p in (run.unlabeled_dir / "images").iterdir() if p.is_file()) if run.unlabeled_dir else 0)
+    minutes = settings.estimate_seconds(volumes, iterations) / 60
+    return (
+        f"Estimated time: about {max(1, round(minutes))} min for {iterations or settings.iterations} iterations on "
+        f"{len(run.train_cases)} reviewed and {volumes - len(run.train_cases)} unlabelled volume(s) "
+        "(measured on a 2-core CPU; longer while other programs use it, much shorter on a GPU)."
+    )
 
 
 # -- preparing a run --------------------------------------------------------------------------
@@ -83,20 +122,25 @@ class RetrainingRun:
         return self.run_dir / "training.log"
 
 
-def split_cases(case_ids: Sequence[str], hold_out_every: int = HOLD_OUT_EVERY) -> tuple[list[str], list[str]]:
-    """(train, held out) case ids, in the given (manifest) order.
+def split_cases(
+    case_ids: Sequence[str], hold_out_every: int = HOLD_OUT_EVERY, patients: dict[str, str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(train, held out) case ids, in the given (manifest) order; a patient's cases always stay together.
 
-    Rule: with fewer than 3 cases nothing is held out (all train). Otherwise the 5th, 10th, 15th ...
-    case (every ``hold_out_every``-th) is held out, and when there is no such case (3 or 4 cases)
-    the last one is. So at least one case is held out and at least two train.
+    Rule: patients (``patients`` maps case -> patient; a case without one is its own patient) in order
+    of first appearance. With fewer than 3 patients nothing is held out (all train). Otherwise every
+    ``hold_out_every``-th patient (5th, 10th ...) is held out, or the last one when there is no such
+    patient, so at least one patient is held out and at least two train.
     """
     if hold_out_every < 2:
         raise IdealError(f"hold_out_every must be at least 2 (1 would hold out every case), got {hold_out_every}")
     ids = list(case_ids)
-    held_out: list[str] = []
-    if len(ids) >= MIN_CASES_TO_HOLD_OUT:
-        held_out = ids[hold_out_every - 1 :: hold_out_every] or ids[-1:]
-    return [case for case in ids if case not in held_out], held_out
+    patient = {case: (patients or {}).get(case) or case for case in ids}
+    order = list(dict.fromkeys(patient[case] for case in ids))
+    held: list[str] = []
+    if len(order) >= MIN_PATIENTS_TO_HOLD_OUT:
+        held = order[hold_out_every - 1 :: hold_out_every] or order[-1:]
+    return [case for case in ids if patient[case] not in held], [case for case in ids if patient[case] in held]
 
 
 def _clear(run_dir: Path, existed: bool) -> None:
@@ -111,11 +155,51 @@ def _clear(run_dir: Path, existed: bool) -> None:
             child.unlink(missing_ok=True)
 
 
+def case_reviewed(entry: dict) -> dict[str, list[int] | None]:
+    """Segment ID -> reviewed slices of a manifest entry; a version-1 entry (no record) was reviewed everywhere."""
+    from IDEALTrain.labels import CARDIAC_LABELS
+
+    reviewed = entry.get("reviewed")
+    if reviewed is None:
+        return {label.segment_id: entry.get("reviewed_slices") for label in CARDIAC_LABELS}
+    return reviewed
+
+
+def _write_training_label(source: Path, target: Path, entry: dict) -> None:
+    """The case's labels kept only where reviewed (partial labels, see IDEALTrain.training.partial_labels)."""
+    from IDEALTrain.io.volume_files import read_image, write_image
+    from IDEALTrain.labels import CARDIAC_LABELS
+    from IDEALTrain.training.partial_labels import reviewed_labels
+
+    label = read_image(source)
+    values = {item.segment_id: item.value for item in CARDIAC_LABELS}
+    every = list(range(label.array.shape[label.slice_axis]))
+    reviewed = {values[name]: every if slices is None else slices for name, slices in case_reviewed(entry).items()}
+    partial = reviewed_labels(label.array, reviewed, label.slice_axis, len(CARDIAC_LABELS) + 1)
+    write_image(label.with_array(partial), target)
+
+
+def corrections_provenance(entries: Sequence[dict]) -> dict:
+    """What a new model's card records about the corrections it learnt from: cases, patients, reviewers, structures."""
+    return {
+        "cases": [
+            {"case_id": e["case_id"], "patient_id": e.get("patient_id"), "reviewer": e.get("reviewer") or None,
+             "structures": sorted(name for name, slices in case_reviewed(e).items() if slices != []),
+             "source_sha256": (e.get("source") or {}).get("image_sha256")}
+            for e in entries
+        ],
+        "reviewers": sorted({e.get("reviewer") for e in entries if e.get("reviewer")}),
+        "patients": len({e.get("patient_id") or e["case_id"] for e in entries}),
+    }
+
+
 def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every: int = HOLD_OUT_EVERY) -> RetrainingRun:
     """Copy the reviewed cases into ``run_dir/train`` and ``run_dir/held_out`` (see :func:`split_cases`).
 
-    The corrections data set is only read. ``run_dir`` must be new or empty; if copying fails it is
-    left as it was. The split is recorded in ``run_dir/run.json``.
+    Training labels keep only what was reviewed (elsewhere they are partial or unlabelled); held-out
+    labels are copied as they are, with a manifest of what was reviewed for the comparison. The
+    corrections data set is only read. ``run_dir`` must be new or empty; if copying fails it is left
+    as it was. The split is recorded in ``run_dir/run.json``, the corrections in ``corrections.json``.
     """
     corrections, run_dir = Path(corrections_dir), Path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -125,7 +209,8 @@ def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every
     cases = {case["case_id"]: case for case in read_manifest(corrections) if case["kind"] == LABELED}
     if not cases:
         raise IdealError(f"no reviewed cases in {corrections}: mark cases as reviewed in IDEALSegment first")
-    train, held_out = split_cases(list(cases), hold_out_every)
+    patients = {case_id: entry.get("patient_id") for case_id, entry in cases.items()}
+    train, held_out = split_cases(list(cases), hold_out_every, patients)
     pool = corrections / "unlabeled"
     has_pool = (pool / "images").is_dir() and any(p.is_file() for p in (pool / "images").iterdir())
     run = RetrainingRun(run_dir, corrections, tuple(train), tuple(held_out), pool if has_pool else None)
@@ -133,14 +218,24 @@ def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every
     try:
         for folder, ids in ((run.train_dir, train), (run.run_dir / "held_out", held_out)):
             for case_id in ids:
+                files = cases[case_id]["files"]
                 for kind in ("image", "label"):
-                    name = cases[case_id]["files"][kind]
-                    target = folder / f"{kind}s" / Path(name).name
+                    target = folder / f"{kind}s" / Path(files[kind]).name
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(corrections / name, target)
+                    if kind == "label" and folder == run.train_dir:
+                        _write_training_label(corrections / files[kind], target, cases[case_id])
+                    else:
+                        shutil.copy2(corrections / files[kind], target)
+        if held_out:
+            manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "cases": [cases[c] for c in held_out]}
+            with atomic_path(run.run_dir / "held_out" / MANIFEST_NAME) as temp:
+                temp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        with atomic_path(run_dir / PROVENANCE_FILE) as temp:
+            temp.write_text(json.dumps(corrections_provenance([cases[c] for c in train]), indent=2), encoding="utf-8")
         record = {
             "corrections_dir": str(corrections), "hold_out_every": hold_out_every, "train_cases": train,
             "held_out_cases": held_out, "unlabeled_dir": str(run.unlabeled_dir) if run.unlabeled_dir else None,
+            "patients": patients,
         }
         with atomic_path(run_dir / RUN_RECORD) as temp:
             temp.write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -188,9 +283,20 @@ def architecture_flags(card: dict, what: str = "the model") -> tuple[list[str], 
     return network_flags + ["--decoders", ",".join(decoders)], ["--inplane", inplane, "--size", str(size), "--spacing", str(spacing)]
 
 
+def carried_flags(card: dict) -> list[str]:
+    """Flags that keep a card's augmentation ranges and float16 storage in a model trained anew (``--init-from`` keeps them itself)."""
+    augmentation = ((card.get("training") or {}).get("recipe") or {}).get("augmentation") or {}
+    flags = []
+    if "rotation_degrees" in augmentation:
+        flags += ["--rotation", str(augmentation["rotation_degrees"])]
+    if len(augmentation.get("scale_range") or ()) == 2:
+        flags += ["--scale-range", *(str(v) for v in augmentation["scale_range"])]
+    return flags + (["--half"] if (card.get("weights") or {}).get("dtype") == "float16" else [])
+
+
 def check_encoder(encoder_path: str | Path, old_model: ModelEntry | None) -> None:
     """Refuse a bundle that is no pretrained encoder, or whose encoder differs from the old model's."""
-    from IDEALTrain.model.bundle import read_card
+    from IDEALTrain.model.card import read_card  # torch-free: this runs in Slicer's process
 
     path = Path(encoder_path)
     card = read_card(path)
@@ -215,7 +321,7 @@ def training_plan(
     encoder: str = "pretrain",
     encoder_path: str | Path | None = None,
     pretrain_iterations: int = 500,
-    iterations: int = 1000,
+    iterations: int | None = None,
     label_budget: int = 0,
     device: str = "auto",
     old_model: ModelEntry | None = None,
@@ -228,9 +334,13 @@ def training_plan(
     patch version, so the two compare like-for-like and the new one drops in. The held-out cases are
     not trained on and do not choose checkpoints: finetuning reports its Dice on them as live
     validation (``--keep last``) and keeps its last weights.
-    ``label_budget`` > 0 labels only the first N training cases; ``extra`` goes to finetuning.
-    Every check runs before anything starts.
+    ``encoder="model"`` uses :data:`CONTINUE` (frozen levels, distillation, crops; its iterations
+    unless ``iterations`` is given; 1000 for the other starts). The card records the corrections
+    (``--provenance``). ``label_budget`` > 0 labels only the first N training cases; ``extra`` goes
+    to finetuning. Every check runs before anything starts.
     """
+    if iterations is None:
+        iterations = CONTINUE.iterations if encoder == "model" else 1000
     if encoder not in ENCODER_STARTS:
         raise IdealError(f"unknown encoder start {encoder!r}; choose one of {', '.join(ENCODER_STARTS)}")
     if iterations < 1 or (encoder == "pretrain" and pretrain_iterations < 1):
@@ -265,146 +375,20 @@ def training_plan(
 
         largest = Postprocessing.from_json(old_model.card.get("postprocessing", {})).largest_heart_component
         options += ["--largest-component", "on" if largest else "off"]
+        options += carried_flags(old_model.card)
     if run.held_out_dir is not None:
         options += ["--val", f"folder:{run.held_out_dir}", "--keep", "last"]
     if label_budget:
         options += ["--labeled-slices", str(label_budget)]
     if old_model is not None:
         options += ["--id", old_model.model_id, "--version", next_patch_version(old_model.version)]
+    if encoder == "model":
+        options += CONTINUE.flags()
+    if (run.run_dir / PROVENANCE_FILE).is_file():
+        options += ["--provenance", str(run.run_dir / PROVENANCE_FILE)]
     arguments = finetune_arguments(
         corrections_dir=run.train_dir, out=run.bundle, iterations=iterations, pretrained=pretrained,
         unlabeled=run.unlabeled_dir, device=device, extra=[*options, *extra],
     )
     plan.append((FINETUNE_PHASE, arguments))
     return plan
-
-
-# -- comparing old and new --------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelComparison:
-    """Dice of the old and the new model on the same held-out cases: per class and the mean over classes."""
-
-    cases: tuple[str, ...]
-    old_dice: dict[str, float]
-    new_dice: dict[str, float]
-    old_mean: float
-    new_mean: float
-
-    def class_drops(self, tolerance: float = MAX_CLASS_DROP) -> dict[str, float]:
-        """Classes on which the new model's Dice is more than ``tolerance`` below the old one's: name -> drop."""
-        return {name: old - self.new_dice[name] for name, old in self.old_dice.items() if not self.new_dice[name] >= old - tolerance}
-
-    def new_is_better(self, margin: float = 0.0) -> bool:
-        """Whether switching is justified.
-
-        Rule: the new mean Dice is strictly higher than the old one plus ``margin``, AND no class
-        loses more than 0.05 Dice (:data:`MAX_CLASS_DROP`), so a better mean cannot hide a worse
-        structure. Equal models are not better.
-        """
-        if margin < 0:
-            raise IdealError(f"the margin must be 0 or more, got {margin}")
-        values = [self.old_mean, self.new_mean, *self.old_dice.values(), *self.new_dice.values()]
-        if not all(math.isfinite(v) for v in values):
-            return False
-        return self.new_mean > self.old_mean + margin and not self.class_drops()
-
-    def summary(self) -> str:
-        """Two lines for the status label: the numbers, then the verdict and why."""
-        classes = ", ".join(f"{name} {old:.3f} -> {self.new_dice[name]:.3f}" for name, old in self.old_dice.items())
-        text = (
-            f"Mean Dice on {len(self.cases)} held-out case(s): old {self.old_mean:.3f}, new {self.new_mean:.3f} "
-            f"({self.new_mean - self.old_mean:+.3f}); {classes}.\n"
-        )
-        if self.new_is_better():
-            return text + "The new model is better."
-        reasons = []
-        if not self.new_mean > self.old_mean:
-            reasons.append("its mean Dice is not higher")
-        reasons += [f"{name} drops by {drop:.3f} (more than {MAX_CLASS_DROP})" for name, drop in self.class_drops().items()]
-        return text + f"The new model is not better: {'; '.join(reasons) or 'a Dice value is undefined'}."
-
-
-def compare_models(
-    old_model: ModelEntry | str | Path,
-    new_model: ModelEntry | str | Path,
-    held_out_dir: str | Path | None,
-    device: str = "auto",
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-) -> ModelComparison:
-    """Segment every held-out case with both models and average their Dice (worker-thread safe: no scene).
-
-    ``progress`` gets 0..1 over both models; ``cancel`` raises Cancelled between slices and cases.
-    """
-    from IDEALTrain.io.datasets import load_cases
-    from IDEALTrain.evaluation.metrics import mean_scores, score
-
-    from .inference import load_predictor, predict_volume
-
-    if held_out_dir is None:
-        raise IdealError("there are no held-out cases to compare the models on: review at least 3 cases before training")
-    cases = load_cases(f"folder:{held_out_dir}", require_labels=True)
-    predictors = [load_predictor(model, device) for model in (old_model, new_model)]
-    label_maps = [[(label.value, label.segment_id) for label in p.bundle.labels] for p in predictors]
-    if label_maps[0] != label_maps[1]:
-        raise IdealError(f"the models segment different structures ({label_maps[0]} vs {label_maps[1]}): they cannot be compared")
-    classes = dict(label_maps[0])
-    steps = 2 * len(cases)
-    results = []
-    for number, predictor in enumerate(predictors):
-        scores = []
-        for index, case in enumerate(cases):
-            done = number * len(cases) + index
-            if cancel is not None:
-                cancel.check("the model comparison")
-            step = None if progress is None else (lambda fraction, done=done: progress((done + fraction) / steps))
-            prediction = predict_volume(case.image, predictor, step, cancel)
-            scores.append(score(prediction.labels, case.label, classes))
-        averaged = mean_scores(scores)
-        results.append(({name: float(values["dice"]) for name, values in averaged["classes"].items()}, float(averaged["mean"]["dice"])))
-    (old_dice, old_mean), (new_dice, new_mean) = results
-    return ModelComparison(tuple(case.name for case in cases), old_dice, new_dice, old_mean, new_mean)
-
-
-# -- the comparison as a table ----------------------------------------------------------------
-def comparison_table(scene: object, comparison: ModelComparison, old_name: str, name: str = "IDEALTrainer old vs new Dice") -> object:
-    """A NEW table node (unique name): one row per class and the mean; columns Class, Old, New, Change.
-
-    The held-out case names are kept as an attribute, so :func:`comparison_from_table` reads the
-    whole comparison back, also after the scene was saved and reloaded.
-    """
-    if scene is None:
-        raise IdealError("no scene to add the comparison table to")
-    names, old, new, change = vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()
-    for column, title in ((names, "Class"), (old, f"Old ({old_name})"), (new, "New"), (change, "Change")):
-        column.SetName(title)
-    rows = [(cls, value, comparison.new_dice[cls]) for cls, value in comparison.old_dice.items()]
-    for cls, old_value, new_value in rows + [(MEAN_ROW, comparison.old_mean, comparison.new_mean)]:
-        names.InsertNextValue(cls)
-        old.InsertNextValue(old_value)
-        new.InsertNextValue(new_value)
-        change.InsertNextValue(new_value - old_value)
-    table = scene.AddNewNodeByClass("vtkMRMLTableNode", unique_node_name(scene, name))
-    was_modifying = table.StartModify()
-    for column in (names, old, new, change):
-        table.AddColumn(column)
-    table.SetColumnDescription("New", "Dice of the newly trained model on the held-out reviewed cases")
-    table.SetColumnDescription("Change", "new minus old Dice")
-    table.SetAttribute(TABLE_KIND_ATTRIBUTE, "1")
-    table.SetAttribute(TABLE_CASES_ATTRIBUTE, json.dumps(list(comparison.cases)))
-    table.EndModify(was_modifying)
-    return table
-
-
-def comparison_from_table(table: object) -> ModelComparison:
-    """The comparison a :func:`comparison_table` node holds (IdealError for any other table)."""
-    contents = table.GetTable() if table is not None else None
-    if contents is None or table.GetAttribute(TABLE_KIND_ATTRIBUTE) != "1" or contents.GetNumberOfColumns() < 3:
-        raise IdealError(f"table {table.GetName() if table is not None else None!r} is not an old vs new model comparison")
-    cases = tuple(json.loads(table.GetAttribute(TABLE_CASES_ATTRIBUTE) or "[]"))
-    names, old, new = (contents.GetColumn(index) for index in range(3))
-    rows = {names.GetValue(row): (float(old.GetValue(row)), float(new.GetValue(row))) for row in range(contents.GetNumberOfRows())}
-    if MEAN_ROW not in rows:
-        raise IdealError(f"table {table.GetName()!r} has no {MEAN_ROW} row: it is not an old vs new model comparison")
-    means = rows.pop(MEAN_ROW)
-    return ModelComparison(cases, {k: v[0] for k, v in rows.items()}, {k: v[1] for k, v in rows.items()}, means[0], means[1])

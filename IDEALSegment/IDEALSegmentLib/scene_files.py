@@ -1,70 +1,57 @@
-"""Volumes, segmentations and whole scenes (.mrb) to and from files through MRML storage nodes.
+"""Volumes and segmentations from files, and whole scenes (.mrb) to and from files, through MRML storage nodes.
 
 Works the same in Slicer and on slicer-core (which needs a cache and a data-IO manager on a scene
-to read a .mrb: :func:`load_scene_bundle` attaches them). Files are written atomically and an
-existing file is never replaced unless the caller says ``overwrite``.
+to read a .mrb: :func:`load_scene_bundle` attaches them). Scenes are written atomically and an
+existing file is never replaced unless the caller says ``overwrite``. A ``.seg.nrrd`` file has one
+writer, ``IDEALTrain.io.volume_files.write_image`` (Testing/test_seg_nrrd_writer.py shows Slicer
+reads its file exactly as its own storage node's).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import slicer
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.atomic import check_outputs, file_mode, os_error_message
+from IDEALTrain.io.volume_files import strip_volume_suffix
 
-from .volumes import node_label, unique_node_name
-
-SEGMENTATION_SUFFIX = ".seg.nrrd"
-VOLUME_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")  # for node names from file names
+from .volumes import unique_node_name
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise IdealError(f"{path}: already exists; choose another name or allow overwriting")
+def _check_target(path: Path, overwrite: bool) -> Path:
+    """The absolute target (MRML writers refuse relative folders), checked as every output is."""
     if not path.parent.is_dir():
         raise IdealError(f"{path.parent}: no such folder")
+    return check_outputs([path], overwrite, hint="choose another name or allow overwriting")[0]
 
 
 @contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """A path with ``path``'s exact name in a hidden folder beside it, moved onto ``path`` on success.
 
-    The same name matters: writers pick the format from the suffix, and a .mrb names its scene
-    folder and .mrml file after the file.
+    The same name matters: a .mrb names its scene folder and .mrml file after the file.
     """
-    folder = Path(tempfile.mkdtemp(prefix=f".partial-{path.name}-", dir=path.parent))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".partial-{path.name}-", dir=path.parent))
+    except OSError as error:
+        raise IdealError(os_error_message(path, error)) from None
     try:
         yield folder / path.name
-        os.replace(folder / path.name, path)
+        written = folder / path.name
+        if not written.is_file() or written.stat().st_size == 0:
+            raise IdealError(f"{path}: the write produced no file or an empty one (disk full?); nothing was replaced")
+        os.chmod(written, file_mode())
+        os.replace(written, path)
+    except OSError as error:
+        raise IdealError(os_error_message(path, error)) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def save_node(node: object, path: str | Path, overwrite: bool = False) -> Path:
-    """Write a volume or segmentation node to ``path`` with a throwaway storage node.
-
-    The node and its scene are not changed (the node keeps its own storage node, if any).
-    """
-    path = Path(path)
-    if path.name.lower().endswith(".mhd"):
-        raise IdealError(f"{path}: .mhd writes two files; use .mha, .nrrd or .nii.gz")
-    _check_target(path, overwrite)
-    if node.IsA("vtkMRMLSegmentationNode"):
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-    elif node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLTensorVolumeNode"):
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    else:
-        raise IdealError(f"{node_label(node)} ({node.GetClassName()}) is not a scalar volume or segmentation")
-    with _atomic(path) as partial:
-        storage.SetFileName(str(partial))
-        if not storage.WriteData(node):
-            raise IdealError(f"{path}: could not write {node_label(node)} ({storage.GetClassName()} failed)")
-    return path
 
 
 def _load(scene: object, path: str | Path, node_class: str, storage_class: str, name: str | None) -> object:
@@ -72,7 +59,7 @@ def _load(scene: object, path: str | Path, node_class: str, storage_class: str, 
     path = Path(path)
     if not path.is_file():
         raise IdealError(f"{path}: no such file")
-    node = scene.AddNewNodeByClass(node_class, unique_node_name(scene, name or _stem(path)))
+    node = scene.AddNewNodeByClass(node_class, unique_node_name(scene, name or strip_volume_suffix(path.name)))
     storage = scene.AddNewNodeByClass(storage_class)
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
@@ -82,14 +69,6 @@ def _load(scene: object, path: str | Path, node_class: str, storage_class: str, 
     node.SetAndObserveStorageNodeID(storage.GetID())
     node.CreateDefaultDisplayNodes()
     return node
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (SEGMENTATION_SUFFIX,) + VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def load_volume(scene: object, path: str | Path, name: str | None = None) -> object:
@@ -113,7 +92,7 @@ def save_scene_bundle(scene: object, path: str | Path, overwrite: bool = False) 
     path = Path(path)
     if path.suffix.lower() != ".mrb":
         raise IdealError(f"{path}: a scene bundle must end in .mrb")
-    _check_target(path, overwrite)
+    path = _check_target(path, overwrite)
     nodes = scene.GetNodesByClass("vtkMRMLStorableNode")
     for index in range(nodes.GetNumberOfItems()):
         node = nodes.GetItemAsObject(index)

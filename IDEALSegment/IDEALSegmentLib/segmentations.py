@@ -6,9 +6,9 @@ resampling), and are read back through the segment IDs, whatever the user has ed
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Sequence
 
 import numpy as np
 import slicer
@@ -54,7 +54,7 @@ class Provenance:
     created: str
 
     @classmethod
-    def now(cls, model_id: str, model_version: str) -> "Provenance":
+    def now(cls, model_id: str, model_version: str) -> Provenance:
         return cls(model_id, model_version, datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def items(self) -> tuple[tuple[str, str], ...]:

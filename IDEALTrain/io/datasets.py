@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import IdealError
 from ..io.image import Image
-from ..io.volume_files import VOLUME_SUFFIXES, has_volume_suffix, read_image
+from ..io.volume_files import VOLUME_SUFFIXES, has_volume_suffix, read_image, read_label, strip_volume_suffix
 
 SPEC_KINDS = ("folder", "ssl4mis", "sunnybrook", "dicom")
 
@@ -23,14 +23,6 @@ class Case:
     name: str
     image: Image
     label: Image | None = None
-
-
-def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in VOLUME_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def parse_spec(spec: str) -> tuple[str, Path, str | None]:
@@ -50,12 +42,12 @@ def load_folder_cases(root: Path, require_labels: bool = False) -> list[Case]:
     images_dir, labels_dir = root / "images", root / "labels"
     if not images_dir.is_dir():
         raise IdealError(f"{root}: a folder dataset needs an images/ subfolder (and labels/ with the same file names)")
-    labels = {_strip_suffix(p.name): p for p in labels_dir.iterdir() if has_volume_suffix(p)} if labels_dir.is_dir() else {}
+    labels = {strip_volume_suffix(p.name): p for p in labels_dir.iterdir() if has_volume_suffix(p)} if labels_dir.is_dir() else {}
     cases = []
     for path in sorted(p for p in images_dir.iterdir() if has_volume_suffix(p)):
-        name = _strip_suffix(path.name)
+        name = strip_volume_suffix(path.name)
         image = read_image(path)
-        label = read_image(labels[name]) if name in labels else None
+        label = read_label(labels[name]) if name in labels else None
         if label is None and require_labels:
             raise IdealError(f"{path}: no matching label in {labels_dir} (expected a file named {name}.*)")
         if label is not None and not image.same_grid(label):

@@ -66,7 +66,7 @@ class Image:
         fewest = np.flatnonzero(shape == shape.min())
         return 0 if 0 in fewest else int(fewest[0])
 
-    def same_grid(self, other: "Image", tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+    def same_grid(self, other: Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
         """True when both images have the same voxel grid (size, spacing, origin, direction)."""
         return (
             self.array.shape == other.array.shape
@@ -75,7 +75,7 @@ class Image:
             and np.allclose(self.direction, other.direction, atol=tolerance)
         )
 
-    def with_array(self, array: np.ndarray) -> "Image":
+    def with_array(self, array: np.ndarray) -> Image:
         """The same geometry holding other voxels (e.g. a label map for this image)."""
         if array.shape != self.array.shape:
             raise IdealError(f"array shape {array.shape} does not match image shape {self.array.shape}")
@@ -91,7 +91,7 @@ class Image:
         return image
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> "Image":
+    def from_sitk(cls, image: sitk.Image) -> Image:
         """Convert a 3D scalar SimpleITK image, keeping its geometry."""
         if image.GetDimension() != 3:
             raise IdealError(f"expected a 3D image, got a {image.GetDimension()}D image")

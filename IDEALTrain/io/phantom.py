@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import IdealError
+from ..io.atomic import check_outputs
 from ..io.image import Image
 from ..io.volume_files import write_image
 
@@ -110,13 +112,21 @@ def case_seed(seed: int, case: int) -> int:
     return int(np.random.SeedSequence((seed, case)).generate_state(1)[0])
 
 
-def write_phantom_dataset(out_dir: str | Path, cases: int, seed: int, *, pairs: bool = False) -> list[Path]:
+def write_phantom_dataset(
+    out_dir: str | Path, cases: int, seed: int, *, pairs: bool = False, overwrite: bool = False
+) -> list[Path]:
     """Write ``images/<name>.nii.gz`` and ``labels/<name>.nii.gz`` per case; return the image paths.
 
     Names are ``phantom_0000`` ..., or ``phantom_0000_ED`` / ``phantom_0000_ES`` with ``pairs``.
-    The label of an image is the file of the same name under ``labels/``.
+    The label of an image is the file of the same name under ``labels/``. Existing files of those
+    names are refused (before anything is written) unless ``overwrite``.
     """
+    if cases < 1:
+        raise IdealError(f"--cases must be at least 1, got {cases}")
     out = Path(out_dir)
+    names = [f"phantom_{case:04d}{suffix}" for case in range(cases) for suffix in (("_ED", "_ES") if pairs else ("",))]
+    check_outputs([out / part / f"{name}.nii.gz" for part in ("images", "labels") for name in names], overwrite,
+                  hint="choose another --out or pass --overwrite")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     written = []

@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..io.atomic import atomic_path
 from ..errors import IdealError
-from ..io.image import Image
 from ..labels import LabelInfo
+from .atomic import atomic_path
+from .file_check import check_complete, check_nifti_nans
+from .image import Image
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".mhd")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+#: Every file type read and written here; longest first, so ``.seg.nrrd`` is stripped before ``.nrrd``.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", SEGMENTATION_SUFFIX, ".nrrd", ".mha", ".mhd")
 
 
 def has_volume_suffix(path: str | Path) -> bool:
@@ -23,15 +26,48 @@ def has_volume_suffix(path: str | Path) -> bool:
     return str(path).lower().endswith(VOLUME_SUFFIXES)
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+def strip_volume_suffix(name: str) -> str:
+    """A file name without its volume suffix (``a.nii.gz`` -> ``a``, ``b.seg.nrrd`` -> ``b``): case and node names."""
+    lower = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def frame_path(path: str | Path, frame: int) -> Path:
+    """``out.seg.nrrd`` -> ``out_frame03.seg.nrrd``: the one naming rule of per-frame cine outputs."""
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    return path.with_name(f"{stem}_frame{frame:02d}{path.name[len(stem):]}")
+
+
+def _checked_reader(path: Path) -> sitk.ImageFileReader:
+    """The header reader of a whole image file of a supported type (truncated, corrupt or NaN files refused)."""
     if not path.exists():
         raise IdealError(f"{path}: no such file or folder")
     if not has_volume_suffix(path):
         raise IdealError(f"{path}: unsupported file type; use {', '.join(VOLUME_SUFFIXES)} or a DICOM folder")
+    reader = check_complete(path)
+    check_nifti_nans(path, reader)
+    return reader
+
+
+def _read_sitk(path: Path, reader: sitk.ImageFileReader | None = None) -> sitk.Image:
+    """The voxels of ``path``, through ``reader`` when the file has already been checked."""
     try:
-        return sitk.ReadImage(str(path))
+        return (reader or _checked_reader(path)).Execute()
     except RuntimeError:
         raise IdealError(f"{path}: not a readable image file (corrupt or not the format its name says)") from None
+
+
+def read_cine_file(path: str | Path) -> list[Image] | None:
+    """The frames of a 4D image file, None for a 3D one (its voxels unread); the file is checked whole once."""
+    path = Path(path)
+    reader = _checked_reader(path)
+    if reader.GetDimension() != 4:
+        return None
+    return _frames_from_sitk(_read_sitk(path, reader), path)
 
 
 def _frames_from_sitk(image: sitk.Image, path: Path) -> list[Image]:
@@ -81,8 +117,15 @@ def read_image(path: str | Path, frame: int | None = None, series_uid: str | Non
     return frames[frame]
 
 
-def write_image(image: Image, path: str | Path, labels: tuple[LabelInfo, ...] | None = None) -> Path:
-    """Write ``image`` atomically; a ``.seg.nrrd`` path with ``labels`` becomes a Slicer segmentation."""
+def write_image(
+    image: Image, path: str | Path, labels: tuple[LabelInfo, ...] | None = None, segment_tags: dict[str, str] | None = None
+) -> Path:
+    """Write ``image`` atomically; a ``.seg.nrrd`` path with ``labels`` becomes a Slicer segmentation.
+
+    The one ``.seg.nrrd`` writer (CLI and batch): Slicer reads it as its own storage node's file, with
+    the label map's IDs, names, colours and terminology, the image as reference geometry, and
+    ``segment_tags`` (e.g. which model made it) on every segment.
+    """
     path = Path(path)
     if not has_volume_suffix(path):
         raise IdealError(f"{path}: unsupported output type; use {', '.join(VOLUME_SUFFIXES)}")
@@ -90,17 +133,83 @@ def write_image(image: Image, path: str | Path, labels: tuple[LabelInfo, ...] | 
     if str(path).lower().endswith(".seg.nrrd"):
         if labels is None:
             raise IdealError(f"{path}: writing a .seg.nrrd needs the label map (segment names and colours)")
-        _add_segmentation_metadata(sitk_image, image, labels)
-    with atomic_path(path) as temp:
-        sitk.WriteImage(sitk_image, str(temp), useCompression=True)
+        _add_segmentation_metadata(sitk_image, image, labels, segment_tags or {})
+    if path.name.lower().endswith(".mhd"):
+        return _write_header_and_data(sitk_image, path)
+    with atomic_path(path, verify=lambda temp: _verify_written(temp, sitk_image)) as temp:
+        _sitk_write(sitk_image, temp, path)
     return path
 
 
-def _add_segmentation_metadata(sitk_image: sitk.Image, image: Image, labels: tuple[LabelInfo, ...]) -> None:
-    """Slicer's .seg.nrrd fields: one labelmap layer, one segment per label value."""
+def _sitk_write(sitk_image: sitk.Image, temp: Path, path: Path) -> None:
+    try:
+        sitk.WriteImage(sitk_image, str(temp), useCompression=True)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1][:200]
+        raise IdealError(f"{path}: could not write the image ({reason})") from None
+
+
+def _verify_written(temp: Path, sitk_image: sitk.Image) -> None:
+    """The file just written must be whole and say the size and type that were meant (ITK's NIfTI writer
+    does not raise on a full disk)."""
+    reader = check_complete(temp)
+    if reader.GetSize() != sitk_image.GetSize() or reader.GetPixelID() != sitk_image.GetPixelID():
+        raise IdealError(f"{temp}: the written image does not read back as written (disk full or failing?)")
+
+
+def _write_header_and_data(sitk_image: sitk.Image, path: Path) -> Path:
+    """A ``.mhd`` header and its ``.zraw`` data under their final names: written in a hidden folder,
+    verified, then the data moved first and the header last, so the header never points at a missing file."""
+    import os
+    import shutil
+    import tempfile
+
+    from .atomic import file_mode, os_error_message
+
+    data = path.with_suffix(".zraw")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".partial-{path.name}-", dir=path.parent))
+    except OSError as error:
+        raise IdealError(os_error_message(path, error)) from None
+    try:
+        _sitk_write(sitk_image, folder / path.name, path)
+        _verify_written(folder / path.name, sitk_image)
+        for name in (data.name, path.name):
+            os.chmod(folder / name, file_mode())
+            os.replace(folder / name, path.parent / name)
+    except OSError as error:
+        raise IdealError(os_error_message(path, error)) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path
+
+
+def read_label(path: str | Path, frame: int | None = None) -> Image:
+    """A label map file: whole-number values 0-255 (as uint8), else an error naming the file and the values."""
+    image = read_image(path, frame)
+    array = image.array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise IdealError(f"{path}: label map holds NaN or infinite values")
+        fractional = array[array != np.round(array)]
+        if fractional.size:
+            raise IdealError(f"{path}: label map holds non-integer values (e.g. {fractional.flat[0]:g}): is it an intensity image?")
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if low < 0 or high > 255:
+        raise IdealError(f"{path}: label values must be 0-255, found {low:g}..{high:g}")
+    return image.with_array(array.astype(np.uint8))
+
+
+def _add_segmentation_metadata(sitk_image: sitk.Image, image: Image, labels: tuple[LabelInfo, ...], tags: dict[str, str]) -> None:
+    """Slicer's .seg.nrrd fields: one labelmap layer, one segment per label value, the image as reference geometry."""
     sitk_image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     sitk_image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     sitk_image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.index_to_physical  # Slicer's geometry string is in RAS
+    extent = ";".join(f"0;{n - 1}" for n in image.size)
+    geometry = ";".join(repr(float(v)) for v in ijk_to_ras.ravel()) + f";{extent};"
+    sitk_image.SetMetaData("Segmentation_ConversionParameters", f"Reference image geometry|{geometry}|Image geometry of the labelmap&")
     for index, label in enumerate(labels):
         present = np.argwhere(image.array == label.value)
         if present.size:
@@ -115,4 +224,7 @@ def _add_segmentation_metadata(sitk_image: sitk.Image, image: Image, labels: tup
         sitk_image.SetMetaData(prefix + "LabelValue", str(label.value))
         sitk_image.SetMetaData(prefix + "Layer", "0")
         sitk_image.SetMetaData(prefix + "Extent", extent)
-        sitk_image.SetMetaData(prefix + "Tags", f"TerminologyEntry:{label.terminology_entry}|")
+        sitk_image.SetMetaData(prefix + "NameAutoGenerated", "0")
+        sitk_image.SetMetaData(prefix + "ColorAutoGenerated", "0")
+        segment_tags = sorted({**tags, "TerminologyEntry": label.terminology_entry}.items())  # Slicer's order
+        sitk_image.SetMetaData(prefix + "Tags", "".join(f"{key}:{value}|" for key, value in segment_tags))

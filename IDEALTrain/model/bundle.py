@@ -2,6 +2,7 @@
 
 Loading never unpickles anything, so a bundle from an untrusted source cannot run code; a
 pickle-based checkpoint (``torch.save`` output) is refused before any of it is read as Python.
+The torch-free checks (files, card, checksum) live in :mod:`.card`; this module adds the tensors.
 """
 from __future__ import annotations
 
@@ -20,21 +21,19 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import __version__
-from ..io.atomic import atomic_path
 from ..errors import IdealError
+from ..io.atomic import atomic_path
 from ..labels import CARDIAC_LABELS, LabelInfo, check_label_map
-from ..model.networks import NetworkConfig, SegmentationNetwork
-from ..model.postprocessing import Postprocessing
-from ..model.preprocessing import Preprocessing
+from .card import BUNDLE_FORMAT, BUNDLE_KINDS, CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_card, read_verified
+from .networks import NetworkConfig, SegmentationNetwork
+from .postprocessing import Postprocessing
+from .preprocessing import Preprocessing
 
-CARD_NAME = "card.json"
-WEIGHTS_NAME = "model.safetensors"
-BUNDLE_FORMAT = "idealsegment-bundle"
-#: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
-FORMAT_VERSION = 2
-_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
-#: A segmentation model, or an encoder from contrastive pretraining (weights ``encoder.*`` only).
-BUNDLE_KINDS = ("segmentation", "pretrained-encoder")
+#: The public API; the file names, card checks and ``read_card`` come from the torch-free :mod:`.card`.
+__all__ = [
+    "BUNDLE_FORMAT", "BUNDLE_KINDS", "CARD_NAME", "FORMAT_VERSION", "WEIGHTS_NAME",
+    "Bundle", "load_bundle", "read_card", "save_bundle",
+]
 
 
 @dataclass
@@ -133,82 +132,33 @@ def save_bundle(bundle: Bundle, path: str | Path, *, half_precision: bool = Fals
     return path
 
 
-def _read_bundle_files(path: Path) -> tuple[str, bytes]:
-    """The card text and weights bytes of a folder or .zip bundle; refuses pickles unread."""
-    if not path.exists():
-        raise IdealError(f"{path}: no such model bundle")
-    if path.is_dir():
-        card_file, weights_file = path / CARD_NAME, path / WEIGHTS_NAME
-        if not card_file.is_file():
-            pickles = [p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES]
-            hint = f" (found pickle-based file(s) {pickles}, which are never loaded)" if pickles else ""
-            raise IdealError(f"{path}: not a model bundle: no {CARD_NAME}{hint}")
-        if not weights_file.is_file():
-            raise IdealError(f"{path}: bundle has no {WEIGHTS_NAME}")
-        return card_file.read_text(), weights_file.read_bytes()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if CARD_NAME not in names or WEIGHTS_NAME not in names:
-                if any(name.endswith((".pkl", "data.pkl")) for name in names):
-                    raise IdealError(
-                        f"{path}: is a pickle-based PyTorch checkpoint (torch.save); it is refused because "
-                        "unpickling can run arbitrary code. Export the weights to a bundle (card.json + "
-                        "model.safetensors) with trusted code first"
-                    )
-                raise IdealError(f"{path}: zip is not a model bundle (needs {CARD_NAME} and {WEIGHTS_NAME})")
-            try:
-                return archive.read(CARD_NAME).decode(), archive.read(WEIGHTS_NAME)
-            except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as error:
-                raise IdealError(f"{path}: corrupt bundle archive ({error})") from None
-    head = path.read_bytes()[:2]
-    if head[:1] == b"\x80" or path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise IdealError(
-            f"{path}: looks like a pickle-based checkpoint; it is refused because unpickling can run "
-            "arbitrary code. A model bundle is a folder or .zip with card.json and model.safetensors"
-        )
-    raise IdealError(f"{path}: not a model bundle (expected a folder or .zip with {CARD_NAME} and {WEIGHTS_NAME})")
-
-
-def read_card(path: str | Path) -> dict:
-    """The card of a bundle, checked for format (weights are not read)."""
-    card_text, _ = _read_bundle_files(Path(path))
-    return _parse_card(Path(path), card_text)
-
-
-def _parse_card(path: Path, card_text: str) -> dict:
-    try:
-        card = json.loads(card_text)
-    except json.JSONDecodeError as error:
-        raise IdealError(f"{path}: {CARD_NAME} is not valid JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
-        raise IdealError(f"{path}: {CARD_NAME} is not an IDEALSegment bundle card (format field missing or wrong)")
-    if card.get("kind", "segmentation") not in BUNDLE_KINDS:
-        raise IdealError(f"{path}: unknown bundle kind {card.get('kind')!r}; expected one of {BUNDLE_KINDS}")
-    if card.get("format_version", 0) > FORMAT_VERSION:
-        raise IdealError(f"{path}: bundle format {card['format_version']} is newer than this IDEALTrain supports ({FORMAT_VERSION})")
-    for section in ("architecture", "labels", "preprocessing", "weights"):
-        if section not in card:
-            raise IdealError(f"{path}: {CARD_NAME} lacks the '{section}' section")
-    return card
-
-
 def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle (checksum, label map, architecture); never executes stored code."""
     path = Path(path)
-    card_text, data = _read_bundle_files(path)
-    card = _parse_card(path, card_text)
-    expected_sha = card["weights"].get("sha256", "")
-    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
-        raise IdealError(f"{path}: weights checksum does not match the card: the file is corrupt, truncated or replaced")
+    card, data = read_verified(path)
     try:
         weights = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise IdealError(f"{path}: {WEIGHTS_NAME} is not a valid safetensors file ({error})") from None
+    try:
+        bundle = _bundle_from_card(card, weights)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise IdealError(f"{path}: {CARD_NAME} has an unusable field ({type(error).__name__}: {error})") from None
+    except IdealError as error:  # e.g. an invalid label map: say which bundle
+        raise IdealError(f"{path}: {error}") from None
+    bundle.check_weights()  # fail now, with a clear message, if weights and card disagree
+    return bundle
+
+
+def _bundle_from_card(card: dict, weights: dict) -> Bundle:
+    """A Bundle from a checked card; a field of the wrong type raises KeyError, TypeError or ValueError."""
     network = NetworkConfig.from_json(card["architecture"])
     labels = tuple(LabelInfo.from_json(entry) for entry in card["labels"])
     check_label_map(labels, network.num_classes)
-    bundle = Bundle(
+    for field_name in ("id", "version", "description", "licence", "created"):
+        if not isinstance(card.get(field_name, ""), str):
+            raise TypeError(f"'{field_name}' must be text, not {type(card[field_name]).__name__}")
+    return Bundle(
         network=network,
         preprocessing=Preprocessing.from_json(card["preprocessing"]),
         weights={name: t.float() if t.is_floating_point() else t for name, t in weights.items()},
@@ -223,5 +173,3 @@ def load_bundle(path: str | Path) -> Bundle:
         kind=card.get("kind", "segmentation"),
         postprocessing=Postprocessing.from_json(card.get("postprocessing", {})),
     )
-    bundle.check_weights()  # fail now, with a clear message, if weights and card disagree
-    return bundle

@@ -17,6 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..errors import IdealError
 
 DECODER_KINDS = ("unet", "fpn")
+PERTURBATIONS = ("none", "dropout", "noise")
 _SSL4MIS_DROPOUT = (0.05, 0.1, 0.2, 0.3)  # the deepest level always gets 0.5
 
 
@@ -62,7 +63,7 @@ class NetworkConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "NetworkConfig":
+    def from_json(cls, data: dict) -> NetworkConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -161,6 +162,30 @@ class DenseProjectionHead(nn.Module):
         return F.normalize(self.net(x), dim=1)
 
 
+class StreamPerturbation(nn.Module):
+    """Training-time perturbation of the encoder features, drawn anew for each decoder, so the two
+    streams of two-stream finetuning read differently perturbed features (identity in eval mode).
+
+    "dropout" zeroes whole channels of every level with probability ``strength`` (UniMatch's feature
+    dropout); "noise" multiplies each feature by 1 + U(-strength, strength) (CCT's feature noise).
+    """
+
+    def __init__(self, kind: str = "none", strength: float = 0.0) -> None:
+        super().__init__()
+        if kind not in PERTURBATIONS:
+            raise IdealError(f"stream perturbation must be one of {', '.join(PERTURBATIONS)}, got {kind!r}")
+        if kind != "none" and not 0 < strength < 1:
+            raise IdealError(f"stream perturbation strength must be between 0 and 1 (exclusive), got {strength}")
+        self.kind, self.strength = kind, strength
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.training or self.kind == "none":
+            return features
+        if self.kind == "dropout":
+            return [F.dropout2d(f, self.strength, training=True) for f in features]
+        return [f * (1 + (2 * torch.rand_like(f) - 1) * self.strength) for f in features]
+
+
 _DECODERS = {"unet": UNetDecoder, "fpn": FPNDecoder}
 
 
@@ -172,10 +197,11 @@ class SegmentationNetwork(nn.Module):
         self.config = config
         self.encoder = UNetEncoder(config)
         self.decoders = nn.ModuleList([_DECODERS[kind](config) for kind in config.decoders])
+        self.perturbation = StreamPerturbation()  # a training choice, not architecture: set by the run
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = self.encoder(x)
-        return [decoder(features) for decoder in self.decoders]
+        return [decoder(self.perturbation(features)) for decoder in self.decoders]
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:

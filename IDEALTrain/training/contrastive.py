@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..training.augment import random_affine, random_intensity
 from ..errors import IdealError
+from .augment import random_affine, random_intensity
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ def dense_info_nce(
     queue: torch.Tensor | None = None,
     negative_min_distance: float = 0.0,
     same_image_negatives: bool = False,
+    positive_radius: float = 0.0,
 ) -> DenseLoss:
     """Dense InfoNCE between view-1 queries and view-2 keys (B, D, h, w) at known correspondences.
 
@@ -133,12 +134,16 @@ def dense_info_nce(
     ``negative_min_distance`` feature cells are left out of the negatives: neighbours that show the
     same tissue can only be told apart by position. With ``same_image_negatives`` only cells of the
     query's own image are negatives, as in Chaitanya et al.'s local loss: the same structure in
-    another patient is never pushed away (no queue then, its keys come from other images). Keys
-    never receive gradients.
+    another patient is never pushed away (no queue then, its keys come from other images). With
+    ``positive_radius`` > 0 the keys of same-image cells closer than that many feature cells are
+    positives too (PixPro-style; a multi-positive InfoNCE), so neighbours of the same tissue are
+    pulled together instead of apart. Keys never receive gradients.
     """
     _check_temperature(temperature)
     if samples_per_image < 1:
         raise IdealError(f"samples_per_image must be at least 1, got {samples_per_image}")
+    if not positive_radius >= 0:
+        raise IdealError(f"positive_radius must be zero or more feature cells, got {positive_radius}")
     if not negative_min_distance >= 0:
         raise IdealError(f"negative_min_distance must be zero or more feature cells, got {negative_min_distance}")
     if same_image_negatives and queue is not None:
@@ -164,22 +169,24 @@ def dense_info_nce(
     k = F.normalize(sampled[..., 0].transpose(1, 2)[keep], dim=1)  # (N, D)
     if q.shape[0] == 0:
         return DenseLoss(queries.sum() * 0.0, k)
-    excluded = None
-    if negative_min_distance > 0 or same_image_negatives:
-        excluded = _excluded_negatives(picked, keep, w, negative_min_distance, same_image_negatives)
-    return DenseLoss(_info_nce(q, k, temperature, queue, exclude=excluded), k)
+    excluded = positives = None
+    if negative_min_distance > 0 or same_image_negatives or positive_radius > 0:
+        same_image, distance = _cell_pairs(picked, keep, w)
+        excluded = same_image & (distance < negative_min_distance)
+        if same_image_negatives:
+            excluded |= ~same_image
+        if positive_radius > 0:
+            positives = (same_image & (distance < positive_radius)).fill_diagonal_(True)
+            excluded &= ~positives
+        excluded.fill_diagonal_(False)
+    return DenseLoss(_info_nce(q, k, temperature, queue, exclude=excluded, positives=positives), k)
 
 
-def _excluded_negatives(picked: torch.Tensor, keep: torch.Tensor, width: int, distance: float, same_image_only: bool) -> torch.Tensor:
-    """(N, N) mask of the kept-cell pairs that are not negatives: same-image pairs closer than
-    ``distance`` cells and, if ``same_image_only``, every pair from two images; diagonal excluded."""
+def _cell_pairs(picked: torch.Tensor, keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pair of kept sampled cells (N, N): whether they come from one image, and their distance in cells."""
     image = torch.arange(picked.shape[0], device=picked.device)[:, None].expand_as(picked)[keep]
     position = torch.stack([picked // width, picked % width], -1)[keep].float()
-    same_image = image[:, None] == image[None, :]
-    excluded = same_image & (torch.cdist(position, position) < distance)
-    if same_image_only:
-        excluded |= ~same_image
-    return excluded.fill_diagonal_(False)
+    return image[:, None] == image[None, :], torch.cdist(position, position)
 
 
 def global_info_nce(
@@ -195,17 +202,22 @@ def global_info_nce(
 
 
 def _info_nce(
-    queries: torch.Tensor, keys: torch.Tensor, temperature: float, queue: torch.Tensor | None, exclude: torch.Tensor | None = None
+    queries: torch.Tensor, keys: torch.Tensor, temperature: float, queue: torch.Tensor | None,
+    exclude: torch.Tensor | None = None, positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy where row i of ``keys`` is the positive of query i and every other key row and
     every queue row is a negative (the diagonal form of 'positive at index 0'), except the key rows
-    that ``exclude`` (N, N) marks for that query."""
+    that ``exclude`` (N, N) marks for that query; ``positives`` (N, N, diagonal set) makes more key
+    rows positives: the loss is then -log(sum over positives / sum over all candidates)."""
     q = F.normalize(queries.float(), dim=1)
     candidates = keys if queue is None else torch.cat([keys, queue.detach().to(keys)])
     logits = q @ candidates.T / temperature
     if exclude is not None:
         logits = logits.masked_fill(F.pad(exclude, (0, logits.shape[1] - exclude.shape[1])), float("-inf"))
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+    if positives is None:
+        return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+    positive_logits = logits[:, : keys.shape[0]].masked_fill(~positives, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)).mean()
 
 
 class KeyQueue:

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from ..training.checkpoint import CheckpointLock, TrainingState, check_checkpoint_dir, load_checkpoint, save_checkpoint
 from ..errors import IdealError, TrainingStopped
 from ..training.progress import Progress
 
@@ -72,6 +72,10 @@ class TrainingLoop:
         self.stop_after, self.is_main = stop_after, is_main
         self.extra: dict[str, dict[str, torch.Tensor]] = {}
         self.start = 0
+        self.lock = None
+        if self.checkpoint_dir is not None and is_main:
+            check_checkpoint_dir(self.checkpoint_dir, resume)
+            self.lock = CheckpointLock(self.checkpoint_dir).acquire()
         if resume:
             self._restore()
         self.progress = Progress(phase, total, self.start, progress_json, enabled=is_main)
@@ -112,6 +116,13 @@ class TrainingLoop:
 
     def run(self, step: Callable[[int], dict[str, float]], after_step: Callable[[int], None] | None = None) -> None:
         """Iterate; ``step`` gets the 0-based iteration and returns metrics to report."""
+        try:
+            self._run(step, after_step)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self, step: Callable[[int], dict[str, float]], after_step: Callable[[int], None] | None) -> None:
         with _StopRequest() as stop:
             for iteration in range(self.start, self.total):
                 metrics = step(iteration)

@@ -1,0 +1,108 @@
+"""The *Refine* section of the IDEALSegment panel: humble widgets bound to IDEALSegmentLib.refinement.
+
+A structure selector, *Add positive* / *Add negative* (one point placed in a slice view each) and
+*Undo last click*. Every decision is in :class:`~IDEALSegmentLib.refinement.RefineController`; this
+file only builds widgets, enters Slicer's markups place mode and polls from a timer.
+
+The module widget creates it in ``setup()`` with its layout and a function returning
+``(volume, segmentation, model bundle path or None, device)`` from its parameter node::
+
+    self.refineSection = RefineSection(self.layout, self._refineInputs)
+"""
+import ctk
+import qt
+import slicer
+from IDEALSegmentLib.refinement import RefineController
+
+from IDEALSegmentGui import common
+
+
+class RefineSection:
+    """Widgets and bindings of the Refine section; ``inputs()`` gives (volume, segmentation, model, device)."""
+
+    def __init__(self, parentLayout, inputs) -> None:
+        self.inputs = inputs
+        self.controller = RefineController()
+        self._observed = None
+        self._observer = None
+        box = ctk.ctkCollapsibleButton()
+        box.text = "Refine (click to fix)"
+        box.collapsed = True
+        parentLayout.addWidget(box)
+        form = qt.QFormLayout(box)
+        self.structureComboBox = qt.QComboBox()
+        for value, name in self.controller.structures():
+            self.structureComboBox.addItem(name, value)
+        form.addRow("Structure:", self.structureComboBox)
+        buttons = qt.QHBoxLayout()
+        self.positiveButton = qt.QPushButton("Add positive")
+        self.positiveButton.toolTip = "Place a point inside the structure where it is missing"
+        self.negativeButton = qt.QPushButton("Add negative")
+        self.negativeButton.toolTip = "Place a point where the structure is wrongly marked"
+        self.undoButton = qt.QPushButton("Undo last click")
+        for button in (self.positiveButton, self.negativeButton, self.undoButton):
+            buttons.addWidget(button)
+        form.addRow(buttons)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        form.addRow(self.statusLabel)
+        self.positiveButton.connect("clicked(bool)", lambda _checked: self.onAdd(True))
+        self.negativeButton.connect("clicked(bool)", lambda _checked: self.onAdd(False))
+        self.undoButton.connect("clicked(bool)", lambda _checked: self.onUndo())
+        self.timer = qt.QTimer()
+        self.timer.setInterval(common.POLL_MILLISECONDS)
+        self.timer.timeout.connect(self.onPoll)
+        self.timer.start()
+
+    def update(self) -> None:
+        """Copy the controller's state onto the widgets."""
+        volume, segmentation, model, _device = self.inputs()
+        add, undo, text = self.controller.state(volume, segmentation, model)
+        self.positiveButton.enabled = self.negativeButton.enabled = add
+        self.undoButton.enabled = undo
+        self.statusLabel.text = text
+
+    def onAdd(self, positive: bool) -> None:
+        volume, segmentation, model, device = self.inputs()
+        label = self.structureComboBox.currentData
+        with slicer.util.tryWithErrorDisplay("Cannot add the click", waitCursor=True):
+            markups = self.controller.start_placing(volume, segmentation, model, device, label, positive)
+            self._watch(markups)
+            selection = slicer.app.applicationLogic().GetSelectionNode()
+            selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+            selection.SetActivePlaceNodeID(markups.GetID())
+            slicer.app.applicationLogic().GetInteractionNode().SetPlaceModePersistence(0)
+            slicer.app.applicationLogic().GetInteractionNode().SetCurrentInteractionMode(
+                slicer.vtkMRMLInteractionNode.Place
+            )
+
+    def _watch(self, markups) -> None:
+        if self._observed is markups:
+            return
+        if self._observed is not None:
+            self._observed.RemoveObserver(self._observer)
+        self._observed = markups
+        self._observer = markups.AddObserver(markups.PointPositionDefinedEvent, self.onPointPlaced)
+
+    def onPointPlaced(self, caller, _event) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot refine", waitCursor=True):
+            self.controller.point_placed(caller.GetNumberOfControlPoints() - 1)
+        self.update()
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot undo", waitCursor=True):
+            self.controller.undo(*self.inputs())
+        self.update()
+
+    def onPoll(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Refinement failed"):
+            self.controller.poll()
+        self.update()
+
+    def cleanup(self) -> None:
+        """The panel goes away or the scene closes."""
+        self.timer.stop()
+        if self._observed is not None:
+            self._observed.RemoveObserver(self._observer)
+            self._observed = None
+        self.controller.close()

@@ -1,0 +1,107 @@
+"""Old model vs new model on the held-out reviewed cases, predicted in child processes (no torch in Slicer).
+
+``idealtrain evaluate --save-labels`` segments the held-out cases once per model; the comparison is
+then scored here, from those label files, by the rule of :mod:`.comparison` (each structure only on
+the slices where a clinician reviewed it).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from IDEALTrain.errors import IdealError
+from IDEALTrain.io.datasets import load_cases
+from IDEALTrain.io.volume_files import read_image
+
+from .comparison import TOO_FEW, ModelComparison, held_out_regions, reviewed_dice
+from .jobs import JobChain
+from .registry import ModelEntry, read_bundle
+from .worker import WorkerJob
+
+MODELS = ("old", "new")
+
+
+class ComparisonJob:
+    """Both models segment the held-out cases in the background; :meth:`result` scores them."""
+
+    def __init__(self, old_model: ModelEntry, new_bundle: Path, held_out_dir: Path | None, device: str = "auto") -> None:
+        if held_out_dir is None:
+            raise IdealError(f"there are no held-out cases to compare the models on ({TOO_FEW}): review at least 3 patients before training")
+        new_labels = [(label.value, label.segment_id) for label in ModelEntry("", "", Path(new_bundle), "", read_bundle(Path(new_bundle))[0]).labels]
+        if [(label.value, label.segment_id) for label in old_model.labels] != new_labels:
+            raise IdealError(f"{old_model.display_name} and {new_bundle} segment different structures: they cannot be compared")
+        self.models = {"old": Path(old_model.path), "new": Path(new_bundle)}
+        self.held_out_dir, self.device = Path(held_out_dir), device
+        self.folder: Path | None = None
+        self.chain: JobChain | None = None
+
+    @property
+    def state(self) -> str:
+        return self.chain.state if self.chain is not None else "new"
+
+    @property
+    def error(self) -> str | None:
+        return self.chain.error if self.chain is not None else None
+
+    @property
+    def fraction(self) -> float:
+        return self.chain.fraction if self.chain is not None else 0.0
+
+    def start(self, work_root: Path | None = None) -> None:
+        """Start ``idealtrain evaluate`` for the old, then the new model."""
+        self.folder = Path(tempfile.mkdtemp(prefix="IDEALTrainer-compare-", dir=work_root))
+        steps = []
+        for tag in MODELS:
+            (self.folder / tag).mkdir()
+            steps.append([
+                "evaluate", "--model", str(self.models[tag]), "--data", f"folder:{self.held_out_dir}",
+                "--out", str(self.folder / f"{tag}.json"), "--save-labels", str(self.folder / tag),
+                "--device", self.device, "--progress-json",
+            ])
+        self.chain = JobChain(steps, log_path=self.folder / "compare.log", job_class=WorkerJob)
+        self.chain.start()
+
+    def poll(self) -> str:
+        """Progress (never blocks); the state."""
+        if self.chain is not None:
+            self.chain.poll()
+            if self.state in ("failed", "cancelled"):
+                self.discard()
+        return self.state
+
+    def cancel(self) -> None:
+        if self.chain is not None:
+            self.chain.cancel()
+
+    def discard(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def result(self) -> ModelComparison:
+        """The comparison scored from both models' label files (once done); the folder is removed."""
+        if self.state != "done":
+            raise IdealError(f"the model comparison is {self.state}, not done")
+        try:
+            cases = load_cases(f"folder:{self.held_out_dir}", require_labels=True)
+            regions, patients = held_out_regions(self.held_out_dir, cases)
+            scores = [self._score(tag, cases, regions) for tag in MODELS]
+        finally:
+            self.discard()
+        (old_dice, old_mean), (new_dice, new_mean) = scores
+        return ModelComparison(tuple(case.name for case in cases), old_dice, new_dice, old_mean, new_mean, patients)
+
+    def _score(self, tag: str, cases: list, regions: dict) -> tuple[dict[str, float], float]:
+        per_class: dict[str, list[float]] = {}
+        for case in cases:
+            labels = read_image(self.folder / tag / f"{case.name}.nrrd").array
+            axis = case.image.slice_axis
+            every = list(range(case.image.array.shape[axis]))
+            reviewed = {name: every if slices is None else slices for name, slices in regions[case.name].items() if slices != []}
+            for name, value in reviewed_dice(labels, case.label.array, reviewed, axis).items():
+                per_class.setdefault(name, []).append(value)
+        dice = {name: float(np.mean(values)) for name, values in per_class.items()}
+        return dice, float(np.mean(list(dice.values()))) if dice else math.nan

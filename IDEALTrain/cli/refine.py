@@ -1,0 +1,69 @@
+"""``idealtrain refine``: click to fix a draft label map (the command line contract outside scripts rely on)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import IdealError
+from ..io.atomic import check_outputs
+from .common import DEVICE_HELP
+
+
+def cmd_refine(args: argparse.Namespace) -> None:
+    """Refine ``--draft`` with ``--clicks`` and write the labels on exactly the input's grid."""
+    from ..inference.clicks import read_clicks
+    from ..inference.refine import Refiner, check_refinement_inputs
+    from ..io.volume_files import read_image, read_label, write_image
+
+    output = check_outputs([args.output], args.overwrite, hint="choose another --output or pass --overwrite")[0]
+    if output in (Path(args.input).absolute(), Path(args.draft).absolute()) and not args.overwrite:
+        raise IdealError(f"{args.output}: the output would replace an input; choose another --output")
+    image = read_image(args.input, args.frame)
+    draft = read_label(args.draft)
+    clicks = read_clicks(args.clicks)
+    refiner = _refiner(Refiner, args)
+    check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
+    result = refiner.refine(image, draft, clicks)
+    write_image(result.labels, output, refiner.predictor.bundle.labels)
+    message = {"event": "refined", "labels": str(args.output), "clicks": len(clicks), "changed_voxels": result.changed_voxels,
+               "seconds": round(result.seconds, 3)}
+    print(json.dumps(message) if args.progress_json else
+          f"refined {args.draft} with {len(clicks)} click(s) -> {args.output}: {result.changed_voxels} voxel(s) changed "
+          f"in {result.seconds:.2f} s", flush=True)
+
+
+_last: dict = {}
+
+
+def _refiner(refiner_class: type, args: argparse.Namespace):
+    """The refiner of the previous call when model, device and engine match: in the warm worker
+    (``IDEALTrain.worker``) the next click on the same image then reuses the network's prior."""
+    model = Path(args.model).absolute()
+    key = (str(model), model.stat().st_mtime_ns if model.exists() else 0, args.device, args.engine, args.radius_mm)
+    if _last.get("key") != key:
+        _last.clear()
+        _last.update(key=key, refiner=refiner_class(args.model, device=args.device, engine=args.engine,
+                                                    radius_mm=args.radius_mm))
+    return _last["refiner"]
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    """Register ``refine``."""
+    from ..inference.refine import DEFAULT_ENGINE, DEFAULT_RADIUS_MM
+    from ..inference.refine_engines import ENGINES
+
+    p = commands.add_parser("refine", help="refine a draft segmentation with positive / negative clicks")
+    p.add_argument("--model", required=True, help="model bundle (folder or .zip) that made or fits the draft")
+    p.add_argument("--input", required=True, help="the image (volume file or DICOM folder)")
+    p.add_argument("--frame", type=int, help="frame of a cine/4D input (0-based)")
+    p.add_argument("--draft", required=True, help="current label map on the image's grid")
+    p.add_argument("--clicks", required=True,
+                   help='JSON {"clicks": [{"point": [x, y, z] (LPS mm), "label": 1|2|3, "positive": true|false}, ...]}')
+    p.add_argument("--output", required=True, help="refined labels (.nii.gz, .nrrd or .seg.nrrd)")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES), help="refinement engine")
+    p.add_argument("--radius-mm", type=float, default=DEFAULT_RADIUS_MM, help="in-plane reach of a click (mm)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--progress-json", action="store_true", help="one JSON line on stdout when done")
+    p.set_defaults(func=cmd_refine)

@@ -1,0 +1,295 @@
+"""``idealtrain train|pretrain|finetune``: the training commands and their shared flags."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import IdealError
+from .common import DEVICE_HELP, add_card_text_arguments, add_postprocessing_argument, postprocessing_from_args
+
+
+def _check_output(args: argparse.Namespace) -> Path:
+    """Everything a run will write, checked before any data is read or any iteration run."""
+    from ..io.atomic import check_outputs
+    from ..training.checkpoint import check_checkpoint_dir
+
+    if args.iterations < 1:
+        raise IdealError(f"--iterations must be at least 1, got {args.iterations}")
+    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")
+    if args.checkpoint_dir:
+        check_checkpoint_dir(args.checkpoint_dir, args.resume)
+    elif args.resume:
+        raise IdealError("--resume needs --checkpoint-dir")
+    return Path(args.out)
+
+
+def network_and_plan(args: argparse.Namespace, pretrained=None):
+    """Architecture and preprocessing from the flags, defaulting to the starting bundle's: a
+    pretrained encoder's width and depth, or a whole initial model's architecture (which is fixed)."""
+    from ..model.networks import NetworkConfig
+    from ..model.preprocessing import Preprocessing
+
+    decoders = tuple(args.decoders.split(",")) if getattr(args, "decoders", None) else None
+    if pretrained is not None and pretrained.kind == "segmentation":
+        network = pretrained.network
+        asked = {"base_channels": args.base_channels, "depth": args.depth, "decoders": decoders}
+        for name, value in asked.items():
+            if value is not None and value != getattr(network, name):
+                raise IdealError(
+                    f"model {pretrained.model_id} {pretrained.version} has another architecture ({name} {getattr(network, name)}, "
+                    f"not {value}); a run that starts from a model keeps its architecture: leave out --{name.replace('_', '-')}"
+                )
+    else:
+        base = pretrained.network if pretrained is not None else NetworkConfig()
+        network = NetworkConfig(
+            base_channels=args.base_channels or base.base_channels,
+            depth=args.depth or base.depth,
+            decoders=decoders or NetworkConfig().decoders,
+        )
+    if args.inplane is None and pretrained is not None:
+        return network, pretrained.preprocessing
+    plan = Preprocessing(inplane=args.inplane or "size", size=(args.size, args.size), spacing=(args.spacing, args.spacing))
+    return network, plan
+
+
+def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) -> None:
+    from ..model.bundle import save_bundle
+
+    if bundle is None:  # not rank 0 of a multi-process run
+        return
+    bundle.model_id, bundle.version = args.id, args.version
+    bundle.licence, bundle.description = args.licence, args.description
+    bundle.training.update(data)
+    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite)
+    print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
+
+
+def _train_config(args: argparse.Namespace, pretrained=None, **method):
+    from ..training.augment import Augmentation
+    from ..training.finetune import TrainConfig
+
+    network, plan = network_and_plan(args, pretrained)
+    return TrainConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        keep=args.keep,
+        network=network,
+        preprocessing=plan,
+        postprocessing=postprocessing_from_args(args, pretrained),
+        augmentation=Augmentation(rotation_degrees=args.rotation, scale_range=tuple(args.scale_range)),
+        precision=args.precision,
+        **method,
+    )
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    from ..io.datasets import load_cases
+
+    val_cases = load_cases(args.val, default_list="val.list", require_labels=True) if args.val else None
+    return dict(val_cases=val_cases, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_json=args.progress_json)
+
+
+def _finetune_options(args: argparse.Namespace) -> dict:
+    return dict(
+        supervised_only=args.supervised_only,
+        unlabeled_batch_size=args.unlabeled_batch_size,
+        consistency_weight=args.consistency_weight,
+        ramp_up=args.ramp_up,
+        confidence_threshold=args.confidence_threshold,
+        ema_teacher=args.ema_teacher,
+        ema_decay=args.ema_decay,
+        encoder_lr_scale=args.encoder_lr_scale,
+        encoder_warmup=args.encoder_warmup,
+        pretrained_mix=args.pretrained_mix,
+        pretrained_rescale=args.pretrained_rescale,
+        stream_perturbation=args.stream_perturbation,
+        perturbation_strength=args.perturbation_strength,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Supervised training on labelled slices."""
+    from ..io.datasets import load_cases
+    from ..training.finetune import train_segmentation
+
+    output = _check_output(args)
+    config = _train_config(args, supervised_only=True)
+    train_cases = load_cases(args.data, default_list="train_slices.list", require_labels=True)
+    bundle = train_segmentation(train_cases, config, **_run_options(args))
+    _save_trained(bundle, args, output, {"data": args.data, "validation_data": args.val})
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """IDEAL two-stream finetuning (or the supervised-only baseline)."""
+    from ..model.bundle import load_bundle
+    from ..training.finetune import train_segmentation
+    from ..training.selection import select_training_cases, selection_from_args
+
+    output = _check_output(args)
+    if args.pretrained and args.init_from:
+        raise IdealError("--pretrained and --init-from both say where the network starts: choose one")
+    pretrained = load_bundle(args.pretrained) if args.pretrained else None
+    if pretrained is not None and pretrained.kind != "pretrained-encoder":
+        raise IdealError(f"{args.pretrained} is a {pretrained.kind} bundle; --pretrained takes the output of idealtrain pretrain (for a whole model use --init-from)")
+    initial = load_bundle(args.init_from) if args.init_from else None
+    if initial is not None and initial.kind != "segmentation":
+        raise IdealError(f"{args.init_from} is a {initial.kind} bundle; --init-from takes a segmentation model (for an encoder use --pretrained)")
+    config = _train_config(args, pretrained or initial, **_finetune_options(args))
+    selection = selection_from_args(args)
+    labeled, unlabeled = select_training_cases(
+        args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only,
+        keep_labeled=args.unlabeled_includes_labeled,
+    )
+    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
+    data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
+    _save_trained(bundle, args, output, data)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """IDEAL dense contrastive pretraining of the encoder."""
+    from ..io.datasets import load_cases
+    from ..training.pretraining import PretrainConfig, pretrain
+
+    output = _check_output(args)
+    network, plan = network_and_plan(args)
+    config = PretrainConfig(
+        iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.lr, temperature=args.temperature,
+        samples_per_image=args.samples_per_image, negative_min_distance=args.negative_min_distance,
+        same_image_negatives=args.same_image_negatives, key_momentum=args.key_momentum, queue_size=args.queue_size,
+        dense_level=args.dense_level, global_weight=args.global_weight, frozen_levels=args.frozen_levels, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, network=network, preprocessing=plan, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, dropout=not args.no_dropout, key_eval=args.key_eval,
+        extra_dense_levels=tuple(args.extra_dense_levels), positive_radius=args.positive_radius, precision=args.precision,
+    )
+    cases = [case for spec in args.data for case in load_cases(spec, default_list="train_slices.list")]
+    bundle = pretrain(cases, config, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_json=args.progress_json)
+    _save_trained(bundle, args, output, {"data": args.data})
+
+
+# -- flags -----------------------------------------------------------------------------------
+def _add_run_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float) -> None:
+    """Flags every training command shares: budget, output, checkpoints, progress, model shape."""
+    p.add_argument("--iterations", type=int, required=True)
+    p.add_argument("--out", required=True, help="output bundle (folder, or .zip)")
+    p.add_argument("--checkpoint-dir", help="where to keep the resumable training state")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"slices per iteration (default {batch_size})")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast + channels-last, fp32, or auto: bf16 on CUDA and on CPUs with AVX-512 BF16/AMX (default)")
+    p.add_argument("--lr", type=float, default=lr, help=f"initial learning rate, poly decay (default {lr})")
+    p.add_argument("--inplane", choices=("size", "spacing"), help="resize slices to --size (default), or resample to --spacing mm")
+    p.add_argument("--size", type=int, default=256, help="network in-plane size for --inplane size")
+    p.add_argument("--spacing", type=float, default=1.4, help="in-plane mm for --inplane spacing")
+    p.add_argument("--base-channels", type=int, help="encoder width (default 16, or the pretrained bundle's)")
+    p.add_argument("--depth", type=int, help="encoder levels (default 5, or the pretrained bundle's)")
+    p.add_argument("--half", action="store_true", help="store float16 weights in the bundle")
+    p.add_argument("--id", default="idealsegment-model", help="model id written to the card")
+    p.add_argument("--version", default="0.1.0", help="model version written to the card")
+    add_card_text_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
+
+
+def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that train a segmentation network (train, finetune)."""
+    _add_run_arguments(p, batch_size=12, lr=0.01)
+    p.add_argument("--val", help="validation volumes SPEC (ssl4mis default val.list); the best-scoring weights are kept")
+    p.add_argument("--validate-every", type=int, default=200)
+    p.add_argument(
+        "--keep", choices=("best", "last"), default="best",
+        help="with --val: keep the best-scoring weights (default), or the last ones and only report validation",
+    )
+    p.add_argument("--decoders", help="comma-separated decoder kinds (default unet,fpn)")
+    p.add_argument("--rotation", type=float, default=20.0, help="augmentation: largest in-plane rotation in degrees (default 20)")
+    p.add_argument(
+        "--scale-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("MIN", "MAX"),
+        help="augmentation: zoom range, wider for fields of view unlike the training data (default 0.85 1.15)",
+    )
+    add_postprocessing_argument(p)
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    """Register train, pretrain and finetune."""
+    p = commands.add_parser("train", help="supervised training (Dice + cross-entropy) on labelled slices")
+    p.add_argument("--data", required=True, help="labelled data: folder:DIR, ssl4mis:DIR[:LIST] (default train_slices.list), sunnybrook:DIR")
+    _add_segmentation_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("pretrain", help="IDEAL dense contrastive pretraining of the encoder on unlabelled slices")
+    p.add_argument("--data", required=True, action="append", help="unlabelled data SPEC (repeat for several sources; labels are ignored)")
+    _add_run_arguments(p, batch_size=16, lr=1e-3)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--samples-per-image", type=int, default=64, help="pixels sampled per image for the dense loss")
+    p.add_argument("--negative-min-distance", type=float, default=0.0,
+                   help="same-image cells closer than this many feature cells are not negatives (0: every other cell is)")
+    p.add_argument("--same-image-negatives", action="store_true",
+                   help="negatives only from the query's own image, as Chaitanya et al.'s local loss (default: the whole batch)")
+    p.add_argument("--queue-size", type=int, default=0, help="keys kept from earlier batches as extra negatives (0: none)")
+    p.add_argument("--key-momentum", type=float, default=0.99, help="momentum of the key encoder's moving average")
+    p.add_argument("--dense-level", type=int, default=-1, help="encoder level projected for the dense loss (-1: deepest)")
+    p.add_argument("--global-weight", type=float, default=0.0, help="weight of the image-level InfoNCE term (0: off)")
+    p.add_argument("--frozen-levels", type=int, default=0, metavar="N",
+                   help="the finest N encoder levels keep their random start; only the deeper ones learn the contrastive task (default 0)")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam",
+                   help="adam (default), adamw (decoupled weight decay bounds the norms) or sgd (momentum 0.9; give a larger --lr)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--no-dropout", action="store_true", help="no dropout in either encoder while pretraining")
+    p.add_argument("--key-eval", action="store_true", help="run the key encoder in eval mode (running batch-norm statistics)")
+    p.add_argument("--extra-dense-levels", type=int, nargs="*", default=[], metavar="LEVEL",
+                   help="more encoder levels for the dense loss, each with its own head (the loss is the mean over levels)")
+    p.add_argument("--positive-radius", type=float, default=0.0,
+                   help="same-image cells closer than this many feature cells are positives too (PixPro-style; 0: only the partner)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = commands.add_parser("finetune", help="IDEAL two-stream consistency finetuning (or --supervised-only, the baseline)")
+    p.add_argument("--labeled", required=True, help="labelled data SPEC (ssl4mis default list train_slices.list)")
+    p.add_argument("--unlabeled", help="unlabelled data SPEC; cases also in the labelled set are left out")
+    p.add_argument("--pretrained", help="pretrained-encoder bundle from idealtrain pretrain (default: random initialisation)")
+    p.add_argument(
+        "--init-from", metavar="BUNDLE",
+        help="start from this segmentation model's encoder and decoders (a second training cycle, or retraining on new cases); "
+        "its architecture and preprocessing are kept",
+    )
+    p.add_argument("--supervised-only", action="store_true", help="the baseline: same network and code path, no unlabelled term")
+    p.add_argument(
+        "--unlabeled-includes-labeled", action="store_true",
+        help="keep the labelled cases' images in the unlabelled set too (when every available scan is labelled)",
+    )
+    p.add_argument("--unlabeled-batch-size", type=int, default=12)
+    p.add_argument("--consistency-weight", type=float, default=0.1, help="weight of the cross pseudo-label loss after ramp-up (default 0.1)")
+    p.add_argument("--ramp-up", type=float, default=1.0, help="share of the iterations over which that weight ramps up, sigmoid (default 1.0)")
+    p.add_argument("--confidence-threshold", type=float, default=0.0, help="ignore pseudo-label pixels less confident than this")
+    p.add_argument("--ema-teacher", action="store_true", help="take pseudo-labels from an exponential moving average of the network")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument(
+        "--encoder-lr-scale", type=float, default=1.0,
+        help="the shared encoder learns at this share of --lr (below 1 keeps more of a pretrained start; default 1)",
+    )
+    p.add_argument(
+        "--encoder-warmup", type=int, default=0, metavar="N",
+        help="keep the shared encoder frozen for the first N iterations, so the new decoders first learn to read a pretrained start (default 0)",
+    )
+    p.add_argument(
+        "--pretrained-mix", type=float, default=1.0, metavar="W",
+        help="start the encoder from W x the --pretrained encoder + (1 - W) x its own random weights "
+        "(shrink and perturb; default 1: the pretrained encoder as it is)",
+    )
+    p.add_argument("--pretrained-rescale", action="store_true",
+                   help="rescale each --pretrained conv filter to the norm of the run's own random filter (no random mix)")
+    p.add_argument("--stream-perturbation", choices=("none", "dropout", "noise"), default="none",
+                   help="perturb the encoder features anew before each decoder: channel dropout or multiplicative noise (default none)")
+    p.add_argument("--perturbation-strength", type=float, default=0.5,
+                   help="dropout probability, or the half-width of the uniform noise (default 0.5)")
+    from ..training.selection import add_selection_arguments
+
+    add_selection_arguments(p)
+    _add_segmentation_arguments(p)
+    p.set_defaults(func=cmd_finetune)

@@ -1,0 +1,79 @@
+"""Clicks for click-to-fix refinement: the JSON contract, and points (LPS mm) to voxels.
+
+Light on purpose (numpy only): Slicer's process reads and writes clicks without torch or the engines.
+The document is ``{"clicks": [{"point": [x, y, z], "label": L, "positive": true|false}, ...]}``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IdealError
+from ..io.image import Image
+
+
+@dataclass(frozen=True)
+class Click:
+    """One click: a point (LPS mm), the structure's label value, and whether it adds or removes it."""
+
+    point: tuple[float, float, float]
+    label: int
+    positive: bool = True
+
+    def to_json(self) -> dict:
+        return {"point": [float(v) for v in self.point], "label": int(self.label), "positive": bool(self.positive)}
+
+
+def parse_clicks(data: object) -> list[Click]:
+    """Clicks from the ``{"clicks": [{"point": [x, y, z], "label": L, "positive": bool}, ...]}`` document."""
+    if not isinstance(data, dict) or not isinstance(data.get("clicks"), list):
+        raise IdealError('clicks must be a JSON object {"clicks": [{"point": [x, y, z], "label": L, "positive": true}]}')
+    clicks = []
+    for n, item in enumerate(data["clicks"]):
+        if not isinstance(item, dict) or "point" not in item or "label" not in item:
+            raise IdealError(f"click {n}: needs a 'point' [x, y, z] and a 'label'")
+        point, label, positive = item["point"], item["label"], item.get("positive", True)
+        if (
+            not isinstance(point, list)
+            or len(point) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in point)
+        ):
+            raise IdealError(f"click {n}: 'point' must be three finite numbers (LPS mm), got {point!r}")
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise IdealError(f"click {n}: 'label' must be an integer label value, got {label!r}")
+        if not isinstance(positive, bool):
+            raise IdealError(f"click {n}: 'positive' must be true or false, got {positive!r}")
+        clicks.append(Click(tuple(float(v) for v in point), label, positive))
+    return clicks
+
+
+def read_clicks(path: str | Path) -> list[Click]:
+    """Clicks from a JSON file; a missing or malformed file is an IdealError."""
+    path = Path(path)
+    if not path.is_file():
+        raise IdealError(f"clicks file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IdealError(f"{path}: not valid JSON ({error})") from None
+    return parse_clicks(data)
+
+
+def clicks_document(clicks: list[Click]) -> dict:
+    """The JSON document of ``clicks`` (what :func:`parse_clicks` reads)."""
+    return {"clicks": [c.to_json() for c in clicks]}
+
+
+def voxel_of(image: Image, point: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(k, j, i) index of the voxel holding an LPS point; a point outside the image is an IdealError."""
+    ijk = np.linalg.solve(image.index_to_physical, np.array([*point, 1.0]))[:3]
+    index = np.floor(ijk + 0.5).astype(int)
+    if np.any(index < 0) or np.any(index >= np.array(image.size)):
+        raise IdealError(
+            f"click point {tuple(round(v, 2) for v in point)} mm is outside the image "
+            f"(voxel index {tuple(round(v, 1) for v in ijk)}, size {image.size})"
+        )
+    return int(index[2]), int(index[1]), int(index[0])

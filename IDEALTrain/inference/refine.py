@@ -1,0 +1,153 @@
+"""Click to fix: refine a draft label map with clicks, on exactly the input grid.
+
+A click is a point in patient coordinates (LPS mm), a structure (label value) and a sign: positive
+("this is the structure") or negative ("this is not"). The network's class probabilities are the
+prior, the draft is the starting point and the clicks edit it locally: only slices holding a click
+change, only within ``radius_mm`` of a click in that slice. Every clicked voxel ends as its click
+says; when two clicks hit the same voxel the later one wins. Without clicks the draft comes back
+unchanged. The engines live in :mod:`.refine_engines` (``levelset``, shipped) and :mod:`.refine_tta`.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IdealError
+from ..io.image import Image
+from ..model.bundle import Bundle
+from ..model.preprocessing import normalise_slices
+from .clicks import Click, voxel_of
+from .predictor import Predictor
+from .refine_engines import ENGINES, SliceClick, adopt_changed_decisions
+
+DEFAULT_ENGINE = "levelset"
+DEFAULT_RADIUS_MM = 20.0
+
+
+def check_refinement_inputs(image: Image, draft: Image, clicks: list[Click], labels: tuple[int, ...]) -> list:
+    """Voxel (k, j, i) of every click after checking the draft's grid, its values and the click labels."""
+    if not draft.same_grid(image):
+        raise IdealError(
+            f"the draft is on another grid than the image (draft size {draft.size}, spacing {draft.spacing}; "
+            f"image size {image.size}, spacing {image.spacing}): refine needs the draft made for this image"
+        )
+    if not np.issubdtype(draft.array.dtype, np.integer):
+        raise IdealError(f"the draft must be an integer label map, got voxel type {draft.array.dtype}")
+    values = set(np.unique(draft.array).tolist()) - {0, *labels}
+    if values:
+        raise IdealError(f"the draft holds label value(s) {sorted(values)} the model does not know; known: {list(labels)}")
+    for n, click in enumerate(clicks):
+        if click.label not in labels:
+            raise IdealError(f"click {n}: unknown label {click.label}; this model's labels are {list(labels)}")
+    return [voxel_of(image, c.point) for c in clicks]
+
+
+def distance_from_clicks_mm(image: Image, clicks: list[Click]) -> np.ndarray:
+    """Distance (mm) from every voxel to its nearest click: the measure of how local a refinement is."""
+    if not clicks:
+        return np.full(image.array.shape, np.inf)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in image.array.shape], indexing="ij")
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4).astype(np.float64)
+    points = (ijk1 @ image.index_to_physical.T)[:, :3]
+    nearest = np.full(len(points), np.inf)
+    for click in clicks:
+        nearest = np.minimum(nearest, np.linalg.norm(points - np.array(click.point), axis=1))
+    return nearest.reshape(image.array.shape)
+
+
+@dataclass
+class Refinement:
+    """A refined label map (on the input grid) and what it cost."""
+
+    labels: Image
+    changed_voxels: int
+    seconds: float
+
+
+class Refiner:
+    """Refines drafts of one bundle; the network runs once per image, each click then costs only the engine."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path | Predictor,
+        device: str = "auto",
+        engine: str = DEFAULT_ENGINE,
+        radius_mm: float = DEFAULT_RADIUS_MM,
+    ) -> None:
+        """A bundle (or a loaded :class:`Predictor`, reused as it is) and the engine to refine with."""
+        if engine not in ENGINES:
+            raise IdealError(f"unknown refinement engine {engine!r}; choose from {sorted(ENGINES)}")
+        if not radius_mm > 0:
+            raise IdealError(f"refinement radius must be > 0 mm, got {radius_mm}")
+        self.predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device)
+        self.engine = engine
+        self.radius_mm = float(radius_mm)
+        self.labels = tuple(label.value for label in self.predictor.bundle.labels)
+        self._cached: tuple[str, np.ndarray, np.ndarray] | None = None
+
+    def _adapter(self):
+        if getattr(self, "_decoder_adapter", None) is None:
+            from .refine_tta import DecoderAdapter
+
+            self._decoder_adapter = DecoderAdapter(self.predictor)
+        return self._decoder_adapter
+
+    def set_prior(self, image: Image, probabilities: np.ndarray) -> None:
+        """Use already computed class probabilities (C, k, j, i) of ``image`` as the prior."""
+        if probabilities.shape[1:] != image.array.shape:
+            raise IdealError(f"probabilities of shape {probabilities.shape} do not fit the image {image.array.shape}")
+        self._cached = (_image_key(image), probabilities.astype(np.float32, copy=False), self._normalised(image))
+
+    def _prior(self, image: Image) -> tuple[np.ndarray, np.ndarray]:
+        key = _image_key(image)
+        if self._cached is None or self._cached[0] != key:
+            self.set_prior(image, self.predictor.predict(image).probabilities)
+        return self._cached[1], self._cached[2]
+
+    def _normalised(self, image: Image) -> np.ndarray:
+        axis = image.slice_axis
+        slices = normalise_slices(np.moveaxis(image.array, axis, 0), self.predictor.bundle.preprocessing.percentiles)
+        return np.moveaxis(slices, 0, axis)
+
+    def refine(self, image: Image, draft: Image, clicks: list[Click]) -> Refinement:
+        """New labels for ``image`` from ``draft`` and ``clicks`` (all clicks so far, oldest first)."""
+        start = time.perf_counter()
+        voxels = check_refinement_inputs(image, draft, clicks, self.labels)
+        labels = draft.array.astype(np.uint8, copy=True)
+        if clicks:
+            probabilities, normalised = self._prior(image)
+            axis = image.slice_axis
+            spacing_kji = np.array(image.spacing[::-1])
+            inplane_spacing = tuple(float(s) for n, s in enumerate(spacing_kji) if n != axis)
+            by_slice: dict[int, list[SliceClick]] = {}
+            for click, voxel in zip(clicks, voxels):
+                inplane = tuple(v for n, v in enumerate(voxel) if n != axis)
+                by_slice.setdefault(voxel[axis], []).append(SliceClick(inplane, click.label, click.positive))
+            engine = ENGINES[self.engine]
+            for s, slice_clicks in by_slice.items():
+                index = [slice(None)] * 3
+                index[axis] = s
+                prior, here = probabilities[(slice(None), *index)], tuple(index)
+                if engine is None:  # test-time adaptation of the decoders
+                    adapted = self._adapter().slice_probabilities(image, s, slice_clicks)
+                    labels[here] = adopt_changed_decisions(
+                        prior, adapted, labels[here], slice_clicks, inplane_spacing, self.radius_mm
+                    )
+                else:
+                    labels[here] = engine(
+                        normalised[here], prior, labels[here], slice_clicks, inplane_spacing, self.radius_mm
+                    )
+        changed = int(np.count_nonzero(labels != draft.array))
+        return Refinement(image.with_array(labels), changed, time.perf_counter() - start)
+
+
+def _image_key(image: Image) -> str:
+    """A digest of voxels and geometry: the prior is reused only for the very same image."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image.array).tobytes(), digest_size=16)
+    digest.update(repr((image.array.dtype.str, image.array.shape, image.spacing, image.origin)).encode())
+    digest.update(image.direction.tobytes())
+    return digest.hexdigest()

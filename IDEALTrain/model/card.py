@@ -1,0 +1,129 @@
+"""The torch-free half of a model bundle: its file names, card checks and weight verification.
+
+Slicer's process lists and verifies models with this module alone, so it never imports torch:
+the card (format, kind, version, sections), the weights' SHA-256 against the card and the
+safetensors header are all checked from bytes. :mod:`.bundle` adds what needs torch (reading the
+tensors, checking them against the architecture, building the network). Nothing here unpickles:
+a pickle-based checkpoint is refused before any of it is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+from ..errors import IdealError
+
+CARD_NAME = "card.json"
+WEIGHTS_NAME = "model.safetensors"
+BUNDLE_FORMAT = "idealsegment-bundle"
+#: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
+FORMAT_VERSION = 2
+#: A segmentation model, or an encoder from contrastive pretraining (weights ``encoder.*`` only).
+BUNDLE_KINDS = ("segmentation", "pretrained-encoder")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def read_bundle_files(path: Path) -> tuple[str, bytes]:
+    """The card text and weights bytes of a folder or .zip bundle; refuses pickles unread."""
+    if not path.exists():
+        raise IdealError(f"{path}: no such model bundle")
+    if path.is_dir():
+        card_file, weights_file = path / CARD_NAME, path / WEIGHTS_NAME
+        if not card_file.is_file():
+            pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+            hint = f" (found pickle-based file(s) {pickles}, which are never loaded)" if pickles else ""
+            raise IdealError(f"{path}: not a model bundle: no {CARD_NAME}{hint}")
+        if not weights_file.is_file():
+            raise IdealError(f"{path}: bundle has no {WEIGHTS_NAME}")
+        try:
+            return card_file.read_text(encoding="utf-8"), weights_file.read_bytes()
+        except UnicodeDecodeError as error:
+            raise IdealError(f"{path}: {CARD_NAME} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if zipfile.is_zipfile(path):
+        return _zip_files(path)
+    head = path.read_bytes()[:2]
+    if head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
+        raise IdealError(
+            f"{path}: looks like a pickle-based checkpoint; it is refused because unpickling can run "
+            "arbitrary code. A model bundle is a folder or .zip with card.json and model.safetensors"
+        )
+    raise IdealError(f"{path}: not a model bundle (expected a folder or .zip with {CARD_NAME} and {WEIGHTS_NAME})")
+
+
+def _zip_files(path: Path) -> tuple[str, bytes]:
+    """The card text and weights bytes of a .zip bundle; a torch.save archive is named as such."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if CARD_NAME not in names or WEIGHTS_NAME not in names:
+                if any(name.endswith(".pkl") for name in names):
+                    raise IdealError(
+                        f"{path}: is a pickle-based PyTorch checkpoint (torch.save); it is refused because "
+                        "unpickling can run arbitrary code. Export the weights to a bundle (card.json + "
+                        "model.safetensors) with trusted code first"
+                    )
+                raise IdealError(f"{path}: zip is not a model bundle (needs {CARD_NAME} and {WEIGHTS_NAME})")
+            return archive.read(CARD_NAME).decode("utf-8"), archive.read(WEIGHTS_NAME)
+    except UnicodeDecodeError as error:
+        raise IdealError(f"{path}: {CARD_NAME} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
+        raise IdealError(f"{path}: corrupt bundle archive ({error})") from None
+
+
+def parse_card(path: Path, card_text: str) -> dict:
+    """The card as a dict, checked for format, kind, format version and required sections."""
+    try:
+        card = json.loads(card_text)
+    except json.JSONDecodeError as error:
+        raise IdealError(f"{path}: {CARD_NAME} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
+        raise IdealError(f"{path}: {CARD_NAME} is not an IDEALSegment bundle card (format field missing or wrong)")
+    if card.get("kind", "segmentation") not in BUNDLE_KINDS:
+        raise IdealError(f"{path}: unknown bundle kind {card.get('kind')!r}; expected one of {BUNDLE_KINDS}")
+    version = card.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise IdealError(f"{path}: {CARD_NAME} has a format_version that is not a whole number: {version!r}")
+    if version > FORMAT_VERSION:
+        raise IdealError(f"{path}: bundle format {version} is newer than this IDEALTrain supports ({FORMAT_VERSION})")
+    for section in ("architecture", "labels", "preprocessing", "weights"):
+        if section not in card:
+            raise IdealError(f"{path}: {CARD_NAME} lacks the '{section}' section")
+    return card
+
+
+def read_card(path: str | Path) -> dict:
+    """The card of a bundle, checked for format (weights are not read or verified)."""
+    card_text, _ = read_bundle_files(Path(path))
+    return parse_card(Path(path), card_text)
+
+
+def verify_weights(path: Path, card: dict, data: bytes) -> None:
+    """Refuse weights that do not match the card's SHA-256 or are no well-formed safetensors file."""
+    expected = card["weights"].get("sha256") if isinstance(card.get("weights"), dict) else None
+    if not isinstance(expected, str) or not _SHA256.fullmatch(expected):
+        raise IdealError(f"{path}: {CARD_NAME} records no valid weights checksum (sha256), so the weights cannot be verified")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise IdealError(f"{path}: weights checksum does not match the card: the file is corrupt, truncated or replaced")
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise IdealError(f"{path}: {WEIGHTS_NAME} is not a valid safetensors file") from None
+    if not ends or max(ends) != len(data) - 8 - length:
+        raise IdealError(f"{path}: {WEIGHTS_NAME} is not a valid safetensors file (its tensors do not fill the file)")
+
+
+def read_verified(path: str | Path) -> tuple[dict, bytes]:
+    """(card, weights bytes) of a bundle whose card format and weights checksum are verified."""
+    path = Path(path)
+    card_text, data = read_bundle_files(path)
+    card = parse_card(path, card_text)
+    verify_weights(path, card, data)
+    return card, data

@@ -1,0 +1,141 @@
+"""The shipped real-scan sample and ``idealtrain demo`` on it, with the shipped model (no IDEAL_DATA needed)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("skimage", reason="the expert contours need scikit-image (pip install -e '.[test]')")
+
+from IDEALTrain.cli import main  # noqa: E402
+from IDEALTrain.demo.real_scan import overlay_slices, run_sample_demo  # noqa: E402
+from IDEALTrain.errors import IdealError  # noqa: E402
+from IDEALTrain.evaluation.metrics import cardiac_function  # noqa: E402
+from IDEALTrain.io import sample_data  # noqa: E402
+from IDEALTrain.io.image import Image  # noqa: E402
+from IDEALTrain.io.sample_data import default_model_dir, load_sample, read_sample_phase, resources_dir  # noqa: E402
+from IDEALTrain.io.sunnybrook import LV_BLOOD_POOL, read_sunnybrook_patient  # noqa: E402
+from IDEALTrain.io.volume_files import read_frames, read_image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOURCES = ROOT / "IDEALSegment" / "Resources"
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample()
+
+
+@pytest.fixture(scope="module")
+def expert(sample):
+    return {phase.phase: phase for phase in read_sunnybrook_patient(sample.root, sample.patient)}
+
+
+def test_the_checkout_finds_the_shipped_sample_and_model():
+    assert resources_dir() == RESOURCES
+    assert default_model_dir().parent == RESOURCES / "Models" and default_model_dir().name.startswith("idealsegment-acdc-")
+
+
+def test_an_installed_package_finds_the_data_files(tmp_path, monkeypatch):
+    """``pip install .`` puts the resources under <prefix>/share/idealsegment (pyproject data-files)."""
+    installed = tmp_path / "prefix" / "share" / "idealsegment" / "Resources"
+    shutil.copytree(RESOURCES / "SampleData", installed / "SampleData")
+    monkeypatch.setattr(sample_data, "_PACKAGE_ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    assert resources_dir() == installed
+    shutil.rmtree(installed)
+    with pytest.raises(IdealError, match="not found"):
+        resources_dir()
+
+
+def test_pyproject_data_files_cover_every_shipped_resource_file():
+    """Every file under Models/ and SampleData/ is installed by ``pip install .``, at the same relative place."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = [p for folder in ("Models", "SampleData") for p in (RESOURCES / folder).rglob("*") if p.is_file()]
+    assert len(shipped) > 40
+    for path in shipped:
+        relative = path.relative_to(ROOT).as_posix()
+        targets = [t for t, patterns in data_files.items() if any(fnmatch(relative, p) and "/" not in relative[len(p.rsplit("/", 1)[0]) + 1:] for p in patterns)]
+        assert targets == ["share/idealsegment/Resources/" + path.parent.relative_to(RESOURCES).as_posix()], relative
+
+
+def test_the_manifest_matches_the_expert_contours(sample, expert):
+    """sample.json's phase files and figures are what the contours give (so Slicer can load phases without them)."""
+    for phase in ("ED", "ES"):
+        assert sample.phase_files[phase] == expert[phase].files
+    figures = cardiac_function(expert["ED"].label, expert["ES"].label)
+    assert sample.expert == pytest.approx({key: figures[key] for key in sample.expert}, abs=1e-3)
+    assert 20 < sample.expert["lv_ef_percent"] < 30  # a failing heart, not a normal one
+
+
+def test_each_phase_is_one_frame_of_the_folder_with_true_geometry(sample, expert):
+    frames = read_frames(sample.dicom_dir)
+    assert len(frames) == 2
+    for phase in ("ED", "ES"):
+        image = read_sample_phase(sample, phase)
+        assert image.array.shape == (9, 256, 256) and image.spacing == pytest.approx((1.367188, 1.367188, 10.0), abs=1e-4)
+        assert not np.allclose(np.abs(image.direction), np.eye(3), atol=0.05)  # an oblique short-axis stack
+        assert sum(f.same_grid(image) and np.array_equal(f.array, image.array) for f in frames) == 1
+        assert image.same_grid(expert[phase].image) and np.array_equal(image.array, expert[phase].image.array)
+    with pytest.raises(IdealError, match="phases ED and ES"):
+        read_sample_phase(sample, "mid")
+
+
+def test_a_broken_sample_is_one_clear_error(tmp_path):
+    with pytest.raises(IdealError, match="not a readable sample manifest"):
+        load_sample(tmp_path)
+    shutil.copytree(RESOURCES / "SampleData", tmp_path / "copy")
+    (tmp_path / "copy" / "dicoms" / "SCD0000101" / "59.dcm").unlink()
+    with pytest.raises(IdealError, match="1 DICOM file"):
+        load_sample(tmp_path / "copy")
+
+
+def test_overlay_slices_pick_mid_and_base(expert):
+    levels = overlay_slices(expert["ED"].label)
+    drawn = np.flatnonzero((expert["ED"].label.array == LV_BLOOD_POOL).any(axis=(1, 2)))
+    assert levels["basal"] in (drawn[0], drawn[-1]) and levels["mid"] == (drawn[0] + drawn[-1]) // 2
+    tapering = np.zeros((6, 20, 20), np.uint8)
+    for k, radius in enumerate((0, 8, 6, 4, 2, 0)):  # base at slice 1, apex towards slice 4
+        tapering[k, 10 - radius:10 + radius, 10 - radius:10 + radius] = LV_BLOOD_POOL
+    assert overlay_slices(Image(tapering, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))) == {"mid": 2, "basal": 1}
+
+
+def test_demo_segments_the_sample_and_compares_with_the_expert(tmp_path, capsys):
+    """The whole demo once (seconds): figures next to the expert's, Dice, files, and the safety rules."""
+    out = tmp_path / "demo"
+    results = run_sample_demo(out, device="cpu")
+    printed = capsys.readouterr().out
+    for title in ("LV EDV (ml)", "LV ESV (ml)", "LV EF (%)", "LV mass (g)", "LV Dice"):
+        assert title in printed
+    assert results["phases"]["ED"]["lv_dice"] > 0.88 and results["phases"]["ES"]["lv_dice"] > 0.85
+    assert results["phases"]["ED"]["myocardium_dice"] > 0.6
+    assert abs(results["model_figures"]["lv_ef_percent"] - results["expert_figures"]["lv_ef_percent"]) < 5
+    assert json.loads((out / "results.json").read_text()) == results
+    for phase in ("ED", "ES"):
+        written = read_image(out / f"SCD0000101_{phase}.seg.nrrd")
+        assert written.same_grid(read_sample_phase(load_sample(), phase), tolerance=1e-4)
+        assert "Segment2_Name:=Left ventricle blood pool" in (out / f"SCD0000101_{phase}.seg.nrrd").read_bytes()[:4000].decode("latin-1")
+        assert (out / f"SCD0000101_{phase}_expert.seg.nrrd").is_file()
+    names = sorted(p.name for p in (out / "overlays").iterdir())
+    assert names == ["ED_basal.png", "ED_mid.png", "ES_basal.png", "ES_mid.png", "overview.png"]
+    assert read_image_shape(out / "overlays" / "ED_mid.png")[1] == 2 * read_image_shape(out / "overlays" / "ED_mid.png")[0]
+
+    # A previous demo's folder may be reused; any other non-empty folder is refused before anything is written.
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(foreign), "--device", "cpu"]) == 2
+    assert "not a previous demo's output" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def read_image_shape(path: Path) -> tuple[int, int]:
+    """(height, width) of a PNG, from its header."""
+    header = path.read_bytes()[16:24]
+    return int.from_bytes(header[4:8], "big"), int.from_bytes(header[0:4], "big")
