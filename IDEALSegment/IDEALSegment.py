@@ -13,7 +13,7 @@ import IDEALSegmentPackages  # noqa: F401  makes IDEALTrain importable in develo
 import qt
 import slicer
 import vtk
-from IDEALSegmentGui import common, views
+from IDEALSegmentGui import common, refine, review_controls, views
 from IDEALSegmentLib.panel import SegmentPanelController, table_text
 from IDEALSegmentLib.registry import ModelRegistry, entry_key
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
@@ -105,7 +105,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = IDEALSegmentLogic()
+        self.logic, self.reviewControls = IDEALSegmentLogic(), review_controls.ReviewControls(self)  # ticks, pool (issue 20)
         self.panel = SegmentPanelController(None, slicer.modules.sequences.logic(), self.registry)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -132,6 +132,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewerLineEdit.text = common.settingsValue(common.REVIEWER_KEY)
         common.fillDeviceComboBox(self.ui.deviceComboBox, common.DEVICE_KEY)
         self.initializeParameterNode()
+        self.refineSection = refine.RefineSection.attach(self)  # click to fix (issue 19)
 
     def cleanup(self) -> None:
         if self.panel is not None:
@@ -222,7 +223,6 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.registry.user_dir = Path(path)
         self.refreshModels()
 
-
     # -- state -> GUI ---------------------------------------------------------------------------
     def _updateGui(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -303,7 +303,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 question = f"{existing} is already in the training set. Replace it with this segmentation?"
                 if existing is not None and not slicer.util.confirmYesNoDisplay(question, windowTitle="IDEALSegment"):
                     continue
-                added.append(self.panel.mark_reviewed(folder, reviewer, endSystole, overwrite=existing is not None))
+                added.append(self.panel.mark_reviewed(folder, reviewer, endSystole, existing is not None, self.reviewControls.structures()))
         if added:
             slicer.util.infoDisplay(
                 "Added to the training set:\n" + "\n".join(map(str, added)) + "\n\nTrain an updated model in the IDEALTrainer module.",

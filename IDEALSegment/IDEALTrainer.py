@@ -13,7 +13,7 @@ import IDEALSegmentPackages  # noqa: F401  makes IDEALTrain importable in develo
 import qt
 import slicer
 import vtk
-from IDEALSegmentGui import common
+from IDEALSegmentGui import common, sample_data
 from IDEALSegmentLib.registry import ModelRegistry, entry_key, select_entry
 from IDEALSegmentLib.trainer_panel import EncoderStart, TrainerPanelController
 from slicer import vtkMRMLTableNode
@@ -46,6 +46,8 @@ A new model is only used when you register it, as a new version; the old one sta
         self.parent.acknowledgementText = """
 Method: Basak et al. (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
+        # The extension's real-scan sample, offered in Sample Data > Cardiac MRI (IDEALSegment).
+        slicer.app.connect("startupCompleted()", sample_data.registerSampleData)
 
 
 @parameterNodeWrapper
@@ -59,10 +61,10 @@ class IDEALTrainerParameterNode:
     comparisonTable - per-class Dice of the old and the new model on the held-out cases.
     """
 
-    encoderStart: EncoderStart = EncoderStart.PRETRAIN
+    encoderStart: EncoderStart = EncoderStart.CURRENT_MODEL  # the default retraining: minutes, not an hour (issue 20)
     pretrainedEncoder: Path
     pretrainIterations: Annotated[int, WithinRange(1, 1000000)] = 500
-    iterations: Annotated[int, WithinRange(1, 1000000)] = 1000
+    iterations: Annotated[int, WithinRange(1, 1000000)] = 200  # IDEALSegmentLib.retraining.ContinueSettings.iterations
     labelBudget: Annotated[int, WithinRange(0, 100000)] = 0
     runFolder: str = ""
     newBundle: str = ""
@@ -236,6 +238,7 @@ class IDEALTrainerLogic(ScriptedLoadableModuleLogic):
     def dataset(self, folder: Path) -> tuple:
         """(summary line, table rows) of a corrections data set; (None, []) when it has no manifest yet."""
         from IDEALSegmentLib.corrections import MANIFEST_NAME, dataset_summary, read_manifest
+        from IDEALSegmentLib.retraining import estimate_text
 
         if not (Path(folder) / MANIFEST_NAME).is_file():
             return None, []
@@ -245,6 +248,7 @@ class IDEALTrainerLogic(ScriptedLoadableModuleLogic):
             f"{summary['cases']} reviewed case(s), {summary['reviewed_slices']} reviewed slice(s) recorded; "
             f"{summary['unlabeled_volumes']} unlabelled volume(s) in the pool.\nDrafted by: {drafted}"
         )
+        line += "\n" + estimate_text(summary["cases"], summary["unlabeled_volumes"], self.getParameterNode().iterations)
         rows = []
         for case in read_manifest(folder):
             model, slices = case.get("model"), case.get("reviewed_slices")

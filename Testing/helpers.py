@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from IDEALTrain.model.bundle import Bundle
 from IDEALTrain.io.image import Image
+from IDEALTrain.model.bundle import Bundle
 from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
 from IDEALTrain.model.preprocessing import Preprocessing
 

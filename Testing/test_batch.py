@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
+from helpers import varied_bundle  # noqa: E402
 from IDEALSegmentLib.scene_files import load_scene_bundle  # noqa: E402
-from IDEALTrain.model.bundle import save_bundle  # noqa: E402
+
 from IDEALTrain.cli import main as idealtrain  # noqa: E402
 from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 from IDEALTrain.io.volume_files import write_image  # noqa: E402
-
-from helpers import varied_bundle  # noqa: E402
+from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 
 BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
 

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from IDEALTrain.model.bundle import load_bundle, save_bundle
 from IDEALTrain.io.datasets import load_cases
+from IDEALTrain.model.bundle import load_bundle, save_bundle
 from IDEALTrain.model.networks import NetworkConfig
 from IDEALTrain.model.preprocessing import Preprocessing
 from IDEALTrain.training.pretraining import PretrainConfig, pretrain

@@ -7,12 +7,11 @@ import zipfile
 
 import pytest
 import torch
+from helpers import tiny_bundle
 from safetensors.torch import save as save_safetensors
 
-from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
 from IDEALTrain.errors import IdealError
-
-from helpers import tiny_bundle
+from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
 
 
 def _evil_pickle(marker) -> bytes:

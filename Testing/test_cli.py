@@ -8,14 +8,12 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import torch
+from helpers import oblique_image, tiny_bundle
 
-from IDEALTrain.model.bundle import Bundle, load_bundle, read_card, save_bundle
 from IDEALTrain.cli import main
 from IDEALTrain.io.volume_files import read_image, write_image
-
-from helpers import oblique_image, tiny_bundle
+from IDEALTrain.model.bundle import Bundle, load_bundle, read_card, save_bundle
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from IDEALTrain.errors import IdealError
 from IDEALTrain.training.contrastive import (
     KeyQueue,
     ViewConfig,
@@ -15,7 +16,6 @@ from IDEALTrain.training.contrastive import (
     global_info_nce,
     make_views,
 )
-from IDEALTrain.errors import IdealError
 
 
 def _generator(seed: int = 0) -> torch.Generator:

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import oblique_image
 
+from IDEALTrain.errors import IdealError
 from IDEALTrain.io.datasets import load_cases
 from IDEALTrain.io.dicom_write import write_dicom_cine
-from IDEALTrain.errors import IdealError
 from IDEALTrain.io.phantom import write_phantom_dataset
-
-from helpers import oblique_image
 
 
 def test_dicom_spec_gives_every_frame_unlabelled(tmp_path):

@@ -5,14 +5,13 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from IDEALTrain.model.bundle import load_bundle, read_card
-from IDEALTrain.labels import CARDIAC_LABELS
 from IDEALTrain.evaluation.metrics import dice
 from IDEALTrain.inference.predictor import Predictor
 from IDEALTrain.io.sunnybrook import LV_BLOOD_POOL, read_sunnybrook_patient
 from IDEALTrain.io.volume_files import read_frames
+from IDEALTrain.labels import CARDIAC_LABELS
+from IDEALTrain.model.bundle import load_bundle, read_card
 
 MODEL = Path(__file__).resolve().parents[1] / "IDEALSegment" / "Resources" / "Models" / "idealsegment-acdc-1.1.0"
 # A little under the benchmark's figure for this patient (ED LV Dice 0.931 in

@@ -7,13 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from helpers import import_slicer_core, tiny_bundle  # noqa: E402
 
 slicer = import_slicer_core()
 
 from IDEALSegmentLib import cine as cine_module  # noqa: E402
-from IDEALSegmentLib.cancel import CancelToken, Cancelled  # noqa: E402
+from IDEALSegmentLib.cancel import Cancelled, CancelToken  # noqa: E402
 from IDEALSegmentLib.cine import (  # noqa: E402
     add_sequence_to_scene,
     frame_images,
@@ -26,11 +25,12 @@ from IDEALSegmentLib.cine import (  # noqa: E402
 from IDEALSegmentLib.measurements import table_measurements  # noqa: E402
 from IDEALSegmentLib.segmentations import labels_from_segmentation, read_provenance  # noqa: E402
 from IDEALSegmentLib.volumes import image_from_volume, volume_from_image  # noqa: E402
+
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
 from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml  # noqa: E402
-from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 from IDEALTrain.inference.predictor import Predictor  # noqa: E402
+from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
+from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
 
 #: ED -> ES -> back, as intensity blends of the phantom's two phases (index values in ms).
 BLENDS = (0.0, 0.4, 0.8, 1.0, 0.5)

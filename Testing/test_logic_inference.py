@@ -4,14 +4,14 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import vtk
 import pytest
-
+import vtk
 from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
-from IDEALSegmentLib.cancel import CancelToken, Cancelled  # noqa: E402
+from helpers import oblique_image, varied_bundle  # noqa: E402
+from IDEALSegmentLib.cancel import Cancelled, CancelToken  # noqa: E402
 from IDEALSegmentLib.inference import (  # noqa: E402
     add_prediction_to_scene,
     load_predictor,
@@ -27,13 +27,11 @@ from IDEALSegmentLib.uncertainty import (  # noqa: E402
     uncertainty_volume,
 )
 from IDEALSegmentLib.volumes import array_to_matrix, image_from_volume, volume_from_image, volume_grid  # noqa: E402
-from IDEALTrain.model.bundle import save_bundle  # noqa: E402
+
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.io.image import Image  # noqa: E402
 from IDEALTrain.inference.predictor import Predictor  # noqa: E402
-
-from helpers import oblique_image, varied_bundle  # noqa: E402
-
+from IDEALTrain.io.image import Image  # noqa: E402
+from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-
 from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
@@ -20,6 +19,7 @@ from IDEALSegmentLib.measurements import (  # noqa: E402
 )
 from IDEALSegmentLib.segmentations import segmentation_from_labels  # noqa: E402
 from IDEALSegmentLib.volumes import volume_from_image  # noqa: E402
+
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml  # noqa: E402
 from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402

@@ -8,7 +8,6 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-
 from helpers import import_slicer_core  # noqa: E402
 
 import_slicer_core()
@@ -18,6 +17,7 @@ MODULE_DIR = ROOT / "IDEALSegment"
 
 def test_pip_install_maps_the_logic_folder():
     import IDEALSegmentLib
+
     import IDEALTrain
 
     assert Path(IDEALSegmentLib.__file__).resolve() == MODULE_DIR / "IDEALSegmentLib" / "__init__.py"

@@ -1,4 +1,5 @@
 """Click to fix in the Slicer Logic on slicer-core: clicks as markups, refinement in the worker, undo, saved clicks."""
+
 from __future__ import annotations
 
 import json
@@ -60,11 +61,21 @@ def test_refine_undo_and_clicks_saved_with_the_scene(bundle_path, tmp_path):
 
         session.add_click(ras_of(image, 3, 8, 9), 2, True)
         session.wait()
+        # the refined segmentation is what Mark reviewed exports, like any correction
+        from IDEALSegmentLib.corrections import export_correction
+
+        from IDEALTrain.io.volume_files import read_label
+
+        exported = read_label(export_correction(tmp_path / "corrections", volume, segmentation, reviewer="dr.a"))
+        assert np.array_equal(exported.array, labels_from_segmentation(segmentation, volume).array)
+        assert exported.array[3, 8, 9] == 2
     finally:
         session.close()
     # the clicks live in the scene as a markups point list tied to the segmentation
-    markups = [scene.GetNthNodeByClass(n, "vtkMRMLMarkupsFiducialNode")
-               for n in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode"))]
+    markups = [
+        scene.GetNthNodeByClass(n, "vtkMRMLMarkupsFiducialNode")
+        for n in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode"))
+    ]
     assert [m.GetAttribute(CLICKS_ATTRIBUTE) for m in markups] == [segmentation.GetID()]
     assert json.loads(markups[0].GetNthControlPointDescription(0)) == {"label": 2, "positive": True}
 
@@ -116,15 +127,62 @@ def test_batch_clicks_file_matches_idealtrain_refine(bundle_path, tmp_path):
     clicks = [Click(tuple(lps[0][:3]), 3, True), Click(tuple(lps[1][:3]), 1, True)]
     (tmp_path / "clicks" / "heart.clicks.json").write_text(json.dumps(clicks_document(clicks)))
     batch = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
-    run = subprocess.run([sys.executable, str(batch), "--model", str(bundle_path), "--input", str(tmp_path / "in"),
-                          "--output", str(tmp_path / "out"), "--device", "cpu", "--clicks", str(tmp_path / "clicks")],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(batch),
+            "--model",
+            str(bundle_path),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--clicks",
+            str(tmp_path / "clicks"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert idealtrain(["segment", "--model", str(bundle_path), "--input", str(tmp_path / "in" / "heart.nii.gz"),
-                       "--output", str(tmp_path / "draft.nrrd"), "--device", "cpu"]) == 0
-    assert idealtrain(["refine", "--model", str(bundle_path), "--input", str(tmp_path / "in" / "heart.nii.gz"),
-                       "--draft", str(tmp_path / "draft.nrrd"), "--clicks", str(tmp_path / "clicks" / "heart.clicks.json"),
-                       "--output", str(tmp_path / "refined.nrrd"), "--device", "cpu"]) == 0
+    assert (
+        idealtrain(
+            [
+                "segment",
+                "--model",
+                str(bundle_path),
+                "--input",
+                str(tmp_path / "in" / "heart.nii.gz"),
+                "--output",
+                str(tmp_path / "draft.nrrd"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        idealtrain(
+            [
+                "refine",
+                "--model",
+                str(bundle_path),
+                "--input",
+                str(tmp_path / "in" / "heart.nii.gz"),
+                "--draft",
+                str(tmp_path / "draft.nrrd"),
+                "--clicks",
+                str(tmp_path / "clicks" / "heart.clicks.json"),
+                "--output",
+                str(tmp_path / "refined.nrrd"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "heart.seg.nrrd")))
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined.nrrd")))
     draft = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "draft.nrrd")))
@@ -142,8 +200,11 @@ def test_refine_controller_places_points_and_tracks_state(bundle_path):
     draft = np.zeros(image.array.shape, np.uint8)
     segmentation = segmentation_from_labels(image.with_array(draft), volume)
     controller = RefineController()
-    assert [name for _, name in controller.structures()] == ["Right ventricle", "Left ventricle myocardium",
-                                                           "Left ventricle blood pool"]
+    assert [name for _, name in controller.structures()] == [
+        "Right ventricle",
+        "Left ventricle myocardium",
+        "Left ventricle blood pool",
+    ]
     assert controller.state(volume, None, bundle_path)[:2] == (False, False)
     assert controller.state(volume, segmentation, bundle_path)[:2] == (True, False)
     try:

@@ -323,10 +323,12 @@ def test_the_default_continue_plan_protects_against_forgetting_and_fits_minutes(
     assert "--supervised-only" not in arguments and value(arguments, "--unlabeled") == f"folder:{run.unlabeled_dir}"
     args = build_parser().parse_args(arguments)
     assert (args.distill, args.frozen_levels, args.crop, args.frozen_norm) == (CONTINUE.distill, CONTINUE.frozen_levels, CONTINUE.crop, True)
-    text = estimate_text(run)
-    minutes = CONTINUE.estimate_seconds(len(run.train_cases) + 1) / 60
+    text = estimate_text(len(run.train_cases), 1)
+    minutes, fp32 = (CONTINUE.estimate_seconds(len(run.train_cases) + 1, bf16=bf16) / 60 for bf16 in (True, False))
     assert f"about {max(1, round(minutes))} min for {CONTINUE.iterations} iterations" in text and "1 unlabelled" in text
+    assert f"about {max(1, round(fp32))} min without bf16" in text and fp32 > minutes
     assert CONTINUE.estimate_seconds(4 + 100) <= 600  # the benchmark's case: 4 reviewed volumes and 100 cine frames
+    assert CONTINUE.estimate_seconds(4 + 100, bf16=False) <= 600
 
 
 def test_plan_refuses_bad_options(run):

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
 import vtk  # noqa: E402
-
+from helpers import oblique_image  # noqa: E402
 from IDEALSegmentLib.scene_files import (  # noqa: E402
     load_scene_bundle,
     load_segmentation,
@@ -26,11 +25,10 @@ from IDEALSegmentLib.segmentations import (  # noqa: E402
     segmentation_from_labels,
 )
 from IDEALSegmentLib.volumes import array_to_matrix, image_from_volume, volume_from_image  # noqa: E402
-from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
-from IDEALTrain.io.volume_files import write_image  # noqa: E402
 
-from helpers import oblique_image  # noqa: E402
+from IDEALTrain.errors import IdealError  # noqa: E402
+from IDEALTrain.io.volume_files import write_image  # noqa: E402
+from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
 
 PROVENANCE = Provenance("tiny-test", "0.0.1", "2026-01-02T03:04:05+00:00")
 

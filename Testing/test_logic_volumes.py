@@ -4,23 +4,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from helpers import import_slicer_core  # noqa: E402
 
 slicer = import_slicer_core()
 
 import vtk  # noqa: E402
-
+from helpers import oblique_image  # noqa: E402
 from IDEALSegmentLib.volumes import (  # noqa: E402
     array_to_matrix,
     image_from_volume,
     local_ijk_to_ras,
     volume_from_image,
 )
+
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.io.image import Image  # noqa: E402
-
-from helpers import oblique_image  # noqa: E402
 
 
 def linear_transform(scene, rotate=(17.0, -33.0), translate=(5.0, -7.0, 11.0), scale=None):
@@ -160,6 +158,7 @@ def test_64_bit_integer_images_are_stored_as_32_bit():
 def test_geometry_survives_a_sitk_file_written_by_idealtrain(tmp_path):
     # IDEALTrain's file edge and the MRML edge agree on where every voxel is.
     from IDEALSegmentLib.scene_files import load_volume
+
     from IDEALTrain.io.volume_files import write_image
 
     image = oblique_image()

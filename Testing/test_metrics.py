@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.io.image import Image
 from IDEALTrain.evaluation.metrics import (
     CLASS_NAMES,
     binary_metrics,
@@ -16,6 +15,7 @@ from IDEALTrain.evaluation.metrics import (
     mean_scores,
     score,
 )
+from IDEALTrain.io.image import Image
 
 SPACING = (1.5, 0.8, 5.0)  # (i, j, k) mm, deliberately anisotropic
 SHAPE = (10, 40, 40)  # (k, j, i)

@@ -19,7 +19,7 @@ def test_each_decoder_gives_full_resolution_logits(decoders):
     config = NetworkConfig(base_channels=4, depth=4, decoders=decoders)
     network = SegmentationNetwork(config).eval()
     logits = network(torch.rand(2, 1, 48, 64))
-    assert [tuple(l.shape) for l in logits] == [(2, 4, 48, 64)] * len(decoders)
+    assert [tuple(stream.shape) for stream in logits] == [(2, 4, 48, 64)] * len(decoders)
 
 
 def test_the_two_decoders_are_different_architectures():

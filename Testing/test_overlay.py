@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-
-from IDEALTrain.labels import CARDIAC_LABELS
-from IDEALTrain.evaluation.overlay import overlay_rgb, save_png
-
 from helpers import oblique_image
+
+from IDEALTrain.evaluation.overlay import overlay_rgb, save_png
+from IDEALTrain.labels import CARDIAC_LABELS
 
 
 def test_overlay_blends_label_colours_on_the_middle_slice(tmp_path):

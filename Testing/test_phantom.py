@@ -1,13 +1,12 @@
 """The phantom generator: determinism, anatomy, geometry, systole and the written data set."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from IDEALTrain.io.image import Image
 from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml
+from IDEALTrain.io.image import Image
 from IDEALTrain.io.phantom import case_seed, make_phantom, make_phantom_pair, write_phantom_dataset
 
 SEEDS = range(6)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from IDEALTrain.model.bundle import load_bundle, save_bundle
-from IDEALTrain.errors import IdealError
-from IDEALTrain.model.postprocessing import Postprocessing, largest_component
-from IDEALTrain.inference.predictor import Predictor
-
 from helpers import oblique_image, varied_bundle
+
+from IDEALTrain.errors import IdealError
+from IDEALTrain.inference.predictor import Predictor
+from IDEALTrain.model.bundle import load_bundle, save_bundle
+from IDEALTrain.model.postprocessing import Postprocessing, largest_component
 
 
 def _heart_with_island() -> np.ndarray:

@@ -6,14 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from helpers import oblique_image, tiny_bundle
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.io.image import Image
 from IDEALTrain.inference.predictor import Predictor
-from IDEALTrain.model.preprocessing import Preprocessing, SliceGrid
+from IDEALTrain.io.image import Image
 from IDEALTrain.io.volume_files import read_image, write_image
-
-from helpers import oblique_image, tiny_bundle
+from IDEALTrain.model.preprocessing import Preprocessing, SliceGrid
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from IDEALTrain.model.bundle import load_bundle, save_bundle
-from IDEALTrain.io.datasets import Case
 from IDEALTrain.errors import IdealError, TrainingStopped
-from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
+from IDEALTrain.io.datasets import Case
 from IDEALTrain.io.phantom import make_phantom
-from IDEALTrain.training.pretraining import PretrainConfig, pretrain
+from IDEALTrain.model.bundle import load_bundle, save_bundle
+from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
 from IDEALTrain.model.preprocessing import Preprocessing
 from IDEALTrain.training.encoder_start import load_pretrained_encoder
+from IDEALTrain.training.pretraining import PretrainConfig, pretrain
 
 NETWORK = NetworkConfig(base_channels=4, depth=3, projection_dim=16)
 PLAN = Preprocessing(inplane="spacing", spacing=(4.0, 4.0))

@@ -12,8 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_bundle
+
 from IDEALTrain.cli import main as idealtrain
 from IDEALTrain.evaluation.metrics import dice
 from IDEALTrain.inference.predictor import Predictor

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from IDEALTrain.training import selection as selection_module
-from IDEALTrain.io.datasets import Case, load_cases
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.datasets import Case, load_cases
 from IDEALTrain.io.image import Image
 from IDEALTrain.io.phantom import write_phantom_dataset
+from IDEALTrain.io.ssl4mis import read_list
+from IDEALTrain.training import selection as selection_module
 from IDEALTrain.training.selection import (
     LabelSelection,
     add_selection_arguments,
@@ -21,7 +22,6 @@ from IDEALTrain.training.selection import (
     selection_from_args,
     split_labeled,
 )
-from IDEALTrain.io.ssl4mis import read_list
 
 
 def _check_disjoint_and_unlabelled(labeled: list[Case], unlabeled: list[Case]) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from IDEALTrain.io.dicom_series import read_header, read_slices
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.dicom_series import read_header, read_slices
 from IDEALTrain.io.sunnybrook import (
     SunnybrookPhase,
     contour_mask,

@@ -4,13 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import oblique_image
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.image import Image
-from IDEALTrain.labels import CARDIAC_LABELS
 from IDEALTrain.io.volume_files import read_frames, read_image, write_image
-
-from helpers import oblique_image
+from IDEALTrain.labels import CARDIAC_LABELS
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])

@@ -34,8 +34,8 @@ FLOORS = {"acdc_mean_dice": 0.88, "sunnybrook_lv_dice": 0.88, "sunnybrook_myo_di
 
 
 def evaluate_acdc(predictor, data: Path) -> tuple[dict, list[float]]:
-    from IDEALTrain.io.datasets import load_cases
     from IDEALTrain.evaluation.metrics import mean_scores, score
+    from IDEALTrain.io.datasets import load_cases
 
     scores, seconds = [], []
     for case in load_cases(f"ssl4mis:{data}", default_list="val.list", require_labels=True):
@@ -129,10 +129,10 @@ def main() -> None:
 
     import torch
 
+    from IDEALTrain.inference.predictor import Predictor
     from IDEALTrain.io.atomic import atomic_path
     from IDEALTrain.model.bundle import load_bundle, read_card
     from IDEALTrain.model.postprocessing import Postprocessing
-    from IDEALTrain.inference.predictor import Predictor
 
     bundle = load_bundle(args.model)
     predictor = Predictor(bundle, device=args.device)

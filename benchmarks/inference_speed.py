@@ -32,8 +32,8 @@ def _volume():
     not phantom generation.
     """
     from IDEALTrain.io.phantom import make_phantom
-    from IDEALTrain.model.preprocessing import Preprocessing
     from IDEALTrain.io.volume_files import read_image, write_image
+    from IDEALTrain.model.preprocessing import Preprocessing
 
     cached = Path(tempfile.gettempdir()) / "idealsegment-benchmark-phantom-10x256x256.nii.gz"
     if not cached.exists():

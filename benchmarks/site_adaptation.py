@@ -16,7 +16,7 @@ Reported before (shipped model) and after: held-out LV blood-pool Dice (ED and E
 Dice (ED, slices with an epicardial contour), EF absolute error, ACDC val.list mean Dice (forgetting)
 and the wall-clock time of the retraining job.
 
-    IDEAL_DATA=/work/shared/data OMP_NUM_THREADS=1 python benchmarks/site_adaptation.py \
+    IDEAL_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/site_adaptation.py \
         --splits 3 --corrected 2 1 --out benchmarks/results/site_adaptation.json
 """
 from __future__ import annotations
@@ -146,7 +146,8 @@ def retrain(work: Path, corrections: Path, entry, iterations: int | None, extra:
 
     run = prepare_run(corrections, work / "run")
     plan = training_plan(run, encoder="model", iterations=iterations, device="cpu", old_model=entry, extra=extra)
-    estimate = estimate_text(run, iterations)
+    pool = len(list((run.unlabeled_dir / "images").iterdir())) if run.unlabeled_dir else 0
+    estimate = estimate_text(len(run.train_cases), pool, iterations)
     start = time.perf_counter()
     for _phase, arguments in plan:
         job = TrainingJob(arguments, run.log)
@@ -158,7 +159,7 @@ def retrain(work: Path, corrections: Path, entry, iterations: int | None, extra:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("IDEAL_DATA", "/work/shared/data")))
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("IDEAL_DATA", ROOT.parent / "shared" / "data")))
     parser.add_argument("--splits", type=int, default=3, help="rotated splits (1-5)")
     parser.add_argument("--only-split", type=int, help="run just this split (to run splits as parallel processes)")
     parser.add_argument("--combine", type=Path, nargs="+", help="merge these result files into --out (no training)")

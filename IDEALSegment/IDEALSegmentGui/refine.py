@@ -4,15 +4,17 @@ A structure selector, *Add positive* / *Add negative* (one point placed in a sli
 *Undo last click*. Every decision is in :class:`~IDEALSegmentLib.refinement.RefineController`; this
 file only builds widgets, enters Slicer's markups place mode and polls from a timer.
 
-The module widget creates it in ``setup()`` with its layout and a function returning
-``(volume, segmentation, model bundle path or None, device)`` from its parameter node::
+The IDEALSegment widget adds it at the end of ``setup()`` with one line (the section reads the
+widget's parameter node, chosen model and device, and cleans up when the scene closes)::
 
-    self.refineSection = RefineSection(self.layout, self._refineInputs)
+    self.refineSection = refine.RefineSection.attach(self)  # IDEALSegment.py, end of setup()
 """
+
 import ctk
 import qt
 import slicer
 from IDEALSegmentLib.refinement import RefineController
+from IDEALSegmentLib.registry import entry_key
 
 from IDEALSegmentGui import common
 
@@ -25,6 +27,7 @@ class RefineSection:
         self.controller = RefineController()
         self._observed = None
         self._observer = None
+        self._sceneObserver = None
         box = ctk.ctkCollapsibleButton()
         box.text = "Refine (click to fix)"
         box.collapsed = True
@@ -53,6 +56,23 @@ class RefineSection:
         self.timer.setInterval(common.POLL_MILLISECONDS)
         self.timer.timeout.connect(self.onPoll)
         self.timer.start()
+
+    @classmethod
+    def attach(cls, widget) -> "RefineSection":
+        """The section under an IDEALSegment module widget, fed from its parameter node and model choice."""
+
+        def inputs():
+            p = widget._parameterNode
+            volume, segmentation = (p.inputVolume, p.segmentation) if p is not None else (None, None)
+            entry = next((e for e in widget.panel.entries if entry_key(e) == getattr(p, "modelKey", "")), None)
+            model = str(entry.path) if entry is not None else None
+            return volume, segmentation, model, common.comboData(widget.ui.deviceComboBox)
+
+        section = cls(widget.layout, inputs)
+        section._sceneObserver = slicer.mrmlScene.AddObserver(
+            slicer.mrmlScene.StartCloseEvent, lambda _caller, _event: section.controller.close()
+        )
+        return section
 
     def update(self) -> None:
         """Copy the controller's state onto the widgets."""
@@ -102,6 +122,9 @@ class RefineSection:
     def cleanup(self) -> None:
         """The panel goes away or the scene closes."""
         self.timer.stop()
+        if self._sceneObserver is not None:
+            slicer.mrmlScene.RemoveObserver(self._sceneObserver)
+            self._sceneObserver = None
         if self._observed is not None:
             self._observed.RemoveObserver(self._observer)
             self._observed = None

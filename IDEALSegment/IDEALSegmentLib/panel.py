@@ -13,7 +13,7 @@ from pathlib import Path
 
 from IDEALTrain.errors import IdealError
 
-from .corrections import SUFFIX, export_correction, safe_case_id
+from .corrections import SUFFIX, add_to_pool, export_correction, pool_count, safe_case_id
 from .measurements import cine_measurements, measurements_from_segmentations, update_measurements_table
 from .registry import ModelEntry, ModelRegistry, entry_key, select_entry
 from .segment_job import CINE, SegmentationJob, read_inputs
@@ -239,12 +239,27 @@ class SegmentPanelController:
         path = Path(folder) / "labels" / f"{case_id}{SUFFIX}"
         return path if path.exists() else None
 
-    def mark_reviewed(self, folder: Path, reviewer: str, end_systole: bool = False, overwrite: bool = False) -> Path:
-        """Add the (corrected) image and segmentation to the corrections data set as one case."""
+    def mark_reviewed(
+        self, folder: Path, reviewer: str, end_systole: bool = False, overwrite: bool = False, structures: list[str] | None = None,
+    ) -> Path:
+        """Add the (corrected) image and segmentation to the corrections data set as one case.
+
+        ``structures``: the segment IDs the clinician ticked as reviewed; None: the ones they edited.
+        """
         volume, segmentation, case_id = self.review_pair(end_systole)
-        path = export_correction(folder, volume, segmentation, case_id=case_id, reviewer=reviewer, overwrite=overwrite)
+        path = export_correction(
+            folder, volume, segmentation, case_id=case_id, reviewer=reviewer, overwrite=overwrite, reviewed_structures=structures,
+        )
         self.p.statusText = f"Added to the training set: {path}"
         return path
+
+    def add_to_pool(self, folder: Path) -> int:
+        """*Add to unlabelled pool*: the selected volume, or every frame of its cine; the pool's size after it."""
+        inputs = read_inputs(self.p.inputVolume, None, self.sequences_logic)
+        files = add_to_pool(folder, inputs.sequence if inputs.kind == CINE else inputs.volume)
+        count = pool_count(folder)
+        self.p.statusText = f"Added {len(files)} volume(s) to the unlabelled pool in {folder}; it now holds {count}."
+        return count
 
     # -- measurements -----------------------------------------------------------------------------
     def recompute_measurements(self) -> dict:

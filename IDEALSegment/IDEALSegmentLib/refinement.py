@@ -9,6 +9,7 @@ the first cost only the engine); :meth:`RefinementSession.poll`, called from a G
 thread, writes the result into the segments that changed. *Undo last click* removes the last point
 and restores the labels from before it. Nothing here imports qt or torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,11 @@ class RefinementSession:
     """Clicks on one segmentation of one volume; every method returns at once, :meth:`poll` applies results."""
 
     def __init__(
-        self, volume: object, segmentation: object, model: str | Path, device: str = "auto",
+        self,
+        volume: object,
+        segmentation: object,
+        model: str | Path,
+        device: str = "auto",
         label_map: LabelMap = CARDIAC_LABELS,
     ) -> None:
         self.volume, self.segmentation, self.model, self.device = volume, segmentation, str(model), device
@@ -66,13 +71,16 @@ class RefinementSession:
     def _ensure_nodes(self) -> None:
         """The clicks point list and the draft labelmap, created on the first click (saved with the scene)."""
         if self.markups is None:
-            self.markups = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{self.segmentation.GetName()} clicks")
+            self.markups = self.scene.AddNewNodeByClass(
+                "vtkMRMLMarkupsFiducialNode", f"{self.segmentation.GetName()} clicks"
+            )
             self.markups.SetAttribute(CLICKS_ATTRIBUTE, self.segmentation.GetID())
             self.markups.CreateDefaultDisplayNodes()
         if self.draft is None:
             labels = labels_from_segmentation(self.segmentation, self.volume, self.label_map, allow_missing=True)
-            self.draft = volume_from_image(labels, self.scene, f"{self.segmentation.GetName()} draft", labelmap=True,
-                                           reference=self.volume)
+            self.draft = volume_from_image(
+                labels, self.scene, f"{self.segmentation.GetName()} draft", labelmap=True, reference=self.volume
+            )
             self.draft.SetAttribute(DRAFT_ATTRIBUTE, self.segmentation.GetID())
             self.draft.SetHideFromEditors(True)
 
@@ -89,7 +97,9 @@ class RefinementSession:
             except json.JSONDecodeError:
                 raise IdealError(f"click {index + 1} of {node_label(self.markups)} has no label: remove it") from None
             point = (RAS_TO_LPS @ np.array(ras)).tolist()
-            clicks += parse_clicks({"clicks": [{"point": point, "label": meta.get("label"), "positive": meta.get("positive")}]})
+            clicks += parse_clicks(
+                {"clicks": [{"point": point, "label": meta.get("label"), "positive": meta.get("positive")}]}
+            )
         return clicks
 
     def _segment_id(self, label: int) -> str:
@@ -159,11 +169,24 @@ class RefinementSession:
         write_image(image_from_volume(self.draft), self.folder / "draft.nrrd")
         (self.folder / "clicks.json").write_text(json.dumps(clicks_document(clicks)), encoding="utf-8")
         self.output = self.folder / f"refined-{len(clicks)}.nrrd"
-        self.job = WorkerJob([
-            "refine", "--model", self.model, "--device", self.device, "--input", self.folder / "image.nrrd",
-            "--draft", self.folder / "draft.nrrd", "--clicks", self.folder / "clicks.json", "--output", self.output,
-            "--overwrite",
-        ])
+        self.job = WorkerJob(
+            [
+                "refine",
+                "--model",
+                self.model,
+                "--device",
+                self.device,
+                "--input",
+                self.folder / "image.nrrd",
+                "--draft",
+                self.folder / "draft.nrrd",
+                "--clicks",
+                self.folder / "clicks.json",
+                "--output",
+                self.output,
+                "--overwrite",
+            ]
+        )
         self.job.start()
 
     @property
@@ -184,8 +207,10 @@ class RefinementSession:
             raise IdealError(self.last_message)
         done = next((e for e in events if e.get("event") == "refined"), {})
         self._apply(self.image_grid().with_array(read_label(self.output).array))
-        self.last_message = (f"refined with {self.markups.GetNumberOfControlPoints()} click(s)"
-                             f" in {done.get('seconds', float('nan')):.2f} s")
+        self.last_message = (
+            f"refined with {self.markups.GetNumberOfControlPoints()} click(s)"
+            f" in {done.get('seconds', float('nan')):.2f} s"
+        )
         return self.last_message
 
     def wait(self, timeout: float = 120.0) -> str:
@@ -220,7 +245,7 @@ def write_changed_segments(segmentation: object, volume: object, old: Image, new
 
 
 def refine_with_clicks_file(volume: object, segmentation: object, clicks_path: Path, predictor: object) -> str | None:
-    """Batch review: refine a segmentation in place with a ``<case>.clicks.json`` file; a summary, None without the file.
+    """Batch review: refine a segmentation in place with a ``<case>.clicks.json`` file; a summary (None: no file).
 
     Runs in this process (batch scripts already hold the network); the draft is the segmentation as it is.
     """
@@ -249,29 +274,46 @@ class RefineController:
         """(label value, name) of each structure the selector offers."""
         return [(info.value, info.name) for info in self.label_map]
 
-    def state(self, volume: object | None, segmentation: object | None, model: str | Path | None) -> tuple[bool, bool, str]:
+    def state(
+        self, volume: object | None, segmentation: object | None, model: str | Path | None
+    ) -> tuple[bool, bool, str]:
         """(add enabled, undo enabled, tooltip or status line) for the current inputs."""
         if volume is None or segmentation is None or model is None:
             return False, False, "Segment an image first: clicks refine its segmentation"
         session = self.session if self.session is not None and self.session.segmentation is segmentation else None
         busy = session is not None and session.busy
-        markups = _find_node(segmentation.GetScene(), "vtkMRMLMarkupsFiducialNode", CLICKS_ATTRIBUTE, segmentation.GetID())
+        markups = _find_node(
+            segmentation.GetScene(), "vtkMRMLMarkupsFiducialNode", CLICKS_ATTRIBUTE, segmentation.GetID()
+        )
         has_clicks = markups is not None and markups.GetNumberOfControlPoints() > 0
-        text = "Refining..." if busy else (session.last_message if session is not None and session.last_message else
-                                           "Place a point inside (positive) or outside (negative) the structure")
+        text = (
+            "Refining..."
+            if busy
+            else (
+                session.last_message
+                if session is not None and session.last_message
+                else "Place a point inside (positive) or outside (negative) the structure"
+            )
+        )
         return not busy, has_clicks and not busy, text
 
     def _session(self, volume: object, segmentation: object, model: str | Path, device: str) -> RefinementSession:
         current = self.session
-        if current is None or current.segmentation is not segmentation or current.volume is not volume or current.model != str(model):
+        if (
+            current is None
+            or current.segmentation is not segmentation
+            or current.volume is not volume
+            or current.model != str(model)
+        ):
             if current is not None:
                 current.close()
             self.session = RefinementSession(volume, segmentation, model, device, self.label_map)
         self.session.device = device
         return self.session
 
-    def start_placing(self, volume: object, segmentation: object, model: str | Path, device: str, label: int,
-                      positive: bool) -> object:
+    def start_placing(
+        self, volume: object, segmentation: object, model: str | Path, device: str, label: int, positive: bool
+    ) -> object:
         """Remember what the next placed point means; the point list to place it on (the GUI enters place mode)."""
         session = self._session(volume, segmentation, model, device)
         session._segment_id(label)

@@ -51,11 +51,12 @@ class ContinueSettings:
     crop: int = 128
     frozen_levels: int = 3
     frozen_norm: bool = True
-    distill: float = 1.0
-    lr: float = 0.005
-    #: Measured by benchmarks/site_adaptation.py on this project's shared 2-core CPU (one thread, about 8 processes
-    #: running): 200 iterations of the job took 352 s with 104 volumes. A quiet machine or a GPU is faster.
-    seconds_per_iteration: float = 1.6
+    distill: float = 2.0
+    lr: float = 0.001
+    #: Measured by benchmarks/site_adaptation.py on this project's shared 2-core CPU (one thread, 6-9 busy processes):
+    #: 200 iterations with 104 volumes took 149-157 s with bf16 autocast (the CPU has AVX-512 BF16), 352 s in fp32.
+    seconds_per_iteration: float = 0.6
+    seconds_per_iteration_fp32: float = 1.6
     seconds_per_volume: float = 0.3  # reading and resampling one training or pool volume
 
     def flags(self) -> list[str]:
@@ -66,22 +67,25 @@ class ContinueSettings:
             "--lr", str(self.lr), *(["--frozen-norm"] if self.frozen_norm else []),
         ]
 
-    def estimate_seconds(self, volumes: int, iterations: int | None = None) -> float:
+    def estimate_seconds(self, volumes: int, iterations: int | None = None, bf16: bool = True) -> float:
         """Honest wall-clock estimate of a retraining on ``volumes`` training and pool volumes."""
-        return (iterations or self.iterations) * self.seconds_per_iteration + volumes * self.seconds_per_volume + 30.0
+        per_iteration = self.seconds_per_iteration if bf16 else self.seconds_per_iteration_fp32
+        return (iterations or self.iterations) * per_iteration + volumes * self.seconds_per_volume + 30.0
 
 
 CONTINUE = ContinueSettings()
 
 
-def estimate_text(run: RetrainingRun, iterations: int | None = None, settings: ContinueSettings = CONTINUE) -> str:
-    """What the panel shows before starting: the estimated minutes, and on what that estimate rests."""
-    volumes = len(run.train_cases) + (sum(1 for p in (run.unlabeled_dir / "images").iterdir() if p.is_file()) if run.unlabeled_dir else 0)
-    minutes = settings.estimate_seconds(volumes, iterations) / 60
+def estimate_text(reviewed: int, unlabelled: int, iterations: int | None = None, settings: ContinueSettings = CONTINUE) -> str:
+    """What the panel shows before Train: the estimated minutes for so many reviewed and pool volumes, and on what it rests.
+
+    Counts come from a run (``len(run.train_cases)``) or, before one exists, from ``dataset_summary``.
+    """
+    fast, slow = (settings.estimate_seconds(reviewed + unlabelled, iterations, bf16) / 60 for bf16 in (True, False))
     return (
-        f"Estimated time: about {max(1, round(minutes))} min for {iterations or settings.iterations} iterations on "
-        f"{len(run.train_cases)} reviewed and {volumes - len(run.train_cases)} unlabelled volume(s) "
-        "(measured on a 2-core CPU; longer while other programs use it, much shorter on a GPU)."
+        f"Estimated time: about {max(1, round(fast))} min for {iterations or settings.iterations} iterations on "
+        f"{reviewed} reviewed and {unlabelled} unlabelled volume(s) on a 2-core CPU with bf16 "
+        f"(about {max(1, round(slow))} min without bf16; longer while other programs use the CPU, much shorter on a GPU)."
     )
 
 

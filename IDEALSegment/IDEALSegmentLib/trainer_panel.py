@@ -18,7 +18,7 @@ from .comparison import comparison_from_table, comparison_table
 from .comparison_job import ComparisonJob
 from .jobs import JobChain
 from .registry import ModelEntry, ModelRegistry
-from .retraining import prepare_run, training_plan
+from .retraining import estimate_text, prepare_run, training_plan
 
 
 class EncoderStart(enum.Enum):
@@ -120,6 +120,9 @@ class TrainerPanelController:
         self.run, self.old, self.device = run, old, device
         p.runFolder, p.newBundle, p.comparisonTable = str(run_dir), "", None
         p.statusText = f"Training in {run_dir} ({len(run.train_cases)} training case(s), {len(run.held_out_cases)} held out)"
+        if p.encoderStart.plan_name == "model":  # the estimate is measured for the default "continue the current model" plan
+            pool = len(list((run.unlabeled_dir / "images").iterdir())) if run.unlabeled_dir else 0
+            p.statusText += ". " + estimate_text(len(run.train_cases), pool, p.iterations)
         self.chain.start()
 
     def poll(self) -> TrainerPoll:

@@ -1,4 +1,5 @@
 """``idealtrain refine``: click to fix a draft label map (the command line contract outside scripts rely on)."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,20 @@ def cmd_refine(args: argparse.Namespace) -> None:
     check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
     result = refiner.refine(image, draft, clicks)
     write_image(result.labels, output, refiner.predictor.bundle.labels)
-    message = {"event": "refined", "labels": str(args.output), "clicks": len(clicks), "changed_voxels": result.changed_voxels,
-               "seconds": round(result.seconds, 3)}
-    print(json.dumps(message) if args.progress_json else
-          f"refined {args.draft} with {len(clicks)} click(s) -> {args.output}: {result.changed_voxels} voxel(s) changed "
-          f"in {result.seconds:.2f} s", flush=True)
+    message = {
+        "event": "refined",
+        "labels": str(args.output),
+        "clicks": len(clicks),
+        "changed_voxels": result.changed_voxels,
+        "seconds": round(result.seconds, 3),
+    }
+    print(
+        json.dumps(message)
+        if args.progress_json
+        else f"refined {args.draft} with {len(clicks)} click(s) -> {args.output}: "
+        f"{result.changed_voxels} voxel(s) changed in {result.seconds:.2f} s",
+        flush=True,
+    )
 
 
 _last: dict = {}
@@ -43,8 +53,9 @@ def _refiner(refiner_class: type, args: argparse.Namespace):
     key = (str(model), model.stat().st_mtime_ns if model.exists() else 0, args.device, args.engine, args.radius_mm)
     if _last.get("key") != key:
         _last.clear()
-        _last.update(key=key, refiner=refiner_class(args.model, device=args.device, engine=args.engine,
-                                                    radius_mm=args.radius_mm))
+        _last.update(
+            key=key, refiner=refiner_class(args.model, device=args.device, engine=args.engine, radius_mm=args.radius_mm)
+        )
     return _last["refiner"]
 
 
@@ -58,8 +69,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="the image (volume file or DICOM folder)")
     p.add_argument("--frame", type=int, help="frame of a cine/4D input (0-based)")
     p.add_argument("--draft", required=True, help="current label map on the image's grid")
-    p.add_argument("--clicks", required=True,
-                   help='JSON {"clicks": [{"point": [x, y, z] (LPS mm), "label": 1|2|3, "positive": true|false}, ...]}')
+    p.add_argument(
+        "--clicks",
+        required=True,
+        help='JSON {"clicks": [{"point": [x, y, z] (LPS mm), "label": 1|2|3, "positive": true|false}, ...]}',
+    )
     p.add_argument("--output", required=True, help="refined labels (.nii.gz, .nrrd or .seg.nrrd)")
     p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES), help="refinement engine")
     p.add_argument("--radius-mm", type=float, default=DEFAULT_RADIUS_MM, help="in-plane reach of a click (mm)")

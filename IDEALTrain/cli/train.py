@@ -66,7 +66,6 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) ->
 
 
 def _train_config(args: argparse.Namespace, pretrained=None, **method):
-    from ..training.augment import Augmentation
     from ..training.finetune import TrainConfig
 
     network, plan = network_and_plan(args, pretrained)
@@ -81,10 +80,47 @@ def _train_config(args: argparse.Namespace, pretrained=None, **method):
         network=network,
         preprocessing=plan,
         postprocessing=postprocessing_from_args(args, pretrained),
-        augmentation=Augmentation(rotation_degrees=args.rotation, scale_range=tuple(args.scale_range)),
+        augmentation=augmentation_from_args(args, pretrained),
         precision=args.precision,
         **method,
     )
+
+
+def augmentation_from_args(args: argparse.Namespace, start=None):
+    """--rotation / --scale-range over the starting model's recorded augmentation (a whole model's), else the defaults."""
+    import dataclasses
+
+    from ..training.augment import Augmentation
+
+    recorded = ((start.training or {}).get("recipe") or {}).get("augmentation") if start is not None and start.kind == "segmentation" else None
+    names = {f.name for f in dataclasses.fields(Augmentation)}
+    base = Augmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in (recorded or {}).items() if k in names})
+    changes = {"rotation_degrees": args.rotation, "scale_range": tuple(args.scale_range) if args.scale_range else None}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def carry_over_card(args: argparse.Namespace, initial) -> None:
+    """A run from --init-from keeps the model's licence, description and float16 storage unless flags say otherwise."""
+    from ..model.bundle import read_card
+
+    if initial is None:
+        return
+    if args.licence == "unspecified":
+        args.licence = initial.licence
+    if not args.description:
+        args.description = initial.description
+    if not args.half and read_card(args.init_from).get("weights", {}).get("dtype") == "float16":
+        args.half = True
+
+
+def _provenance(path: str | None) -> dict:
+    """The --provenance JSON (e.g. the corrections a retraining learnt from), recorded in the card."""
+    if not path:
+        return {}
+    try:
+        return {"corrections": json.loads(Path(path).read_text(encoding="utf-8"))}
+    except (OSError, ValueError) as error:
+        raise IdealError(f"cannot read --provenance {path}: {error}") from None
 
 
 def _run_options(args: argparse.Namespace) -> dict:
@@ -106,6 +142,10 @@ def _finetune_options(args: argparse.Namespace) -> dict:
         encoder_lr_scale=args.encoder_lr_scale,
         encoder_warmup=args.encoder_warmup,
         pretrained_mix=args.pretrained_mix,
+        distill_weight=args.distill,
+        frozen_levels=args.frozen_levels,
+        crop_size=args.crop,
+        frozen_norm=args.frozen_norm,
         pretrained_rescale=args.pretrained_rescale,
         stream_perturbation=args.stream_perturbation,
         perturbation_strength=args.perturbation_strength,
@@ -140,6 +180,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if initial is not None and initial.kind != "segmentation":
         raise IdealError(f"{args.init_from} is a {initial.kind} bundle; --init-from takes a segmentation model (for an encoder use --pretrained)")
     config = _train_config(args, pretrained or initial, **_finetune_options(args))
+    carry_over_card(args, initial)
     selection = selection_from_args(args)
     labeled, unlabeled = select_training_cases(
         args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only,
@@ -147,6 +188,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
+    data.update(_provenance(args.provenance))
     _save_trained(bundle, args, output, data)
 
 
@@ -208,10 +250,10 @@ def _add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
         help="with --val: keep the best-scoring weights (default), or the last ones and only report validation",
     )
     p.add_argument("--decoders", help="comma-separated decoder kinds (default unet,fpn)")
-    p.add_argument("--rotation", type=float, default=20.0, help="augmentation: largest in-plane rotation in degrees (default 20)")
+    p.add_argument("--rotation", type=float, help="augmentation: largest in-plane rotation in degrees (default 20, or the --init-from model's)")
     p.add_argument(
-        "--scale-range", type=float, nargs=2, default=(0.85, 1.15), metavar=("MIN", "MAX"),
-        help="augmentation: zoom range, wider for fields of view unlike the training data (default 0.85 1.15)",
+        "--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+        help="augmentation: zoom range, wider for fields of view unlike the training data (default 0.85 1.15, or the --init-from model's)",
     )
     add_postprocessing_argument(p)
 
@@ -269,6 +311,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence-threshold", type=float, default=0.0, help="ignore pseudo-label pixels less confident than this")
     p.add_argument("--ema-teacher", action="store_true", help="take pseudo-labels from an exponential moving average of the network")
     p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument(
+        "--distill", type=float, default=0.0, metavar="W",
+        help="with --init-from: weight of distillation from that model wherever labels leave the class open "
+        "(unreviewed structures and slices, unlabelled scans), against forgetting (default 0: off)",
+    )
+    p.add_argument("--frozen-levels", type=int, default=0, metavar="N", help="the finest N encoder levels do not learn (default 0)")
+    p.add_argument("--crop", type=int, default=0, metavar="PX", help="train on random PX x PX crops of the slices (faster; default 0: whole slices)")
+    p.add_argument("--frozen-norm", action="store_true", help="batch-norm statistics stay the starting model's (against forgetting)")
+    p.add_argument("--provenance", metavar="JSON", help="JSON file recorded in the card as training.corrections (what the model learnt from)")
     p.add_argument(
         "--encoder-lr-scale", type=float, default=1.0,
         help="the shared encoder learns at this share of --lr (below 1 keeps more of a pretrained start; default 1)",

@@ -23,7 +23,7 @@ distances None (undefined; JSON null). Averages skip None and report how many we
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk

@@ -3,6 +3,7 @@
 Light on purpose (numpy only): Slicer's process reads and writes clicks without torch or the engines.
 The document is ``{"clicks": [{"point": [x, y, z], "label": L, "positive": true|false}, ...]}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ class Click:
 def parse_clicks(data: object) -> list[Click]:
     """Clicks from the ``{"clicks": [{"point": [x, y, z], "label": L, "positive": bool}, ...]}`` document."""
     if not isinstance(data, dict) or not isinstance(data.get("clicks"), list):
-        raise IdealError('clicks must be a JSON object {"clicks": [{"point": [x, y, z], "label": L, "positive": true}]}')
+        raise IdealError(
+            'clicks must be a JSON object {"clicks": [{"point": [x, y, z], "label": L, "positive": true}]}'
+        )
     clicks = []
     for n, item in enumerate(data["clicks"]):
         if not isinstance(item, dict) or "point" not in item or "label" not in item:

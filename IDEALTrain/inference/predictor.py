@@ -9,17 +9,17 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..model.bundle import Bundle, load_bundle
 from ..errors import IdealError
 from ..io.image import Image
+from ..model.bundle import Bundle, load_bundle
 from ..model.networks import fold_batch_norm
 from ..model.preprocessing import SliceGrid, check_volume
 

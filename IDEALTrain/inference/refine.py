@@ -3,10 +3,12 @@
 A click is a point in patient coordinates (LPS mm), a structure (label value) and a sign: positive
 ("this is the structure") or negative ("this is not"). The network's class probabilities are the
 prior, the draft is the starting point and the clicks edit it locally: only slices holding a click
-change, only within ``radius_mm`` of a click in that slice. Every clicked voxel ends as its click
+change, only within ``radius_mm`` of a click in that slice (except that a negative click in the middle
+of a blob deletes the whole blob, see :func:`.refine_engines.levelset`). Every clicked voxel ends as its click
 says; when two clicks hit the same voxel the later one wins. Without clicks the draft comes back
 unchanged. The engines live in :mod:`.refine_engines` (``levelset``, shipped) and :mod:`.refine_tta`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +41,9 @@ def check_refinement_inputs(image: Image, draft: Image, clicks: list[Click], lab
         raise IdealError(f"the draft must be an integer label map, got voxel type {draft.array.dtype}")
     values = set(np.unique(draft.array).tolist()) - {0, *labels}
     if values:
-        raise IdealError(f"the draft holds label value(s) {sorted(values)} the model does not know; known: {list(labels)}")
+        raise IdealError(
+            f"the draft holds label value(s) {sorted(values)} the model does not know; known: {list(labels)}"
+        )
     for n, click in enumerate(clicks):
         if click.label not in labels:
             raise IdealError(f"click {n}: unknown label {click.label}; this model's labels are {list(labels)}")
@@ -88,9 +92,10 @@ class Refiner:
         self.radius_mm = float(radius_mm)
         self.labels = tuple(label.value for label in self.predictor.bundle.labels)
         self._cached: tuple[str, np.ndarray, np.ndarray] | None = None
+        self._decoder_adapter = None  # the tta engine's, made on first use (it copies decoders)
 
     def _adapter(self):
-        if getattr(self, "_decoder_adapter", None) is None:
+        if self._decoder_adapter is None:
             from .refine_tta import DecoderAdapter
 
             self._decoder_adapter = DecoderAdapter(self.predictor)

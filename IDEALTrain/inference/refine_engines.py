@@ -6,7 +6,8 @@ only within ``radius_mm`` of a click of the slice, and finally sets every clicke
 says (a negative click leaves the voxel's most probable other class).
 
 - ``levelset`` (shipped: best on the click-simulator benchmark): a click moves the boundary along
-  the network's own iso-confidence lines through the clicked voxel (see :func:`levelset`).
+  the network's own iso-confidence lines through the clicked voxel; a negative click in the middle of
+  a blob deletes all of it, the one edit that may reach past ``radius_mm`` (see :func:`levelset`).
 - ``geodesic``: each click spreads its class (or removes it) with a weight that decays with the
   geodesic distance from the click, a path length that grows steeply across intensity edges, so a
   click fills the homogeneous region it lands in and stops at its boundary.
@@ -19,6 +20,7 @@ says (a negative click leaves the voxel's most probable other class).
 ``levelset`` needs only NumPy and SimpleITK; ``geodesic`` and ``random_walker`` import SciPy and
 scikit-image when called (the ``test`` extra), for benchmarking.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,6 +43,8 @@ WALKER_GAMMA = 0.02
 LEVEL_MARGIN = 1.0
 LEVEL_EXTENT = 2.5  # a click reaches LEVEL_EXTENT times its depth (distance to its region's edge) ...
 LEVEL_SLACK_MM = 3.0  # ... plus this
+LEVEL_BLOB_DEPTH = 0.85  # a negative click this deep in its blob (share of the blob's deepest point) deletes it
+LEVEL_INTENSITY = 0.2  # a positive click takes voxels within this of its smoothed intensity (slice range 0-1)
 DRAFT_CONFIDENCE = 0.9  # prior probability given to the draft's class where it overrides the network
 
 
@@ -163,23 +167,42 @@ def levelset(
     """The network's own confidence level set through each click, within the click's radius.
 
     For a click on structure L at voxel v, m = log p_L - log(max other p) is L's margin. A positive
-    click adds the connected region around v of non-L voxels at least as L-like as v (m >= m(v) -
-    LEVEL_MARGIN); a negative click removes the connected region of L voxels at most as L-like as v
-    (m <= m(v) + LEVEL_MARGIN), giving each its most probable other class. So a click moves the
-    boundary along the network's iso-confidence lines, the shape the network believes in.
+    click adds the connected region around v of voxels of v's current class that are at least as
+    L-like as v (m >= m(v) - LEVEL_MARGIN) and alike in smoothed intensity (within LEVEL_INTENSITY);
+    a negative click removes the connected region of L voxels at most as L-like as v (m <= m(v) +
+    LEVEL_MARGIN), giving each its most probable other class. Either reaches at most LEVEL_EXTENT
+    times v's depth in its region plus LEVEL_SLACK_MM. So a click moves the boundary along the
+    network's iso-confidence lines, the shape the network believes in. A negative click in the middle of
+    a blob (its depth at least LEVEL_BLOB_DEPTH times the blob's deepest point) deletes the whole
+    connected blob of its slice, however far it reaches: "this is not the structure" said at the
+    centre of a spurious region (an atrium marked as RV on a basal slice) means all of it.
     """
     box, near = click_region(draft.shape, clicks, spacing, radius_mm)
+    if any(not c.positive for c in clicks):  # a deleted blob may reach past the click disks: work on the slice
+        whole = np.zeros(draft.shape, bool)
+        whole[box] = near
+        box, near = (slice(0, draft.shape[0]), slice(0, draft.shape[1])), whole
+    reach = near.copy()
     prior = draft_prior(probabilities[(slice(None), *box)], draft[box])
     log_p = np.log(np.clip(prior, 1e-6, None))
     labels = draft[box].astype(np.uint8).copy()
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(image[box]), 1.0))
     for click in clicks:
         others = log_p.copy()
         others[click.label] = -np.inf
         margin = log_p[click.label] - others.max(axis=0)
         at = _local(click, box)
         inside = labels == click.label
-        if click.positive:  # voxels of the clicked voxel's class, at least as L-like as it
+        if not click.positive and inside[at]:
+            blob = _component_at(inside, at)
+            depth = _depth_inside(blob, spacing)
+            if depth[at] >= LEVEL_BLOB_DEPTH * depth.max():
+                labels[blob] = others.argmax(axis=0)[blob]
+                reach |= blob
+                continue
+        if click.positive:  # voxels of the clicked voxel's class, at least as L-like as it, and alike in intensity
             candidates = (labels == labels[at]) & (margin >= margin[at] - LEVEL_MARGIN)
+            candidates &= np.abs(smooth - smooth[at]) <= LEVEL_INTENSITY
         else:
             candidates = inside & (margin <= margin[at] + LEVEL_MARGIN)
         # as far from the click as LEVEL_EXTENT times its depth in the region it was clicked in
@@ -190,7 +213,15 @@ def levelset(
         candidates[at] = True
         region = _component_at(candidates, at)
         labels[region] = click.label if click.positive else others.argmax(axis=0)[region]
-    return _finish(draft, box, near, labels, prior, clicks)
+    return _finish(draft, box, reach, labels, prior, clicks)
+
+
+def _depth_inside(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside it (the slice edge counts as outside)."""
+    padded = sitk.GetImageFromArray(np.pad(mask, 1).astype(np.uint8))
+    padded.SetSpacing((float(spacing[1]), float(spacing[0])))
+    distance = sitk.SignedMaurerDistanceMap(padded, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
+    return np.clip(sitk.GetArrayFromImage(distance)[1:-1, 1:-1], 0, None)
 
 
 def _grid_laplacian(image: np.ndarray, spacing: tuple[float, float]):
@@ -208,7 +239,9 @@ def _grid_laplacian(image: np.ndarray, spacing: tuple[float, float]):
         tails.append(b)
         weights.append(np.exp(-WALKER_BETA * difference**2) / step)
     a, b, wt = np.concatenate(heads), np.concatenate(tails), np.concatenate(weights)
-    adjacency = sparse.coo_matrix((np.concatenate([wt, wt]), (np.concatenate([a, b]), np.concatenate([b, a]))), (h * w,) * 2)
+    adjacency = sparse.coo_matrix(
+        (np.concatenate([wt, wt]), (np.concatenate([a, b]), np.concatenate([b, a]))), (h * w,) * 2
+    )
     return (sparse.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency).tocsr()
 
 
@@ -238,7 +271,9 @@ def random_walker(
         fixed = (labels == structure).astype(np.float64).ravel()
         for click in clicks:
             index = np.ravel_multi_index(_local(click, box), near.shape)
-            fixed[index] = float(click.positive) if click.label == structure else (0.0 if click.positive else fixed[index])
+            fixed[index] = (
+                float(click.positive) if click.label == structure else (0.0 if click.positive else fixed[index])
+            )
         rhs = WALKER_GAMMA * prior[structure].ravel()[unknown] - coupling @ fixed[known]
         inside = fixed.copy()
         inside[unknown] = spsolve(system, rhs)
@@ -250,7 +285,11 @@ def random_walker(
 
 
 def adopt_changed_decisions(
-    before: np.ndarray, after: np.ndarray, draft: np.ndarray, clicks: list[SliceClick], spacing: tuple[float, float],
+    before: np.ndarray,
+    after: np.ndarray,
+    draft: np.ndarray,
+    clicks: list[SliceClick],
+    spacing: tuple[float, float],
     radius_mm: float,
 ) -> np.ndarray:
     """Labels of a slice whose probabilities went from ``before`` to ``after`` (test-time adaptation): the
@@ -263,4 +302,9 @@ def adopt_changed_decisions(
 
 
 Engine = Callable[[np.ndarray, np.ndarray, np.ndarray, list, tuple, float], np.ndarray]
-ENGINES: dict[str, Engine | None] = {"geodesic": geodesic, "levelset": levelset, "random_walker": random_walker, "tta": None}  # tta: refine_tta
+ENGINES: dict[str, Engine | None] = {
+    "geodesic": geodesic,
+    "levelset": levelset,
+    "random_walker": random_walker,
+    "tta": None,
+}  # tta: refine_tta

@@ -8,6 +8,7 @@ supervises the other decoder everywhere else. The adapted decoders' mean probabi
 prior on that slice; :func:`~.refine_engines.finish_from_probabilities` keeps the change local.
 Weights always restart from the bundle's, so the result depends only on the draft and the clicks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,9 +62,13 @@ class DecoderAdapter:
         left = int(np.clip(round((centre[1] - window[1] / 2) / multiple) * multiple, 0, width - window[1]))
         with torch.no_grad():
             full = network.encoder(x)
-            features = [f[..., top // 2**n : (top + window[0]) // 2**n, left // 2**n : (left + window[1]) // 2**n]
-                        for n, f in enumerate(full)]
-            full_probabilities = sum(torch.softmax(d(full).float(), 1) for d in network.decoders) / len(network.decoders)
+            features = [
+                f[..., top // 2**n : (top + window[0]) // 2**n, left // 2**n : (left + window[1]) // 2**n]
+                for n, f in enumerate(full)
+            ]
+            full_probabilities = sum(torch.softmax(d(full).float(), 1) for d in network.decoders) / len(
+                network.decoders
+            )
         decoders = [copy.deepcopy(d).train(False) for d in network.decoders]
         with torch.no_grad():
             pseudo = [d(features).argmax(1) for d in decoders]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IdealError
-from ..io.image import Image
-from ..io.volume_files import VOLUME_SUFFIXES, has_volume_suffix, read_image, read_label, strip_volume_suffix
+from .image import Image
+from .volume_files import VOLUME_SUFFIXES, has_volume_suffix, read_image, read_label, strip_volume_suffix
 
 SPEC_KINDS = ("folder", "ssl4mis", "sunnybrook", "dicom")
 
@@ -60,14 +60,14 @@ def load_folder_cases(root: Path, require_labels: bool = False) -> list[Case]:
 
 def load_ssl4mis_cases(root: Path, list_name: str) -> list[Case]:
     """The volumes or slices named by an SSL4MIS list file (e.g. val.list, train_slices.list)."""
-    from ..io.ssl4mis import list_cases, read_case
+    from .ssl4mis import list_cases, read_case
 
     return [Case(case.name, *read_case(case)) for case in list_cases(root, list_name)]
 
 
 def load_sunnybrook_cases(root: Path) -> list[Case]:
     """Every Sunnybrook patient's ED and ES volumes with labels from the expert contours."""
-    from ..io.sunnybrook import list_sunnybrook_patients, read_sunnybrook_patient
+    from .sunnybrook import list_sunnybrook_patients, read_sunnybrook_patient
 
     cases = []
     for patient in list_sunnybrook_patients(root):
@@ -78,7 +78,7 @@ def load_sunnybrook_cases(root: Path) -> list[Case]:
 
 def load_dicom_cases(root: Path) -> list[Case]:
     """Every frame of every DICOM series under ``root``, unlabelled (e.g. for pretraining)."""
-    from ..io.dicom_series import list_series, read_dicom_frames
+    from .dicom_series import list_series, read_dicom_frames
 
     cases = []
     for series in list_series(root):

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import IdealError
-from ..io.atomic import check_outputs
-from ..io.image import Image
-from ..io.volume_files import write_image
+from .atomic import check_outputs
+from .image import Image
+from .volume_files import write_image
 
 RV, MYO, LV = 1, 2, 3  # ACDC label values
 

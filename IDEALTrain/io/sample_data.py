@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IdealError
-from ..io.dicom_series import read_header, read_slices
-from ..io.image import Image
+from .dicom_series import read_header, read_slices
+from .image import Image
 
 SAMPLE_FOLDER = "SampleData"
 SAMPLE_MANIFEST = "sample.json"

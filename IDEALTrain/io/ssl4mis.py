@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import IdealError
-from ..io.image import Image
+from .image import Image
 
 
 @dataclass(frozen=True)

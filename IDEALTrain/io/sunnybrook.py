@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IdealError
-from ..io.dicom_series import DicomSlice, group_frames, read_slices, series_slices, sort_slices
-from ..io.image import Image
+from .dicom_series import DicomSlice, group_frames, read_slices, series_slices, sort_slices
+from .image import Image
 
 LV_BLOOD_POOL = 3
 LV_MYOCARDIUM = 2

@@ -92,7 +92,7 @@ def read_frames(path: str | Path, series_uid: str | None = None) -> list[Image]:
     """Every frame of a volume file or DICOM folder (one frame for a plain 3D volume)."""
     path = Path(path)
     if path.is_dir():
-        from ..io.dicom_series import read_dicom_frames
+        from .dicom_series import read_dicom_frames
 
         return read_dicom_frames(path, series_uid)
     return _frames_from_sitk(_read_sitk(path), path)
@@ -101,7 +101,7 @@ def read_frames(path: str | Path, series_uid: str | None = None) -> list[Image]:
 def read_image(path: str | Path, frame: int | None = None, series_uid: str | None = None) -> Image:
     """One 3D volume from a file or DICOM folder; ``frame`` picks one frame of a 4D/cine input."""
     if Path(path).is_dir():
-        from ..io.dicom_series import read_dicom
+        from .dicom_series import read_dicom
 
         return read_dicom(path, series_uid, frame)  # reads only the chosen frame's files
     frames = read_frames(path)

@@ -26,7 +26,7 @@ class Postprocessing:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Postprocessing":
+    def from_json(cls, data: dict) -> Postprocessing:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise IdealError(f"unknown postprocessing field(s) {unknown}; this bundle needs a newer IDEALTrain")

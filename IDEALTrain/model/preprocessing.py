@@ -50,7 +50,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Preprocessing":
+    def from_json(cls, data: dict) -> Preprocessing:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise IdealError(f"unknown preprocessing field(s) {unknown}; this bundle needs a newer IDEALTrain")

@@ -33,8 +33,10 @@ from .augment import Augmentation, augment_batch
 from .distributed import Distributed, setup_distributed
 from .encoder_start import check_initial_model, load_pretrained_encoder
 from .loop import TrainingLoop
-from .losses import cross_pseudo_label_loss, dice_ce_loss
+from .losses import cross_pseudo_label_loss
+from .partial_labels import partial_dice_ce_loss
 from .precision import autocast, resolve_precision
+from .retention import Retention, random_crop
 from .slices import prepare_slices
 
 
@@ -65,6 +67,10 @@ class TrainConfig:
     stream_perturbation: str = "none"  # "dropout" or "noise" of the encoder features, drawn anew before each decoder
     perturbation_strength: float = 0.5  # dropout probability, or the half-width of the multiplicative noise
     precision: str = "auto"  # "bf16" autocast + channels-last, "fp32", or "auto": bf16 where the device runs it natively
+    distill_weight: float = 0.0  # > 0: the starting model is distilled where labels leave the class open (partial_labels)
+    frozen_levels: int = 0  # the finest N encoder levels do not learn (retention)
+    frozen_norm: bool = False  # batch-norm statistics stay the starting model's
+    crop_size: int = 0  # > 0: train on random crops of this size (faster; 0 = whole slices)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
@@ -181,9 +187,9 @@ class FinetuneStep:
     def __init__(
         self, config: TrainConfig, network: SegmentationNetwork, model: nn.Module, teacher: nn.Module | None,
         optimizer: torch.optim.Optimizer, data: TrainingSlices, generator: torch.Generator, context: Distributed,
-        precision: str,
+        precision: str, retention: Retention,
     ) -> None:
-        self.config, self.network, self.model, self.teacher = config, network, model, teacher
+        self.config, self.network, self.model, self.teacher, self.retention = config, network, model, teacher, retention
         self.optimizer, self.data, self.generator, self.context = optimizer, data, generator, context
         self.autocast = autocast(precision, context.device)
 
@@ -195,12 +201,14 @@ class FinetuneStep:
         else:
             y = torch.zeros((count, *source.shape[-2:]), dtype=torch.uint8, device=source.device)
         x, y = augment_batch(source[index], y.long(), self.config.augmentation, self.generator)  # same on every rank
+        x, y = random_crop(x, y, self.config.crop_size, self.generator)
         device = self.context.device
         return self.context.shard(x).to(device), self.context.shard(y).to(device)
 
     def __call__(self, iteration: int) -> dict[str, float]:
         config = self.config
         lr = set_learning_rate(self.optimizer, config, iteration)
+        self.retention.before_step()
         x, y = self.draw(self.data.images, self.data.labels, config.batch_size)
         if self.data.pool is not None:
             xu, _ = self.draw(self.data.pool, None, config.unlabeled_batch_size)
@@ -208,13 +216,17 @@ class FinetuneStep:
         with self.autocast:
             streams = self.model(x.contiguous(memory_format=torch.channels_last))
         n = len(y)
-        supervised = sum(dice_ce_loss(stream[:n], y) for stream in streams) / len(streams)
+        supervised = sum(partial_dice_ce_loss(stream[:n], y) for stream in streams) / len(streams)  # labels where reviewed
         metrics = {"loss_supervised": supervised.item(), "lr": lr}
         loss = supervised
+        distill = self.retention.distillation(x, y, streams, self.autocast)
+        if distill is not None:
+            loss = loss + config.distill_weight * distill
+            metrics["loss_distillation"] = distill.item()
         if self.data.pool is not None:
             cross = self.consistency(x[n:], streams, n)
             weight = consistency_ramp(iteration, config)
-            loss = supervised + weight * cross
+            loss = loss + weight * cross
             metrics.update(loss_consistency=cross.item(), consistency_weight=weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,6 +357,8 @@ def train_segmentation(
     generator = torch.Generator().manual_seed(config.seed)
     data = TrainingSlices(*prepare_slices(labeled, unlabeled, config.preprocessing, config.network))
     network, norms = build_network(config, pretrained, initial, context.device)
+    retention = Retention(network, frozen_levels=config.frozen_levels, frozen_norm=config.frozen_norm,
+                          distill_weight=config.distill_weight, has_start=initial is not None)
     teacher = copy.deepcopy(network).requires_grad_(False) if config.ema_teacher and not config.supervised_only else None
     model = context.wrap(network)
     optimizer = build_optimizer(network, config)
@@ -357,7 +371,7 @@ def train_segmentation(
     )
     if norms is not None:
         loop.progress.event("encoder_norms", **norms)
-    step = FinetuneStep(config, network, model, teacher, optimizer, data.to(context.device), generator, context, precision)
+    step = FinetuneStep(config, network, model, teacher, optimizer, data.to(context.device), generator, context, precision, retention)
     network.train()
     loop.run(step, Validation(network, config, val_cases, loop, context))
     agree = context.ranks_agree(network)

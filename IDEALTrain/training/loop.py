@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..training.checkpoint import CheckpointLock, TrainingState, check_checkpoint_dir, load_checkpoint, save_checkpoint
 from ..errors import IdealError, TrainingStopped
-from ..training.progress import Progress
+from .checkpoint import CheckpointLock, TrainingState, check_checkpoint_dir, load_checkpoint, save_checkpoint
+from .progress import Progress
 
 _RANDOM = "random"
 
@@ -24,7 +24,7 @@ class _StopRequest:
         self.requested = False
         self._previous: dict = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..io.datasets import Case, load_cases, parse_spec
 from ..errors import IdealError
+from ..io.datasets import Case, load_cases, parse_spec
 
 TRAIN_LIST = "train_slices.list"
 OPTION_NAMES = {

@@ -8,6 +8,7 @@ from ..errors import IdealError
 from ..io.datasets import Case
 from ..model.networks import NetworkConfig
 from ..model.preprocessing import Preprocessing, SliceGrid, check_volume
+from .partial_labels import PARTIAL
 
 
 def network_slices(
@@ -50,6 +51,6 @@ def prepare_slices(
     height = max(x.shape[-2] for x in images + pool)
     width = max(x.shape[-1] for x in images + pool)
     x, y = pad_and_stack(images, height, width), pad_and_stack(labels, height, width)
-    if int(y.max()) >= network.num_classes:
+    if int(torch.where(y < PARTIAL, y, 0).max()) >= network.num_classes:  # values >= PARTIAL: partial labels
         raise IdealError(f"labels contain values outside 0-{network.num_classes - 1}: {torch.unique(y).tolist()}")
     return x, y, (pad_and_stack(pool, height, width) if pool else None)
