@@ -7,7 +7,6 @@ the slices where a clinician reviewed it).
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from IDEALTrain.io.datasets import load_cases
 from IDEALTrain.io.volume_files import read_image
 
 from .comparison import TOO_FEW, ModelComparison, held_out_regions, reviewed_dice
+from .folder_job import FolderJob
 from .jobs import JobChain
 from .registry import ModelEntry, read_bundle
 from .worker import WorkerJob
@@ -25,7 +25,7 @@ from .worker import WorkerJob
 MODELS = ("old", "new")
 
 
-class ComparisonJob:
+class ComparisonJob(FolderJob):
     """Both models segment the held-out cases in the background; :meth:`result` scores them."""
 
     def __init__(self, old_model: ModelEntry, new_bundle: Path, held_out_dir: Path | None, device: str = "auto") -> None:
@@ -38,18 +38,6 @@ class ComparisonJob:
         self.held_out_dir, self.device = Path(held_out_dir), device
         self.folder: Path | None = None
         self.chain: JobChain | None = None
-
-    @property
-    def state(self) -> str:
-        return self.chain.state if self.chain is not None else "new"
-
-    @property
-    def error(self) -> str | None:
-        return self.chain.error if self.chain is not None else None
-
-    @property
-    def fraction(self) -> float:
-        return self.chain.fraction if self.chain is not None else 0.0
 
     def start(self, work_root: Path | None = None) -> None:
         """Start ``idealtrain evaluate`` for the old, then the new model."""
@@ -64,22 +52,6 @@ class ComparisonJob:
             ])
         self.chain = JobChain(steps, log_path=self.folder / "compare.log", job_class=WorkerJob)
         self.chain.start()
-
-    def poll(self) -> str:
-        """Progress (never blocks); the state."""
-        if self.chain is not None:
-            self.chain.poll()
-            if self.state in ("failed", "cancelled"):
-                self.discard()
-        return self.state
-
-    def cancel(self) -> None:
-        if self.chain is not None:
-            self.chain.cancel()
-
-    def discard(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
     def result(self) -> ModelComparison:
         """The comparison scored from both models' label files (once done); the folder is removed."""

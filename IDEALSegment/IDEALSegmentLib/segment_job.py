@@ -11,7 +11,6 @@ leaves the scene exactly as it was. Every call returns at once: a GUI polls from
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from IDEALTrain.errors import IdealError
 from IDEALTrain.io.volume_files import read_image, write_image
 
 from .cine import CineResult, add_frame_labels_to_scene, cine_of_proxy, frame_images
+from .folder_job import FolderJob
 from .inference import SegmentationResult, add_labels_to_scene, node_ids, remove_nodes_added_since
 from .jobs import JobChain
 from .measurements import measurements_from_segmentations, measurements_table
@@ -99,7 +99,7 @@ class SegmentOutcome:
         return "\n".join(("ES: " if number else "") + result.summary() for number, result in enumerate(self.results))
 
 
-class SegmentationJob:
+class SegmentationJob(FolderJob):
     """One Segment click: the child process(es) and the files between them and the scene."""
 
     def __init__(
@@ -109,19 +109,6 @@ class SegmentationJob:
         self.sequences_logic = sequences_logic  # Slicer's Sequences module logic (a cine's browser is synchronised through it)
         self.folder: Path | None = None
         self.chain: JobChain | None = None
-
-    @property
-    def state(self) -> str:
-        """``new``, ``running``, ``done``, ``failed`` or ``cancelled``."""
-        return self.chain.state if self.chain is not None else "new"
-
-    @property
-    def error(self) -> str | None:
-        return self.chain.error if self.chain is not None else None
-
-    @property
-    def fraction(self) -> float:
-        return self.chain.fraction if self.chain is not None else 0.0
 
     # -- running --------------------------------------------------------------------------------
     def start(self, work_root: Path | None = None, job_class: type = WorkerJob) -> None:
@@ -153,24 +140,6 @@ class SegmentationJob:
                 step += ["--uncertainty", str(self.folder / "uncertainty0.nrrd")]
             steps.append(step + common)
         return steps
-
-    def poll(self) -> str:
-        """Read progress (never blocks); the state. The folder is removed once the job failed or was cancelled."""
-        if self.chain is not None:
-            self.chain.poll()
-            if self.state in ("failed", "cancelled"):
-                self.discard()
-        return self.state
-
-    def cancel(self) -> None:
-        """Stop the child process tree (returns at once); :meth:`poll` reports ``cancelled`` once it has ended."""
-        if self.chain is not None:
-            self.chain.cancel()
-
-    def discard(self) -> None:
-        """Remove the temporary folder (inputs, outputs, log)."""
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
     # -- results --------------------------------------------------------------------------------
     def add_results(self) -> SegmentOutcome:
