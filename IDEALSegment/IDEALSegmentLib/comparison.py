@@ -119,6 +119,20 @@ def held_out_regions(held_out_dir: Path, cases: list) -> tuple[dict[str, dict], 
     return regions, len({entries[case.name].get("patient_id") or case.name for case in cases})
 
 
+def model_score(cases: list, regions: dict, labels_of: Callable[[int, object], np.ndarray]) -> tuple[dict[str, float], float]:
+    """One model's Dice per reviewed structure (mean over cases) and their mean; ``labels_of(index, case)`` gives its labels."""
+    per_class: dict[str, list[float]] = {}
+    for index, case in enumerate(cases):
+        labels = labels_of(index, case)
+        axis = case.image.slice_axis
+        every = list(range(case.image.array.shape[axis]))
+        reviewed = {name: every if slices is None else slices for name, slices in regions[case.name].items() if slices != []}
+        for name, value in reviewed_dice(labels, case.label.array, reviewed, axis).items():
+            per_class.setdefault(name, []).append(value)
+    dice = {name: float(np.mean(values)) for name, values in per_class.items()}
+    return dice, float(np.mean(list(dice.values()))) if dice else math.nan
+
+
 def compare_models(
     old_model: object,
     new_model: object,
@@ -148,20 +162,15 @@ def compare_models(
     steps = 2 * len(cases)
     results = []
     for number, predictor in enumerate(predictors):
-        per_class: dict[str, list[float]] = {}
-        for index, case in enumerate(cases):
-            done = number * len(cases) + index
+
+        def predicted(index: int, case, number=number, predictor=predictor) -> np.ndarray:
             if cancel is not None:
                 cancel.check("the model comparison")
-            step = None if progress is None else (lambda fraction, done=done: progress((done + fraction) / steps))
-            labels = predict_volume(case.image, predictor, step, cancel).labels.array
-            axis = case.image.slice_axis
-            every = list(range(case.image.array.shape[axis]))
-            reviewed = {name: every if slices is None else slices for name, slices in regions[case.name].items() if slices != []}
-            for name, value in reviewed_dice(labels, case.label.array, reviewed, axis).items():
-                per_class.setdefault(name, []).append(value)
-        dice = {name: float(np.mean(values)) for name, values in per_class.items()}
-        results.append((dice, float(np.mean(list(dice.values()))) if dice else math.nan))
+            done = number * len(cases) + index
+            step = None if progress is None else (lambda fraction: progress((done + fraction) / steps))
+            return predict_volume(case.image, predictor, step, cancel).labels.array
+
+        results.append(model_score(cases, regions, predicted))
     (old_dice, old_mean), (new_dice, new_mean) = results
     return ModelComparison(tuple(case.name for case in cases), old_dice, new_dice, old_mean, new_mean, patients)
 

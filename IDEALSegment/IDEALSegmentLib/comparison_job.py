@@ -6,17 +6,14 @@ the slices where a clinician reviewed it).
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.datasets import load_cases
 from IDEALTrain.io.volume_files import read_image
 
-from .comparison import TOO_FEW, ModelComparison, held_out_regions, reviewed_dice
+from .comparison import TOO_FEW, ModelComparison, held_out_regions, model_score
 from .folder_job import FolderJob
 from .jobs import JobChain
 from .registry import ModelEntry, read_bundle
@@ -60,20 +57,8 @@ class ComparisonJob(FolderJob):
         try:
             cases = load_cases(f"folder:{self.held_out_dir}", require_labels=True)
             regions, patients = held_out_regions(self.held_out_dir, cases)
-            scores = [self._score(tag, cases, regions) for tag in MODELS]
+            scores = [model_score(cases, regions, lambda _i, case, tag=tag: read_image(self.folder / tag / f"{case.name}.nrrd").array) for tag in MODELS]
         finally:
             self.discard()
         (old_dice, old_mean), (new_dice, new_mean) = scores
         return ModelComparison(tuple(case.name for case in cases), old_dice, new_dice, old_mean, new_mean, patients)
-
-    def _score(self, tag: str, cases: list, regions: dict) -> tuple[dict[str, float], float]:
-        per_class: dict[str, list[float]] = {}
-        for case in cases:
-            labels = read_image(self.folder / tag / f"{case.name}.nrrd").array
-            axis = case.image.slice_axis
-            every = list(range(case.image.array.shape[axis]))
-            reviewed = {name: every if slices is None else slices for name, slices in regions[case.name].items() if slices != []}
-            for name, value in reviewed_dice(labels, case.label.array, reviewed, axis).items():
-                per_class.setdefault(name, []).append(value)
-        dice = {name: float(np.mean(values)) for name, values in per_class.items()}
-        return dice, float(np.mean(list(dice.values()))) if dice else math.nan
