@@ -149,3 +149,15 @@ def test_missing_scikit_image_is_explained(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "skimage.draw", None)
     with pytest.raises(IdealError, match="pip install scikit-image"):
         contour_mask(np.array([[0.0, 0.0], [2.0, 0.0], [2.0, 2.0]]), (3, 3))
+
+
+def test_contours_sit_on_the_blood_pool_edge(sunnybrook_dir: Path) -> None:
+    """The loader's contour origin is the one where the contours fit their images best (not one pixel off)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from contour_alignment import best_offset, edge_strength, endocardial_contours
+
+    shifts = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    grids = [edge_strength(image, contour, shifts) for _, image, contour in endocardial_contours(sunnybrook_dir)]
+    mean = np.mean(grids, axis=0)
+    assert len(grids) == 96 and best_offset(mean, shifts) == (0.0, 0.0)
+    assert mean[2, 2] > 1.1 * mean[4, 4]  # the files' 1-based points, used as 0-based, fit clearly worse
