@@ -38,7 +38,7 @@ def test_points_map_to_their_voxel_on_an_oblique_grid():
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_clicked_voxels_are_honoured_and_changes_stay_near_clicks(bundle_path, engine):
     image = oblique_image()
-    refiner = Refiner(bundle_path, device="cpu", engine=engine, radius_mm=12.0)
+    refiner = Refiner(bundle_path, device="cpu", engine=engine, radius_mm=12.0, propagate_slices=0)
     draft = refiner.predictor.predict(image).labels
     voxels = [
         ((2, 10, 12), 3, True),
@@ -57,7 +57,7 @@ def test_clicked_voxels_are_honoured_and_changes_stay_near_clicks(bundle_path, e
         assert (result.labels.array[voxel] == label) == positive, (voxel, label, positive)
     changed = result.labels.array != draft.array
     assert result.changed_voxels == int(changed.sum()) > 0
-    assert set(np.flatnonzero(changed.any(axis=(1, 2)))) <= {2, 4, 5}  # only clicked slices
+    assert set(np.flatnonzero(changed.any(axis=(1, 2)))) <= {2, 4, 5}  # only clicked slices (no propagation)
     # in-plane reach: voxels of a clicked slice farther than the radius from its clicks keep the draft,
     # except a blob deleted whole by a negative click in its middle (it was that structure, now is not)
     far = changed & (distance_from_clicks_mm(image, clicks) > 12.0 + 1e-6)
@@ -84,7 +84,7 @@ def test_a_positive_click_fills_the_region_it_lands_in_and_stops_at_its_edge(bun
     disk = (j - 30) ** 2 + (i - 34) ** 2 <= 8**2
     array = np.repeat((np.where(disk, 800.0, 200.0) + rng.normal(0, 15, (64, 64)))[None], 3, axis=0)
     image = Image(array.astype(np.float32), spacing=(1.25, 1.25, 8.0))
-    refiner = Refiner(bundle_path, device="cpu")  # the shipped engine
+    refiner = Refiner(bundle_path, device="cpu", propagate_slices=0)  # the shipped engine, on the clicked slice only
     probabilities = np.full((4, *image.array.shape), 0.02, np.float32)
     probabilities[0] = 0.94
     probabilities[3][:, disk] = 0.3  # the network half-sees it
@@ -108,7 +108,7 @@ def test_a_negative_click_deletes_the_blob_it_is_centred_in_and_trims_near_an_ed
     j, i = np.mgrid[:64, :64]
     blob = (np.abs(j - 32) < 18) & (np.abs(i - 32) < 18)
     image = Image(np.repeat(np.where(blob, 700.0, 200.0)[None], 3, axis=0).astype(np.float32), (1.25, 1.25, 8.0))
-    refiner = Refiner(bundle_path, device="cpu", radius_mm=12.0)
+    refiner = Refiner(bundle_path, device="cpu", radius_mm=12.0, propagate_slices=0)
     probabilities = np.full((4, *image.array.shape), 0.02, np.float32)
     probabilities[0] = np.where(blob, 0.02, 0.94)
     probabilities[1] = np.where(blob, 0.94, 0.02)  # the network is sure of it

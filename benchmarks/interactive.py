@@ -9,7 +9,8 @@ time per click (refinement only; the network prediction, paid once per image by 
 reported apart) and the share of changed voxels farther than 20 mm from every click.
 
 - ACDC ``val.list`` (SSL4MIS h5, no geometry stored: distances in voxels, as in the project's
-  ACDC evaluation; a click edits only its own slice, so this only sets the in-plane reach).
+  ACDC evaluation: this sets the in-plane reach; a click also carries over to up to
+  ``--propagate-slices`` slices either side, see ``IDEALTrain.inference.refine_propagation``).
 - Sunnybrook, all patients, ED and ES, contoured slices only, LV blood pool only, mm geometry.
 
     IDEAL_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/interactive.py \
@@ -200,6 +201,14 @@ def main() -> None:
     parser.add_argument("--oracle-slices", type=int, default=0, help="oracle: slices either side of the click it fixes")
     parser.add_argument("--radius-mm", type=float, default=20.0, help="in-plane reach of a click (the shipped default)")
     parser.add_argument(
+        "--propagate-slices",
+        type=int,
+        default=None,
+        help="slices either side a click carries over to (default: shipped)",
+    )
+    parser.add_argument("--propagate-intensity", type=float, default=None, help="override PROPAGATE_INTENSITY")
+    parser.add_argument("--propagate-margin", type=float, default=None, help="override PROPAGATE_MARGIN")
+    parser.add_argument(
         "--limit", type=int, default=None, help="first N ACDC volumes / Sunnybrook patients (development)"
     )
     parser.add_argument("--datasets", default="acdc,sunnybrook")
@@ -209,16 +218,37 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from IDEALTrain.inference import refine_propagation as propagation
     from IDEALTrain.inference.refine import Refiner
 
+    if args.propagate_intensity is not None:
+        propagation.PROPAGATE_INTENSITY = args.propagate_intensity
+    if args.propagate_margin is not None:
+        propagation.PROPAGATE_MARGIN = args.propagate_margin
+    slices = propagation.PROPAGATE_SLICES if args.propagate_slices is None else args.propagate_slices
     oracle = args.engine == "oracle"
-    refiner = Refiner(args.model, device="cpu", engine="levelset" if oracle else args.engine, radius_mm=args.radius_mm)
+    refiner = Refiner(
+        args.model,
+        device="cpu",
+        engine="levelset" if oracle else args.engine,
+        radius_mm=args.radius_mm,
+        propagate_slices=slices,
+    )
     if oracle:
         refiner = SliceOracle(refiner, args.oracle_slices)
     report = {
         "engine": args.engine,
         **({"oracle_slices": args.oracle_slices} if oracle else {}),
         "radius_mm": args.radius_mm,
+        **(
+            {}
+            if oracle
+            else {
+                "propagate_slices": slices,
+                "propagate_intensity": propagation.PROPAGATE_INTENSITY,
+                "propagate_margin": propagation.PROPAGATE_MARGIN,
+            }
+        ),
         "model": args.model.name,
         "max_clicks": MAX_CLICKS,
         "far_mm": FAR_MM,

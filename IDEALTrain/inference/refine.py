@@ -2,11 +2,12 @@
 
 A click is a point in patient coordinates (LPS mm), a structure (label value) and a sign: positive
 ("this is the structure") or negative ("this is not"). The network's class probabilities are the
-prior, the draft is the starting point and the clicks edit it locally: only slices holding a click
-change, only within ``radius_mm`` of a click in that slice (except that a negative click in the middle
-of a blob deletes the whole blob, see :func:`.refine_engines.levelset`). Every clicked voxel ends as its click
-says; when two clicks hit the same voxel the later one wins. Without clicks the draft comes back
-unchanged. The engines live in :mod:`.refine_engines` (``levelset``, shipped) and :mod:`.refine_tta`.
+prior, the draft is the starting point and the clicks edit it locally: only slices holding a click or
+within ``propagate_slices`` of one change (a click carries over to a neighbouring slice only where that
+slice shows the same kind of error, see :mod:`.refine_propagation`), only within ``radius_mm`` in-plane of
+the click (except that a negative click in the middle of a blob deletes the whole blob, see
+:func:`.refine_engines.levelset`). Every clicked voxel ends as its click says; when two clicks hit the same
+voxel the later one wins. Without clicks the draft comes back unchanged. The engines live in :mod:`.refine_engines` (``levelset``, shipped) and :mod:`.refine_tta`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..model.preprocessing import normalise_slices
 from .clicks import Click, voxel_of
 from .predictor import Predictor
 from .refine_engines import ENGINES, SliceClick, adopt_changed_decisions
+from .refine_propagation import PROPAGATE_SLICES, propagated_clicks
 
 DEFAULT_ENGINE = "levelset"
 DEFAULT_RADIUS_MM = 20.0
@@ -81,15 +83,20 @@ class Refiner:
         device: str = "auto",
         engine: str = DEFAULT_ENGINE,
         radius_mm: float = DEFAULT_RADIUS_MM,
+        propagate_slices: int = PROPAGATE_SLICES,
     ) -> None:
-        """A bundle (or a loaded :class:`Predictor`, reused as it is) and the engine to refine with."""
+        """A bundle (or a loaded :class:`Predictor`, reused as it is), the engine to refine with, the in-plane
+        reach of a click and how many slices either side it may carry over to (0: its own slice only)."""
         if engine not in ENGINES:
             raise IdealError(f"unknown refinement engine {engine!r}; choose from {sorted(ENGINES)}")
         if not radius_mm > 0:
             raise IdealError(f"refinement radius must be > 0 mm, got {radius_mm}")
+        if not (isinstance(propagate_slices, int) and propagate_slices >= 0):
+            raise IdealError(f"propagate_slices must be a whole number >= 0, got {propagate_slices!r}")
         self.predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device)
         self.engine = engine
         self.radius_mm = float(radius_mm)
+        self.propagate_slices = propagate_slices
         self.labels = tuple(label.value for label in self.predictor.bundle.labels)
         self._cached: tuple[str, np.ndarray, np.ndarray] | None = None
         self._decoder_adapter = None  # the tta engine's, made on first use (it copies decoders)
@@ -132,6 +139,14 @@ class Refiner:
             for click, voxel in zip(clicks, voxels):
                 inplane = tuple(v for n, v in enumerate(voxel) if n != axis)
                 by_slice.setdefault(voxel[axis], []).append(SliceClick(inplane, click.label, click.positive))
+            if self.propagate_slices:
+                by_slice = propagated_clicks(
+                    by_slice,
+                    np.moveaxis(normalised, axis, 0),
+                    np.moveaxis(probabilities, axis + 1, 1),
+                    np.moveaxis(draft.array, axis, 0),
+                    self.propagate_slices,
+                )
             engine = ENGINES[self.engine]
             for s, slice_clicks in by_slice.items():
                 index = [slice(None)] * 3

@@ -50,11 +50,16 @@ DRAFT_CONFIDENCE = 0.9  # prior probability given to the draft's class where it 
 
 @dataclass(frozen=True)
 class SliceClick:
-    """A click on one slice: its in-plane voxel (row, column), label value and sign."""
+    """A click on one slice: its in-plane voxel (row, column), label value and sign.
+
+    A ``soft`` click is one carried over from a neighbouring slice (:mod:`.refine_propagation`): the
+    engines use it like any other, but its voxel is not forced to what it says.
+    """
 
     voxel: tuple[int, int]
     label: int
     positive: bool
+    soft: bool = False
 
 
 def draft_prior(probabilities: np.ndarray, draft: np.ndarray) -> np.ndarray:
@@ -88,8 +93,10 @@ def _local(click: SliceClick, box: tuple[slice, slice]) -> tuple[int, int]:
 
 
 def honour_clicks(labels: np.ndarray, prior: np.ndarray, clicks: list[SliceClick], box: tuple[slice, slice]) -> None:
-    """Set each clicked voxel as its click says, in click order (the later click wins)."""
+    """Set each clicked voxel as its click says, in click order (the later click wins); soft clicks are skipped."""
     for click in clicks:
+        if click.soft:
+            continue
         r, c = _local(click, box)
         if click.positive:
             labels[r, c] = click.label

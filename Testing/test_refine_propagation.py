@@ -1,0 +1,111 @@
+"""Click propagation to neighbouring slices: one click fixes an error that spans slices, only where it is the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import varied_bundle
+
+from IDEALTrain.errors import IdealError
+from IDEALTrain.inference.clicks import Click
+from IDEALTrain.inference.refine import Refiner
+from IDEALTrain.io.image import Image
+from IDEALTrain.model.bundle import save_bundle
+
+SLICES = 5
+J, I = np.mgrid[:64, :64]
+DISK = (J - 30) ** 2 + (I - 34) ** 2 <= 8**2  # 10 mm radius at 1.25 mm
+ELSEWHERE = (J - 8) ** 2 + (I - 8) ** 2 <= 6**2  # > 20 mm from the disk: out of a click's reach
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    return save_bundle(varied_bundle(), tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+def phantom(disk_slices=(1, 2, 3), disk_values=None):
+    """Bright disk (800) on ``disk_slices`` the network half-sees (p 0.3), a bright spot elsewhere on every slice
+    (keeps the per-slice intensity scaling alike); an empty draft: the disk is a missed region spanning slices."""
+    rng = np.random.default_rng(1)
+    disk_values = disk_values or {}
+    array = np.full((SLICES, 64, 64), 200.0) + rng.normal(0, 15, (SLICES, 64, 64))
+    probabilities = np.full((4, SLICES, 64, 64), 0.02, np.float32)
+    probabilities[0] = 0.94
+    for k in range(SLICES):
+        array[k][ELSEWHERE] += 600.0
+        if k in disk_slices:
+            array[k][DISK] += disk_values.get(k, 800.0) - 200.0
+            probabilities[3, k][DISK] = 0.3
+    image = Image(array.astype(np.float32), spacing=(1.25, 1.25, 8.0))
+    return image, probabilities
+
+
+def point_of(image: Image, k: int, j: int, i: int) -> tuple[float, float, float]:
+    return tuple(float(v) for v in (image.index_to_physical @ np.array([i, j, k, 1.0]))[:3])
+
+
+def refined(bundle_path, image, probabilities, draft, clicks, propagate_slices=1):
+    refiner = Refiner(bundle_path, device="cpu", propagate_slices=propagate_slices)
+    refiner.set_prior(image, probabilities)
+    return refiner.refine(image, image.with_array(draft), clicks).labels.array
+
+
+def dice(found: np.ndarray, truth: np.ndarray) -> float:
+    return 2 * (found & truth).sum() / (found.sum() + truth.sum())
+
+
+def test_one_click_fixes_an_error_spanning_three_slices(bundle_path):
+    image, probabilities = phantom()
+    draft = np.zeros(image.array.shape, np.uint8)
+    click = [Click(point_of(image, 2, 30, 34), 3, True)]
+    result = refined(bundle_path, image, probabilities, draft, click)
+    for k in (1, 2, 3):
+        assert dice(result[k] == 3, DISK) > 0.85, k
+    assert not result[[0, 4]].any()  # no disk there: the intensity at the click differs
+    only_own = refined(bundle_path, image, probabilities, draft, click, propagate_slices=0)
+    assert dice(only_own[2] == 3, DISK) > 0.85 and not only_own[[0, 1, 3, 4]].any()  # 0: the old behaviour
+    # two slices either side reach as far as the error goes, and no farther
+    wide = refined(bundle_path, image, probabilities, draft, click, propagate_slices=2)
+    assert np.array_equal(wide, result)
+
+
+def test_a_negative_click_removes_a_spurious_region_on_the_neighbours(bundle_path):
+    image, probabilities = phantom()
+    draft = np.where(DISK, 3, 0)[None].repeat(SLICES, 0).astype(np.uint8)
+    probabilities[3][:, DISK] = 0.3
+    result = refined(bundle_path, image, probabilities, draft, [Click(point_of(image, 2, 30, 34), 3, False)])
+    for k in (1, 2, 3):
+        assert (result[k][DISK] == 3).mean() < 0.15, k
+    assert np.array_equal(result[[0, 4]], draft[[0, 4]])  # the draft's disk there lies on other intensities
+
+
+def test_no_propagation_where_the_neighbour_differs(bundle_path):
+    # slice 3's disk is darker (another tissue); slice 1's draft already calls it myocardium (another error kind)
+    image, probabilities = phantom(disk_values={3: 450.0})
+    draft = np.zeros(image.array.shape, np.uint8)
+    draft[1][DISK] = 2
+    result = refined(bundle_path, image, probabilities, draft, [Click(point_of(image, 2, 30, 34), 3, True)])
+    assert dice(result[2] == 3, DISK) > 0.85
+    assert np.array_equal(result[[0, 1, 3, 4]], draft[[0, 1, 3, 4]])
+
+
+def test_real_clicks_are_honoured_and_win_over_propagated_ones(bundle_path):
+    image, probabilities = phantom()
+    draft = np.zeros(image.array.shape, np.uint8)
+    clicks = [
+        Click(point_of(image, 3, 30, 34), 3, False),  # a real "not LV" on the neighbour, at the same voxel ...
+        Click(point_of(image, 2, 30, 34), 3, True),  # ... before the click that would carry "LV" there
+        Click(point_of(image, 1, 20, 20), 1, True),  # and one elsewhere on the other neighbour
+    ]
+    result = refined(bundle_path, image, probabilities, draft, clicks)
+    assert result[3, 30, 34] != 3 and result[2, 30, 34] == 3 and result[1, 20, 20] == 1
+    assert dice(result[1] == 3, DISK) > 0.85  # the propagated click still did its work on slice 1
+
+
+def test_no_clicks_no_change_and_bad_settings_refused(bundle_path):
+    image, probabilities = phantom()
+    draft = np.random.default_rng(0).integers(0, 4, image.array.shape).astype(np.uint8)
+    assert np.array_equal(refined(bundle_path, image, probabilities, draft, [], propagate_slices=2), draft)
+    for bad in (-1, 1.5):
+        with pytest.raises(IdealError, match="propagate_slices"):
+            Refiner(bundle_path, device="cpu", propagate_slices=bad)
