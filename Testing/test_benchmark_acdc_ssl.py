@@ -125,3 +125,86 @@ def test_encoder_probe_scores_random_and_pretrained_encoders(tmp_path: Path, cap
         assert set(probes) == {"level0", "level1", "level2", "level3", "level4", "hypercolumn"}
         assert all(0.0 <= d <= 1.0 for p in probes.values() for d in p["dice"].values())
         assert probes["level0"]["mean_dice"] > 0.5  # intensity codes the label here: the finest features must find it
+
+
+VAL_LIST = [f"patient{p:03d}_frame0{f}" for p in (28, 85, 82, 87, 19, 30, 78, 45, 2, 39) for f in (1, 2)]  # SSL4MIS order
+SELECT = {"patient002", "patient028", "patient039", "patient078", "patient085"}
+
+
+def _scored(select: float, report: float) -> dict:
+    """A run whose volumes all score ``select`` (select half) or ``report`` (report half), every class alike."""
+    def volume(dice: float) -> dict:
+        return {"unit": "voxel", "classes": {c: {"dice": dice, "hd95": 1.0} for c in ("RV", "LV_Myocardium", "LV")}}
+
+    per_volume = {v: volume(select if v.split("_frame")[0] in SELECT else report) for v in VAL_LIST}
+    return {"mean": {"dice": (select + report) / 2}, "per_volume": per_volume}
+
+
+def test_val_list_splits_by_patient_into_select_and_report_halves() -> None:
+    summary = _benchmark("ssl_summary")
+    split = summary.split_volumes(reversed(VAL_LIST))
+    assert {summary.patient_of(v) for v in split["select"]} == SELECT
+    assert len(split["select"]) == len(split["report"]) == 10 and split["all"] == sorted(VAL_LIST)
+    assert not {summary.patient_of(v) for v in split["select"]} & {summary.patient_of(v) for v in split["report"]}
+    assert summary.split_volumes(VAL_LIST) == split  # the order of val.list does not matter
+
+
+def test_summary_gives_each_half_and_the_claim_is_judged_on_the_report_half() -> None:
+    benchmark = _benchmark()
+    report_dice = {  # (patients, method) -> report-half Dice of seeds 0, 1, 2
+        (3, "supervised-only"): (0.60, 0.62, 0.61), (3, "finetune-no-pretraining"): (0.64, 0.63, 0.66),
+        (3, "ideal"): (0.66, 0.62, 0.70),  # behind with seed 1 only
+        (7, "supervised-only"): (0.80, 0.81, 0.82), (7, "finetune-no-pretraining"): (0.83, 0.84, 0.85),
+        (7, "ideal"): (0.86, 0.85, 0.87),
+    }
+    runs = {benchmark.run_key(p, m, s): _scored(0.9 if m == "supervised-only" else 0.5, d)  # select half ranks the other way
+            for (p, m), dice in report_dice.items() for s, d in enumerate(dice)}
+    summary, old_claim = benchmark.summarize(runs, [3, 7], list(benchmark.METHODS), [0, 1, 2])
+    entry = summary["3_patients/ideal"]
+    assert entry["seed_ids"] == [0, 1, 2] and entry["report"]["per_seed"] == pytest.approx([0.66, 0.62, 0.70])
+    assert entry["select"]["mean_dice"] == pytest.approx(0.5) and entry["report"]["mean_dice"] == pytest.approx(0.66)
+    assert entry["all"]["mean_dice"] == pytest.approx(entry["mean_dice"]) == pytest.approx((0.5 + 0.66) / 2)
+    assert old_claim["3"]["on_the_mean"] is False  # the earlier claim, on all of val.list, is kept as it was
+
+    result = _benchmark("ssl_summary").summarize_report(runs, [3, 7], list(benchmark.METHODS), [0, 1, 2])
+    assert result["val_split"]["select"] == sorted(SELECT)
+    claim = result["claim"]
+    three = claim["label_counts"]["3"]
+    assert three["ordering_on_the_mean"] is True and three["ideal_beats_no_pretraining_seeds"] == 2 and three["holds"] is True
+    assert three["per_seed_differences"]["ideal - finetune-no-pretraining"] == pytest.approx(
+        {"seed0": 0.02, "seed1": -0.01, "seed2": 0.04})
+    assert three["per_seed_differences"]["finetune-no-pretraining - supervised-only"]["seed2"] == pytest.approx(0.05)
+    assert claim["ideal_7p_report_mean"] == pytest.approx(0.86) and claim["ideal_7p_report_at_least_0.85"] is True
+    assert claim["holds"] is True
+
+    del runs[benchmark.run_key(7, "finetune-no-pretraining", 2)]  # a run not finished yet: no verdict at 7 patients
+    claim = _benchmark("ssl_summary").summarize_report(runs, [3, 7], list(benchmark.METHODS), [0, 1, 2])["claim"]
+    assert claim["label_counts"]["7"]["holds"] is None and claim["holds"] is None
+    assert claim["label_counts"]["7"]["per_seed_differences"]["ideal - finetune-no-pretraining"].keys() == {"seed0", "seed1"}
+
+
+def test_stored_results_resummarise_with_their_halves() -> None:
+    summary = _benchmark("ssl_summary")
+    stored = json.loads((BENCHMARKS / "results" / "acdc_ssl_gpu_h100.json").read_text())
+    result = summary.resummarize(stored)
+    for key, entry in stored["summary"].items():
+        assert result["summary"][key]["all"]["mean_dice"] == pytest.approx(entry["mean_dice"])
+        assert result["summary"][key]["report"]["mean_dice"] is not None
+    assert result["claim"]["seeds"] == [0, 1] and result["claim"]["holds"] is False
+
+
+def test_resume_skips_finished_runs_and_refuses_another_budget(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    benchmark = _benchmark()
+    data, out = _tiny_ssl4mis(tmp_path / "acdc"), tmp_path / "report.json"
+    argv = ["--data", str(data), "--out", str(out), "--work", str(tmp_path / "work"), "--labeled-patients", "1",
+            "--methods", "supervised-only", "--seeds", "0", "--iterations", "3", "--device", "cpu", "--resume"]
+    budget = {k: getattr(benchmark.parse_arguments(argv), k) for k in benchmark.BUDGET_KEYS}
+    run = {"patients": 1, "method": "supervised-only", "seed": 0, **_scored(0.7, 0.8)}
+    out.write_text(json.dumps({"budget": budget, "machine": {}, "runs": {"1_patients/supervised-only/seed0": run}}))
+    assert benchmark.main(argv) == 0  # nothing left to train
+    report = json.loads(out.read_text())
+    assert report["runs"]["1_patients/supervised-only/seed0"] == run and len(report["resumed"]) == 1
+    assert report["summary"]["1_patients/supervised-only"]["report"]["mean_dice"] == pytest.approx(0.8)
+    assert benchmark.main(argv[:-1] + ["--iterations", "4", "--resume"]) == 2
+    assert "iterations: 3 there, 4 now" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == report  # refused before touching the file

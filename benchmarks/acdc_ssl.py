@@ -4,11 +4,15 @@ pretraining vs full IDEAL (pretraining + two-stream finetuning), at the same ite
 Labelled: the slices of the first 3 or 7 patients of ``train_slices.list`` (68 / 136 slices); the
 other training slices are unlabelled; evaluated on the ``val.list`` volumes with 3D Dice, HD95 and
 ASD per class (in voxels: SSL4MIS files carry no spacing), as the papers report them. The final
-weights of every run are scored (no selection on val.list, which is also the report set here).
+weights of every run are scored (no checkpoint selection). ``val.list`` is split by patient into a
+*select* half, where settings are chosen, and a *report* half, where the claim is judged
+(``ssl_summary.split_volumes``); the summary gives both halves and all of it.
 Every method shares one pretrained encoder per benchmark; each seed is a separate run, and the
-claim is judged on the mean over seeds. ``--parallel N`` trains N runs at once, each in its own
-process (a GPU is far from full with one small U-Net). Results are written after every run, so an
-interrupted benchmark keeps what it finished.
+claim is judged on the mean over seeds, with the per-seed differences. ``--parallel N`` trains N
+runs at once, each in its own process (a GPU is far from full with one small U-Net). Results are
+written after every run, so an interrupted benchmark keeps what it finished; ``--resume`` continues
+it (finished runs are skipped, and with ``--checkpoint-every`` interrupted runs continue from their
+last checkpoint). ``acdc_ssl_protocol.sh`` is issue 16's full protocol.
 
     python benchmarks/acdc_ssl.py --data $IDEAL_DATA/acdc --iterations 30000 --size 256 \
         --batch-size 12 --unlabeled-batch-size 12 --pretrain-iterations 10000 --seeds 0 1   # the full schedule (GPU)
@@ -19,13 +23,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-METHODS = ("supervised-only", "finetune-no-pretraining", "ideal")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ssl_summary import METHODS, run_key, summarize, summarize_report  # noqa: E402
+
+__all__ = ["METHODS", "main", "run_key", "summarize"]
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,21 +79,39 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (pretraining uses the first)")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue --out: skip its finished runs (its budget must match), resume interrupted ones")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="> 0: every run checkpoints this often under WORK/states, so --resume continues it there")
     return parser.parse_args(argv)
 
 
+BUDGET_KEYS = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance",
+               "pretrain_same_image_negatives", "pretrain_optimizer", "pretrain_lr", "pretrain_weight_decay",
+               "pretrain_no_dropout", "pretrain_key_eval", "pretrain_extra_levels", "pretrain_positive_radius",
+               "pretrain_queue", "pretrain_global_weight", "size", "batch_size", "unlabeled_batch_size", "lr", "seeds",
+               "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale", "encoder_warmup", "pretrained_mix",
+               "parallel", "pretrained_rescale", "stream_perturbation", "perturbation_strength", "precision",
+               "checkpoint_every")
+RESUME_IGNORES = ("parallel", "seeds")  # budget keys that may change when --resume continues a file
 RECORDED_PRETRAINING = ("batch_size", "dense_level", "global_weight", "samples_per_image", "negative_min_distance",
                         "same_image_negatives", "frozen_levels", "temperature", "queue_size", "optimizer", "learning_rate",
                         "dropout", "key_eval", "extra_dense_levels", "positive_radius")  # of a reused encoder's recipe
 
 
-def run_key(patients: int, method: str, seed: int) -> str:
-    return f"{patients}_patients/{method}/seed{seed}"
-
-
 def run_name(key: str) -> str:
     """The file and folder name of a run (its bundle, log and result)."""
     return key.replace("/", "-")
+
+
+def budget_differences(stored: dict, requested: dict) -> list[str]:
+    """What ``--resume`` refuses: the budget keys whose stored and requested values differ (a key
+    only one side has differs too), except those in ``RESUME_IGNORES``."""
+    requested = json.loads(json.dumps(requested))  # tuples as the stored lists
+    missing = "(not recorded)"
+    return [f"{k}: {stored.get(k, missing)!r} there, {requested.get(k, missing)!r} now"
+            for k in sorted(set(stored) | set(requested))
+            if k not in RESUME_IGNORES and stored.get(k, missing) != requested.get(k, missing)]
 
 
 def preprocessing_plan(args: argparse.Namespace):
@@ -95,31 +121,13 @@ def preprocessing_plan(args: argparse.Namespace):
     return Preprocessing(inplane="size", size=(args.size, args.size))
 
 
-def summarize(runs: dict, patients_list: list[int], methods: list[str], seeds: list[int]) -> tuple[dict, dict]:
-    """Mean Dice over seeds per (patients, method), and whether IDEAL beats supervised-only on that
-    mean and with every seed."""
-    summary, claim = {}, {}
-    for patients in patients_list:
-        for method in methods:
-            dice = [runs[k]["mean"]["dice"] for s in seeds if (k := run_key(patients, method, s)) in runs]
-            if dice:
-                summary[f"{patients}_patients/{method}"] = {"mean_dice": statistics.fmean(dice), "per_seed": dice, "seeds": len(dice)}
-        ideal, supervised = (summary.get(f"{patients}_patients/{m}") for m in ("ideal", "supervised-only"))
-        if ideal and supervised and ideal["seeds"] == supervised["seeds"] == len(seeds):
-            claim[str(patients)] = {
-                "on_the_mean": ideal["mean_dice"] > supervised["mean_dice"],
-                "with_every_seed": all(i > s for i, s in zip(ideal["per_seed"], supervised["per_seed"])),
-                "margin": ideal["mean_dice"] - supervised["mean_dice"],
-            }
-    return summary, claim
-
-
 def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: int, pretrained, val_cases: list) -> dict:
     """One run of the protocol: train, save the bundle under ``--work``, score on val.list."""
     from IDEALTrain.evaluation.metrics import mean_scores, score
     from IDEALTrain.inference.predictor import Predictor
     from IDEALTrain.model.bundle import save_bundle
     from IDEALTrain.model.networks import NetworkConfig
+    from IDEALTrain.training.checkpoint import CHECKPOINT_NAME
     from IDEALTrain.training.finetune import TrainConfig, train_segmentation
     from IDEALTrain.training.selection import LabelSelection, select_training_cases
 
@@ -136,17 +144,26 @@ def train_and_score(args: argparse.Namespace, patients: int, method: str, seed: 
         pretrained_rescale=args.pretrained_rescale and method == "ideal", precision=args.precision,
         stream_perturbation=args.stream_perturbation if method != "supervised-only" else "none",
         perturbation_strength=args.perturbation_strength,
-        checkpoint_every=max(args.iterations, 1), network=NetworkConfig(), preprocessing=preprocessing_plan(args),
+        checkpoint_every=args.checkpoint_every or max(args.iterations, 1), network=NetworkConfig(),
+        preprocessing=preprocessing_plan(args),
     )
-    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained if method == "ideal" else None, device=args.device)
+    name = run_name(run_key(patients, method, seed))
+    state = Path(args.work) / "states" / name if args.checkpoint_every > 0 else None
+    resumed = state is not None and (state / CHECKPOINT_NAME).is_file()
+    if resumed and not args.resume:  # a stale state of an earlier benchmark in this --work: start over
+        shutil.rmtree(state)
+        resumed = False
+    bundle = train_segmentation(labeled, config, unlabeled=unlabeled, device=args.device, checkpoint_dir=state,
+                                pretrained=pretrained if method == "ideal" else None, resume=resumed)
     trained_seconds = time.perf_counter() - start
-    save_bundle(bundle, Path(args.work) / run_name(run_key(patients, method, seed)), overwrite=True)
+    save_bundle(bundle, Path(args.work) / name, overwrite=True)
     predictor = Predictor(bundle, device=args.device)
     per_volume = {case.name: score(predictor.predict(case.image).labels, case.label) for case in val_cases}
     summary = mean_scores(list(per_volume.values()))
     return {
         "patients": patients, "method": method, "seed": seed,
         "labeled_slices": len(labeled), "unlabeled_slices": len(unlabeled), "train_seconds": trained_seconds,
+        "resumed_from_checkpoint": resumed,
         "precision": bundle.training["precision"], "encoder_level_norms": bundle.training["encoder_level_norms"],
         "mean": summary["mean"], "classes": summary["classes"], "undefined": summary["undefined"], "per_volume": per_volume,
     }
@@ -161,10 +178,11 @@ def child_command(args: argparse.Namespace, patients: int, method: str, seed: in
         "--ramp-up": args.ramp_up, "--encoder-lr-scale": args.encoder_lr_scale,
         "--encoder-warmup": args.encoder_warmup, "--pretrained-mix": args.pretrained_mix, "--seeds": seed, "--device": args.device,
         "--stream-perturbation": args.stream_perturbation, "--perturbation-strength": args.perturbation_strength,
-        "--precision": args.precision,
+        "--precision": args.precision, "--checkpoint-every": args.checkpoint_every,
     }
-    if args.pretrained_rescale:
-        options["--pretrained-rescale"] = ""
+    for flag, on in (("--pretrained-rescale", args.pretrained_rescale), ("--resume", args.resume)):
+        if on:
+            options[flag] = ""
     if pretrained_path and method == "ideal":
         options["--pretrained"] = pretrained_path
     return [sys.executable, str(Path(__file__).resolve())] + [str(x) for pair in options.items() for x in pair if x != ""]
@@ -172,17 +190,36 @@ def child_command(args: argparse.Namespace, patients: int, method: str, seed: in
 
 def run_in_processes(args: argparse.Namespace, jobs: list[tuple[int, str, int]], pretrained_path: str | None, finished) -> list[str]:
     """Train ``jobs`` in up to ``--parallel`` child processes; ``finished(key, run)`` gets each
-    result as it comes. Returns the keys of the runs that failed (their logs say why)."""
+    result as it comes. Returns the keys of the runs that failed (their logs say why). Stopped by
+    SIGTERM or Ctrl-C, it stops the runs in progress first (each checkpoints, with ``--checkpoint-every``)."""
     logs = Path(args.work) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     environment = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.parallel))}
     waiting, running, failed = list(jobs), {}, []
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        collect(args, waiting, running, failed, pretrained_path, finished, logs, environment)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process, _ in running.values():  # interrupted: the children stop (and checkpoint) too
+            process.terminate()
+        for process, _ in running.values():
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return failed
+
+
+def collect(args, waiting: list, running: dict, failed: list, pretrained_path, finished, logs: Path, environment) -> None:
+    """``run_in_processes``'s loop: start children up to ``--parallel``, hand on each finished result."""
     while waiting or running:
         while waiting and len(running) < args.parallel:
             patients, method, seed = waiting.pop(0)
             key = run_key(patients, method, seed)
             name = run_name(key)
-            with open(logs / f"{name}.log", "w") as log:
+            (logs / f"{name}.json").unlink(missing_ok=True)  # a child's --out holds only its own run
+            with open(logs / f"{name}.log", "a" if args.resume else "w") as log:
                 process = subprocess.Popen(child_command(args, patients, method, seed, pretrained_path, logs / f"{name}.json"),
                                            stdout=log, stderr=subprocess.STDOUT, env=environment)
             running[key] = (process, logs / f"{name}.json")
@@ -196,7 +233,6 @@ def run_in_processes(args: argparse.Namespace, jobs: list[tuple[int, str, int]],
             else:
                 failed.append(key)
                 print(f"{key} failed (exit {process.returncode}); see {logs / (run_name(key) + '.log')}", flush=True)
-    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,23 +253,34 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    budget_keys = ("iterations", "pretrain_iterations", "pretrain_batch_size", "pretrain_negative_min_distance",
-                   "pretrain_same_image_negatives", "size", "batch_size",
-                   "unlabeled_batch_size", "lr", "seeds", "consistency_weight", "ramp_up", "pretrained", "encoder_lr_scale",
-                   "encoder_warmup", "pretrained_mix", "parallel", "pretrained_rescale", "stream_perturbation",
-                   "perturbation_strength", "precision")
+    budget = {k: getattr(args, k) for k in BUDGET_KEYS}
+    stored = json.loads(out.read_text()) if args.resume and out.is_file() else None
+    if stored is not None and (differences := budget_differences(stored.get("budget", {}), budget)):
+        print(f"--resume: {out} was run with another budget ({'; '.join(differences)}); "
+              "resume with its options, or write to another --out", file=sys.stderr)
+        return 2
     report = {
         "protocol": "SSL4MIS ACDC: first N patients of train_slices.list labelled, the rest unlabelled; val.list volumes",
-        "budget": {k: getattr(args, k) for k in budget_keys},
+        "budget": budget,
         "device": args.device,
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "units": "voxel",
         "runs": {},
     }
+    if stored is not None:  # the stored file goes on, with the seeds of both sessions; each session's machine is kept
+        session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": args.device, "machine": report["machine"],
+                   "runs_before": len(stored["runs"])}
+        report = stored
+        seeds = sorted(set(report["budget"].get("seeds", [])) | set(args.seeds))
+        report["budget"] |= {"seeds": seeds, "parallel": args.parallel}
+        report.setdefault("resumed", []).append(session)
 
     def write() -> None:
-        report["summary"], report["claim_ideal_beats_supervised"] = summarize(report["runs"], args.labeled_patients, args.methods, args.seeds)
+        runs = report["runs"]
+        patients = sorted(set(args.labeled_patients) | {r["patients"] for r in runs.values() if "patients" in r})
+        methods = [m for m in METHODS if m in args.methods or any(r.get("method") == m for r in runs.values())]
+        report.update(summarize_report(runs, patients, methods, report["budget"]["seeds"]))
         out.write_text(json.dumps(report, indent=2))
 
     def finished(key: str, run: dict) -> None:
@@ -249,7 +296,23 @@ def main(argv: list[str] | None = None) -> int:
                                  "iterations": recipe.get("iterations"), "size": (recipe.get("preprocessing") or {}).get("size"),
                                  **{k: recipe.get(k) for k in RECORDED_PRETRAINING},
                                  "encoder_level_norms": pretrained.training.get("encoder_level_norms")}
-    if "ideal" in args.methods and pretrained is None:
+    jobs = [(p, m, s) for p in args.labeled_patients for s in args.seeds for m in args.methods
+            if run_key(p, m, s) not in report["runs"]]
+    if stored is not None:
+        print(f"--resume: {len(stored['runs'])} runs in {out}, {len(jobs)} to go", flush=True)
+    earlier = work / "pretrained"
+    if stored is not None and pretrained is None and any(m == "ideal" for _, m, _ in jobs) and "pretraining" in stored:
+        if not earlier.is_dir() and any(r.get("method") == "ideal" for r in stored["runs"].values()):
+            print(f"--resume: the IDEAL runs in {out} started from {earlier}, which is missing; bring it back "
+                  "(e.g. carry it to the machine) or write to another --out", file=sys.stderr)
+            return 2
+        if earlier.is_dir():
+            pretrained, pretrained_path = load_bundle(earlier), str(earlier)
+            if json.loads(json.dumps(pretrained.training["recipe"])) != stored["pretraining"].get("recipe"):
+                print(f"--resume: {earlier} is not the encoder {out} records; write to another --out", file=sys.stderr)
+                return 2
+            print(f"--resume: the IDEAL runs start from the encoder pretrained before, {earlier}", flush=True)
+    if any(m == "ideal" for _, m, _ in jobs) and pretrained is None:
         start = time.perf_counter()
         everything = load_cases(f"ssl4mis:{data}:train_slices.list")
         config = PretrainConfig(iterations=args.pretrain_iterations, batch_size=args.pretrain_batch_size, seed=args.seeds[0],
@@ -271,16 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(f"pretraining: {report['pretraining']['seconds']:.0f} s", flush=True)
 
-    jobs = [(p, m, s) for p in args.labeled_patients for s in args.seeds for m in args.methods]
     if args.parallel > 1 and len(jobs) > 1:
         failed = run_in_processes(args, jobs, pretrained_path, finished)
     else:
-        val_cases = load_cases(f"ssl4mis:{data}:val.list", require_labels=True)
+        val_cases = load_cases(f"ssl4mis:{data}:val.list", require_labels=True) if jobs else []
         failed = []
         for patients, method, seed in jobs:
             finished(run_key(patients, method, seed), train_and_score(args, patients, method, seed, pretrained, val_cases))
     write()
-    print(json.dumps(report["claim_ideal_beats_supervised"]))
+    print(json.dumps(report["claim"]))
     return 1 if failed else 0
 
 

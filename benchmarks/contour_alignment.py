@@ -47,7 +47,7 @@ def edge_strength(image: np.ndarray, contour_xy: np.ndarray, shifts: np.ndarray)
 
 def endocardial_contours(root: Path):
     """(patient, image 2D, 0-based contour) for every endocardial contour, through the project's loader."""
-    from IDEALTrain.io.sunnybrook import list_sunnybrook_patients, read_sunnybrook_patient, read_contour
+    from IDEALTrain.io.sunnybrook import list_sunnybrook_patients, read_contour, read_sunnybrook_patient
 
     for patient in list_sunnybrook_patients(root):
         for phase in read_sunnybrook_patient(root, patient):
