@@ -323,6 +323,7 @@ def test_the_default_continue_plan_protects_against_forgetting_and_fits_minutes(
     assert "--supervised-only" not in arguments and value(arguments, "--unlabeled") == f"folder:{run.unlabeled_dir}"
     args = build_parser().parse_args(arguments)
     assert (args.distill, args.frozen_levels, args.crop, args.frozen_norm) == (CONTINUE.distill, CONTINUE.frozen_levels, CONTINUE.crop, True)
+    assert args.keep_old == CONTINUE.keep_old and 0 < CONTINUE.keep_old < 1
     text = estimate_text(len(run.train_cases), 1)
     minutes, fp32 = (CONTINUE.estimate_seconds(len(run.train_cases) + 1, bf16=bf16) / 60 for bf16 in (True, False))
     assert f"about {max(1, round(minutes))} min for {CONTINUE.iterations} iterations" in text and "1 unlabelled" in text

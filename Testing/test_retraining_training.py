@@ -73,6 +73,26 @@ def test_forgetting_protection_keeps_the_unreviewed_structure(old_model):
     assert protected.training["recipe"]["distill_weight"] == 1.0 and protected.training["recipe"]["frozen_levels"] == 2
 
 
+def test_keep_old_mixes_the_starting_and_the_trained_weights(old_model):
+    old, cases = old_model
+    base = TrainConfig(iterations=5, batch_size=2, learning_rate=0.05, network=old.network, preprocessing=old.preprocessing,
+                       augmentation=NO_AUGMENTATION, seed=3)
+    trained = train_segmentation(cases[:1], base, initial=old, device="cpu")
+    mixed = train_segmentation(cases[:1], replace(base, keep_old=0.25), initial=old, device="cpu")
+    changed = 0
+    for name, value in old.weights.items():
+        if value.is_floating_point():  # same seed, same run: the mix is exactly 1/4 old + 3/4 trained
+            assert torch.allclose(mixed.weights[name], 0.25 * value + 0.75 * trained.weights[name], atol=1e-5), name
+            changed += not torch.equal(trained.weights[name], value)
+        else:
+            assert torch.equal(mixed.weights[name], trained.weights[name])
+    assert changed > 10 and mixed.training["recipe"]["keep_old"] == 0.25
+    with pytest.raises(Exception, match="keep-old"):
+        train_segmentation(cases[:1], replace(base, keep_old=1.0), initial=old, device="cpu")
+    with pytest.raises(Exception, match="starting model"):
+        train_segmentation(cases[:1], replace(base, keep_old=0.5), device="cpu")
+
+
 def test_distillation_needs_a_model_to_distil_from(old_model):
     old, cases = old_model
     config = TrainConfig(iterations=2, batch_size=2, network=old.network, preprocessing=old.preprocessing, distill_weight=1.0)

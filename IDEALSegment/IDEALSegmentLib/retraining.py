@@ -40,9 +40,9 @@ class ContinueSettings:
     """The default retraining ("continue the current model"): keeps what the model knew, fits minutes on a CPU.
 
     Chosen and measured with ``benchmarks/site_adaptation.py`` (README): the finest encoder levels stay
-    frozen, the old model is distilled wherever the labels leave the class open, and training runs
-    few iterations of small batches on random crops, with the site's unlabelled scans in IDEAL's
-    two-stream consistency term.
+    frozen, the old model is distilled wherever the labels leave the class open, training runs few
+    iterations of small batches on random crops, with the site's unlabelled scans in IDEAL's
+    two-stream consistency term, and the new weights are the mean of the old and the trained ones.
     """
 
     iterations: int = 200
@@ -53,6 +53,7 @@ class ContinueSettings:
     frozen_norm: bool = True
     distill: float = 2.0
     lr: float = 0.001
+    keep_old: float = 0.5  # final weights: half the old model's, half the trained ones (weight-space ensembling)
     #: Measured by benchmarks/site_adaptation.py on this project's shared 2-core CPU (one thread, 6-9 busy processes):
     #: 200 iterations with 104 volumes took 149-157 s with bf16 autocast (the CPU has AVX-512 BF16), 352 s in fp32.
     seconds_per_iteration: float = 0.6
@@ -64,7 +65,7 @@ class ContinueSettings:
         return [
             "--batch-size", str(self.batch_size), "--unlabeled-batch-size", str(self.unlabeled_batch_size),
             "--crop", str(self.crop), "--frozen-levels", str(self.frozen_levels), "--distill", str(self.distill),
-            "--lr", str(self.lr), *(["--frozen-norm"] if self.frozen_norm else []),
+            "--lr", str(self.lr), "--keep-old", str(self.keep_old), *(["--frozen-norm"] if self.frozen_norm else []),
         ]
 
     def estimate_seconds(self, volumes: int, iterations: int | None = None, bf16: bool = True) -> float:

@@ -146,6 +146,7 @@ def _finetune_options(args: argparse.Namespace) -> dict:
         frozen_levels=args.frozen_levels,
         crop_size=args.crop,
         frozen_norm=args.frozen_norm,
+        keep_old=args.keep_old,
         pretrained_rescale=args.pretrained_rescale,
         stream_perturbation=args.stream_perturbation,
         perturbation_strength=args.perturbation_strength,
@@ -319,6 +320,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--frozen-levels", type=int, default=0, metavar="N", help="the finest N encoder levels do not learn (default 0)")
     p.add_argument("--crop", type=int, default=0, metavar="PX", help="train on random PX x PX crops of the slices (faster; default 0: whole slices)")
     p.add_argument("--frozen-norm", action="store_true", help="batch-norm statistics stay the starting model's (against forgetting)")
+    p.add_argument(
+        "--keep-old", type=float, default=0.0, metavar="F",
+        help="with --init-from: the final weights are F x the starting model's + (1 - F) x the trained ones "
+        "(weight-space ensembling, against forgetting; default 0: off)",
+    )
     p.add_argument("--provenance", metavar="JSON", help="JSON file recorded in the card as training.corrections (what the model learnt from)")
     p.add_argument(
         "--encoder-lr-scale", type=float, default=1.0,

@@ -70,6 +70,7 @@ class TrainConfig:
     distill_weight: float = 0.0  # > 0: the starting model is distilled where labels leave the class open (partial_labels)
     frozen_levels: int = 0  # the finest N encoder levels do not learn (retention)
     frozen_norm: bool = False  # batch-norm statistics stay the starting model's
+    keep_old: float = 0.0  # final weights = keep_old * starting model + (1 - keep_old) * trained (retention)
     crop_size: int = 0  # > 0: train on random crops of this size (faster; 0 = whole slices)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -358,7 +359,7 @@ def train_segmentation(
     data = TrainingSlices(*prepare_slices(labeled, unlabeled, config.preprocessing, config.network))
     network, norms = build_network(config, pretrained, initial, context.device)
     retention = Retention(network, frozen_levels=config.frozen_levels, frozen_norm=config.frozen_norm,
-                          distill_weight=config.distill_weight, has_start=initial is not None)
+                          distill_weight=config.distill_weight, keep_old=config.keep_old, has_start=initial is not None)
     teacher = copy.deepcopy(network).requires_grad_(False) if config.ema_teacher and not config.supervised_only else None
     model = context.wrap(network)
     optimizer = build_optimizer(network, config)
@@ -374,6 +375,7 @@ def train_segmentation(
     step = FinetuneStep(config, network, model, teacher, optimizer, data.to(context.device), generator, context, precision, retention)
     network.train()
     loop.run(step, Validation(network, config, val_cases, loop, context))
+    retention.blend_with_start(network)
     agree = context.ranks_agree(network)
     if not agree:
         raise IdealError("the training processes ended with different weights; the distributed run is inconsistent")

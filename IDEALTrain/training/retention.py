@@ -1,9 +1,12 @@
 """Retraining a model on a few corrected cases without forgetting, in minutes on a CPU.
 
-Three levers, all recorded in the card through ``TrainConfig``: the finest encoder levels stay
+Four levers, all recorded in the card through ``TrainConfig``: the finest encoder levels stay
 frozen (fewer layers trained: faster, and the features the old model learnt from many scans are
 kept), the old model distils its predictions wherever the labels leave the answer open
-(:func:`partial_labels.distillation_loss`), and training runs on random crops of the slices.
+(:func:`partial_labels.distillation_loss`), the final weights are a mix of the old and the trained
+ones (weight-space ensembling, Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022:
+half of the update keeps most of the gain at the new site and about half of the loss elsewhere), and
+training runs on random crops of the slices.
 """
 from __future__ import annotations
 
@@ -57,11 +60,27 @@ class Retention:
     Built right after the network gets its starting weights (the copy distilled from is taken then).
     """
 
-    def __init__(self, network: nn.Module, *, frozen_levels: int, frozen_norm: bool, distill_weight: float, has_start: bool) -> None:
-        if distill_weight > 0 and not has_start:
-            raise IdealError("distillation needs a starting model to distil from (--init-from)")
+    def __init__(
+        self, network: nn.Module, *, frozen_levels: int, frozen_norm: bool, distill_weight: float, has_start: bool,
+        keep_old: float = 0.0,
+    ) -> None:
+        if (distill_weight > 0 or keep_old > 0) and not has_start:
+            raise IdealError("distillation and --keep-old need a starting model (--init-from)")
+        if not 0 <= keep_old < 1:
+            raise IdealError(f"--keep-old is the starting model's share of the final weights, 0 to below 1; got {keep_old}")
         self.old = frozen_copy(network) if distill_weight > 0 else None
+        self.keep_old = keep_old
+        self.start = {k: v.detach().clone() for k, v in network.state_dict().items()} if keep_old > 0 else None
         self.frozen = freeze_encoder_levels(network, frozen_levels, frozen_norm)
+
+    def blend_with_start(self, network: nn.Module) -> None:
+        """Final weights: ``keep_old`` of the starting model's plus the rest of the trained ones (float tensors only)."""
+        if self.start is None:
+            return
+        with torch.no_grad():
+            for name, value in network.state_dict().items():
+                if value.is_floating_point():
+                    value.lerp_(self.start[name].to(value.device, value.dtype), self.keep_old)
 
     def before_step(self) -> None:
         """Keep the frozen modules in eval mode (validation switches the network back to training mode)."""
