@@ -7,15 +7,17 @@ import pytest
 from helpers import varied_bundle
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.inference import refine_propagation as propagation
 from IDEALTrain.inference.clicks import Click
 from IDEALTrain.inference.refine import Refiner
+from IDEALTrain.inference.refine_engines import SliceClick, honour_clicks
 from IDEALTrain.io.image import Image
 from IDEALTrain.model.bundle import save_bundle
 
 SLICES = 5
-J, I = np.mgrid[:64, :64]
-DISK = (J - 30) ** 2 + (I - 34) ** 2 <= 8**2  # 10 mm radius at 1.25 mm
-ELSEWHERE = (J - 8) ** 2 + (I - 8) ** 2 <= 6**2  # > 20 mm from the disk: out of a click's reach
+ROWS, COLS = np.mgrid[:64, :64]
+DISK = (ROWS - 30) ** 2 + (COLS - 34) ** 2 <= 8**2  # 10 mm radius at 1.25 mm
+ELSEWHERE = (ROWS - 8) ** 2 + (COLS - 8) ** 2 <= 6**2  # > 20 mm from the disk: out of a click's reach
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +71,15 @@ def test_one_click_fixes_an_error_spanning_three_slices(bundle_path):
     assert np.array_equal(wide, result)
 
 
-def test_a_negative_click_removes_a_spurious_region_on_the_neighbours(bundle_path):
+def test_negative_clicks_carry_over_only_when_switched_on(bundle_path, monkeypatch):
     image, probabilities = phantom()
     draft = np.where(DISK, 3, 0)[None].repeat(SLICES, 0).astype(np.uint8)
     probabilities[3][:, DISK] = 0.3
-    result = refined(bundle_path, image, probabilities, draft, [Click(point_of(image, 2, 30, 34), 3, False)])
+    click = [Click(point_of(image, 2, 30, 34), 3, False)]
+    shipped = refined(bundle_path, image, probabilities, draft, click)  # PROPAGATE_NEGATIVE is off
+    assert (shipped[2][DISK] == 3).mean() < 0.15 and np.array_equal(shipped[[0, 1, 3, 4]], draft[[0, 1, 3, 4]])
+    monkeypatch.setattr(propagation, "PROPAGATE_NEGATIVE", True)
+    result = refined(bundle_path, image, probabilities, draft, click)
     for k in (1, 2, 3):
         assert (result[k][DISK] == 3).mean() < 0.15, k
     assert np.array_equal(result[[0, 4]], draft[[0, 4]])  # the draft's disk there lies on other intensities
@@ -109,3 +115,13 @@ def test_no_clicks_no_change_and_bad_settings_refused(bundle_path):
     for bad in (-1, 1.5):
         with pytest.raises(IdealError, match="propagate_slices"):
             Refiner(bundle_path, device="cpu", propagate_slices=bad)
+
+
+def test_soft_clicks_are_not_forced():
+    """Only real clicks are set as they say; a soft (propagated) one only steers the engine."""
+    labels = np.zeros((4, 4), np.uint8)
+    prior = np.zeros((4, 4, 4), np.float32)
+    prior[0] = 1.0
+    box = (slice(0, 4), slice(0, 4))
+    honour_clicks(labels, prior, [SliceClick((1, 1), 3, True, soft=True), SliceClick((2, 2), 2, True)], box)
+    assert labels[1, 1] == 0 and labels[2, 2] == 2

@@ -208,6 +208,8 @@ def main() -> None:
     )
     parser.add_argument("--propagate-intensity", type=float, default=None, help="override PROPAGATE_INTENSITY")
     parser.add_argument("--propagate-margin", type=float, default=None, help="override PROPAGATE_MARGIN")
+    parser.add_argument("--propagate-search-mm", type=float, default=None, help="override PROPAGATE_SEARCH_MM")
+    parser.add_argument("--propagate-negative", choices=("yes", "no"), default=None, help="override PROPAGATE_NEGATIVE")
     parser.add_argument(
         "--limit", type=int, default=None, help="first N ACDC volumes / Sunnybrook patients (development)"
     )
@@ -225,6 +227,10 @@ def main() -> None:
         propagation.PROPAGATE_INTENSITY = args.propagate_intensity
     if args.propagate_margin is not None:
         propagation.PROPAGATE_MARGIN = args.propagate_margin
+    if args.propagate_search_mm is not None:
+        propagation.PROPAGATE_SEARCH_MM = args.propagate_search_mm
+    if args.propagate_negative is not None:
+        propagation.PROPAGATE_NEGATIVE = args.propagate_negative == "yes"
     slices = propagation.PROPAGATE_SLICES if args.propagate_slices is None else args.propagate_slices
     oracle = args.engine == "oracle"
     refiner = Refiner(
@@ -247,6 +253,8 @@ def main() -> None:
                 "propagate_slices": slices,
                 "propagate_intensity": propagation.PROPAGATE_INTENSITY,
                 "propagate_margin": propagation.PROPAGATE_MARGIN,
+                "propagate_negative": propagation.PROPAGATE_NEGATIVE,
+                "propagate_search_mm": propagation.PROPAGATE_SEARCH_MM,
             }
         ),
         "model": args.model.name,

@@ -146,6 +146,7 @@ class Refiner:
                     np.moveaxis(probabilities, axis + 1, 1),
                     np.moveaxis(draft.array, axis, 0),
                     self.propagate_slices,
+                    inplane_spacing,
                 )
             engine = ENGINES[self.engine]
             for s, slice_clicks in by_slice.items():
