@@ -197,7 +197,11 @@ def main() -> None:
         "--data", type=Path, default=Path(os.environ.get("IDEAL_DATA", ROOT.parent / "shared" / "data"))
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--engine", default="levelset", help="an engine, or 'oracle' (a ceiling from the reference)")
+    parser.add_argument(
+        "--engine", default="levelset", help="an engine, 'oracle' (a ceiling from the reference), 'guided' (experiment)"
+    )
+    parser.add_argument("--guided-weights", type=Path, default=None, help="guided: its weights (safetensors)")
+    parser.add_argument("--guided-blob", action="store_true", help="guided: plus levelset's blob deletion")
     parser.add_argument("--oracle-slices", type=int, default=0, help="oracle: slices either side of the click it fixes")
     parser.add_argument("--radius-mm", type=float, default=20.0, help="in-plane reach of a click (the shipped default)")
     parser.add_argument(
@@ -233,6 +237,14 @@ def main() -> None:
         propagation.PROPAGATE_NEGATIVE = args.propagate_negative == "yes"
     slices = propagation.PROPAGATE_SLICES if args.propagate_slices is None else args.propagate_slices
     oracle = args.engine == "oracle"
+    if args.engine == "guided":  # the click-conditioned network: registered for this benchmark only, not shipped
+        from guided_refiner import GuidedEngine
+
+        from IDEALTrain.inference.refine_engines import ENGINES
+
+        if args.guided_weights is None:
+            parser.error("--engine guided needs --guided-weights")
+        ENGINES["guided"] = GuidedEngine(args.guided_weights, blob=args.guided_blob)
     refiner = Refiner(
         args.model,
         device="cpu",
@@ -245,6 +257,11 @@ def main() -> None:
     report = {
         "engine": args.engine,
         **({"oracle_slices": args.oracle_slices} if oracle else {}),
+        **(
+            {"guided_weights": str(args.guided_weights), "guided_blob": args.guided_blob}
+            if args.engine == "guided"
+            else {}
+        ),
         "radius_mm": args.radius_mm,
         **(
             {}
