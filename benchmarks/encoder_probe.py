@@ -30,6 +30,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="network in-plane size")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps of the linear classifier")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random encoder and of the classifier")
+    parser.add_argument("--sets", nargs="*", help="probe only these feature sets, e.g. level3 level4 hypercolumn (default: all)")
     parser.add_argument("--out", default="benchmarks/results/encoder_probe.json")
     return parser.parse_args(argv)
 
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "train_slices.list").is_file():
         raise SystemExit(f"ACDC (SSL4MIS layout) not found at {data}: set IDEAL_DATA or pass --data")
     config = NetworkConfig()
+    if unknown := set(args.sets or ()) - set(level_sets(config.depth)):
+        raise SystemExit(f"--sets: no feature set {', '.join(sorted(unknown))}; there are {', '.join(level_sets(config.depth))}")
     plan = Preprocessing(inplane="size", size=(args.size, args.size))
     labeled, _ = select_training_cases(f"ssl4mis:{data}", f"ssl4mis:{data}", LabelSelection(patients=args.labeled_patients), require_unlabeled=False)
 
@@ -143,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             recipe = pretrained.training.get("recipe", {})
             recorded = ("iterations", "dense_level", "global_weight", "samples_per_image", "negative_min_distance",
                         "same_image_negatives", "frozen_levels", "optimizer", "learning_rate", "dropout", "key_eval",
-                        "extra_dense_levels", "positive_radius", "queue_size")
+                        "extra_dense_levels", "positive_radius", "queue_size", "weight_decay")
             report["encoders"][name] = {"recipe": {k: recipe.get(k) for k in recorded}, "encoder_level_norms": norms}
         encoder = network.encoder
         recalibrate_batch_norm(encoder, train[0])
-        results = {label: probe(encoder, train, val, levels, args.steps, args.seed) for label, levels in level_sets(config.depth).items()}
+        results = {label: probe(encoder, train, val, levels, args.steps, args.seed) for label, levels in level_sets(config.depth).items()
+                   if not args.sets or label in args.sets}
         report["encoders"].setdefault(name, {})["probes"] = results
         print(name, {label: round(r["mean_dice"], 3) for label, r in results.items()}, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
