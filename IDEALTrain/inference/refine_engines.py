@@ -70,6 +70,13 @@ def draft_prior(probabilities: np.ndarray, draft: np.ndarray) -> np.ndarray:
     return np.where(agree[None], probabilities, mixed).astype(np.float32)
 
 
+def label_margin(log_p: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """``label``'s margin log p_L - log max other p, and the log prior with L masked out (its argmax: the best other class)."""
+    others = log_p.copy()
+    others[label] = -np.inf
+    return log_p[label] - others.max(axis=0), others
+
+
 def click_region(
     shape: tuple[int, int], clicks: list[SliceClick], spacing: tuple[float, float], radius_mm: float
 ) -> tuple[tuple[slice, slice], np.ndarray]:
@@ -195,9 +202,7 @@ def levelset(
     labels = draft[box].astype(np.uint8).copy()
     smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(image[box]), 1.0))
     for click in clicks:
-        others = log_p.copy()
-        others[click.label] = -np.inf
-        margin = log_p[click.label] - others.max(axis=0)
+        margin, others = label_margin(log_p, click.label)
         at = _local(click, box)
         inside = labels == click.label
         if not click.positive and inside[at]:

@@ -57,7 +57,8 @@ def random_crop(images: torch.Tensor, labels: torch.Tensor, size: int, generator
 class Retention:
     """A run's protection against forgetting: frozen modules kept in eval mode, distillation from the starting model.
 
-    Built right after the network gets its starting weights (the copy distilled from is taken then).
+    Built right after the network gets its starting weights: the one frozen copy of them, taken then, is
+    both the model distilled from and the weights mixed back in at the end.
     """
 
     def __init__(
@@ -68,19 +69,20 @@ class Retention:
             raise IdealError("distillation and --keep-old need a starting model (--init-from)")
         if not 0 <= keep_old < 1:
             raise IdealError(f"--keep-old is the starting model's share of the final weights, 0 to below 1; got {keep_old}")
-        self.old = frozen_copy(network) if distill_weight > 0 else None
+        self.old = frozen_copy(network) if distill_weight > 0 or keep_old > 0 else None
+        self.distill = distill_weight > 0
         self.keep_old = keep_old
-        self.start = {k: v.detach().clone() for k, v in network.state_dict().items()} if keep_old > 0 else None
         self.frozen = freeze_encoder_levels(network, frozen_levels, frozen_norm)
 
     def blend_with_start(self, network: nn.Module) -> None:
         """Final weights: ``keep_old`` of the starting model's plus the rest of the trained ones (float tensors only)."""
-        if self.start is None:
+        if self.keep_old == 0:
             return
+        start = self.old.state_dict()
         with torch.no_grad():
             for name, value in network.state_dict().items():
                 if value.is_floating_point():
-                    value.lerp_(self.start[name].to(value.device, value.dtype), self.keep_old)
+                    value.lerp_(start[name].to(value.device, value.dtype), self.keep_old)
 
     def before_step(self) -> None:
         """Keep the frozen modules in eval mode (validation switches the network back to training mode)."""
@@ -89,7 +91,7 @@ class Retention:
 
     def distillation(self, x: torch.Tensor, labels: torch.Tensor, streams: list[torch.Tensor], autocast) -> torch.Tensor | None:
         """The distillation loss of a batch (labelled part first, with ``labels``; the rest unlabelled), None when off."""
-        if self.old is None:
+        if not self.distill:
             return None
         from .partial_labels import UNLABELLED, distillation_loss
 
