@@ -7,6 +7,7 @@ from IDEALTrain.io.image import Image
 from IDEALTrain.model.bundle import Bundle
 from IDEALTrain.model.networks import NetworkConfig, SegmentationNetwork
 from IDEALTrain.model.preprocessing import Preprocessing
+from IDEALTrain.model.refinement_network import RefinementConfig, RefinementNetwork
 
 
 def oblique_direction(seed: int = 3) -> np.ndarray:
@@ -40,6 +41,26 @@ def varied_bundle(seed: int = 0) -> Bundle:
     bundle = tiny_bundle(seed)
     bundle.weights = {k: v * 4 if k.endswith("weight") and v.ndim == 4 else v for k, v in bundle.weights.items()}
     return bundle
+
+
+def tiny_refinement_bundle(segmentation: Bundle, seed: int = 0, trained: bool = True, adjacent: bool = False) -> Bundle:
+    """A small refinement network for ``segmentation``'s labels; ``trained``: a random non-zero head (an
+    untrained one returns the draft prior unchanged); ``adjacent``: with adjacent-slice guidance."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = RefinementConfig(base_channels=4, depth=3, context_px=8, adjacent_guidance=adjacent)
+    network = RefinementNetwork(config)
+    if trained:
+        torch.nn.init.normal_(network.head.weight, std=2.0)
+    return Bundle(
+        config,
+        segmentation.preprocessing,
+        network.state_dict(),
+        labels=segmentation.labels,
+        model_id=f"{segmentation.model_id}-refinement",
+        kind="refinement",
+    )
 
 
 def import_slicer_core():

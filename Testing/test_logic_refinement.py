@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import import_slicer_core, oblique_image, varied_bundle
+from helpers import import_slicer_core, oblique_image, tiny_refinement_bundle, varied_bundle
 
 slicer = import_slicer_core()
 
@@ -215,9 +215,37 @@ def test_refine_controller_places_points_and_tracks_state(bundle_path):
         controller.session.wait()
         assert labels_from_segmentation(segmentation, volume).array[2, 14, 15] == 3
         add, undo, status = controller.state(volume, segmentation, bundle_path)
-        assert add and undo and "refined with 1 click" in status
+        assert add and undo and "refined with 1 click" in status and "(level set)" in status  # no network here
         controller.undo(volume, segmentation, bundle_path, "cpu")
         assert np.array_equal(labels_from_segmentation(segmentation, volume).array, draft)
         assert controller.state(volume, segmentation, bundle_path)[:2] == (True, False)
+    finally:
+        controller.close()
+
+
+def test_the_engine_selector_reaches_the_worker(tmp_path):
+    """A model folder with a correction network refines with it by default; choosing level set takes effect."""
+    from IDEALSegmentLib.refinement import RefineController
+
+    from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
+
+    segmentation_bundle = varied_bundle()
+    model = save_bundle(segmentation_bundle, tmp_path / "tiny")
+    save_bundle(tiny_refinement_bundle(segmentation_bundle), model / REFINEMENT_FOLDER)
+    scene = slicer.vtkMRMLScene()
+    image = oblique_image(shape=(4, 28, 30))
+    volume = volume_from_image(image, scene, "v")
+    segmentation = segmentation_from_labels(image.with_array(np.zeros(image.array.shape, np.uint8)), volume)
+    controller = RefineController()
+    assert controller.engines()[0][0] == "auto" and controller.engine == "auto"
+    with pytest.raises(IdealError, match="unknown refinement engine"):
+        controller.choose_engine("magic")
+    try:
+        for engine, name, clicks in (("auto", "correction network", 1), ("levelset", "level set", 2)):
+            controller.choose_engine(engine)
+            markups = controller.start_placing(volume, segmentation, model, "cpu", 3, True)
+            controller.point_placed(markups.AddControlPointWorld(*ras_of(image, 2, 10 + 4 * clicks, 15)))
+            status = controller.session.wait()
+            assert f"refined with {clicks} click(s)" in status and f"({name})" in status, status
     finally:
         controller.close()

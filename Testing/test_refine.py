@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import oblique_image, varied_bundle
+from helpers import oblique_image, tiny_refinement_bundle, varied_bundle
 
 from IDEALTrain.cli import main
 from IDEALTrain.errors import IdealError
@@ -15,12 +15,22 @@ from IDEALTrain.inference.refine import Refiner, distance_from_clicks_mm
 from IDEALTrain.inference.refine_engines import ENGINES
 from IDEALTrain.io.image import Image
 from IDEALTrain.io.volume_files import read_image, write_image
-from IDEALTrain.model.bundle import save_bundle
+from IDEALTrain.model.bundle import load_bundle, save_bundle
+from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
 
 
 @pytest.fixture(scope="module")
 def bundle_path(tmp_path_factory):
     return save_bundle(varied_bundle(), tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def guided_bundle_path(tmp_path_factory):
+    """A tiny model folder that carries a (random) refinement network in refinement/, as the shipped one does."""
+    segmentation = varied_bundle()
+    path = save_bundle(segmentation, tmp_path_factory.mktemp("guided") / "tiny")
+    save_bundle(tiny_refinement_bundle(segmentation), path / REFINEMENT_FOLDER)
+    return path
 
 
 def point_of(image: Image, k: int, j: int, i: int) -> tuple[float, float, float]:
@@ -36,9 +46,10 @@ def test_points_map_to_their_voxel_on_an_oblique_grid():
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_clicked_voxels_are_honoured_and_changes_stay_near_clicks(bundle_path, engine):
+def test_clicked_voxels_are_honoured_and_changes_stay_near_clicks(bundle_path, guided_bundle_path, engine):
     image = oblique_image()
-    refiner = Refiner(bundle_path, device="cpu", engine=engine, radius_mm=12.0, propagate_slices=0)
+    path = guided_bundle_path if engine == "guided" else bundle_path
+    refiner = Refiner(path, device="cpu", engine=engine, radius_mm=12.0, propagate_slices=0)
     draft = refiner.predictor.predict(image).labels
     voxels = [
         ((2, 10, 12), 3, True),
@@ -84,7 +95,7 @@ def test_a_positive_click_fills_the_region_it_lands_in_and_stops_at_its_edge(bun
     disk = (j - 30) ** 2 + (i - 34) ** 2 <= 8**2
     array = np.repeat((np.where(disk, 800.0, 200.0) + rng.normal(0, 15, (64, 64)))[None], 3, axis=0)
     image = Image(array.astype(np.float32), spacing=(1.25, 1.25, 8.0))
-    refiner = Refiner(bundle_path, device="cpu", propagate_slices=0)  # the shipped engine, on the clicked slice only
+    refiner = Refiner(bundle_path, device="cpu", engine="levelset", propagate_slices=0)  # on the clicked slice only
     probabilities = np.full((4, *image.array.shape), 0.02, np.float32)
     probabilities[0] = 0.94
     probabilities[3][:, disk] = 0.3  # the network half-sees it
@@ -108,7 +119,7 @@ def test_a_negative_click_deletes_the_blob_it_is_centred_in_and_trims_near_an_ed
     j, i = np.mgrid[:64, :64]
     blob = (np.abs(j - 32) < 18) & (np.abs(i - 32) < 18)
     image = Image(np.repeat(np.where(blob, 700.0, 200.0)[None], 3, axis=0).astype(np.float32), (1.25, 1.25, 8.0))
-    refiner = Refiner(bundle_path, device="cpu", radius_mm=12.0, propagate_slices=0)
+    refiner = Refiner(bundle_path, device="cpu", engine="levelset", radius_mm=12.0, propagate_slices=0)
     probabilities = np.full((4, *image.array.shape), 0.02, np.float32)
     probabilities[0] = np.where(blob, 0.02, 0.94)
     probabilities[1] = np.where(blob, 0.94, 0.02)  # the network is sure of it
@@ -121,6 +132,69 @@ def test_a_negative_click_deletes_the_blob_it_is_centred_in_and_trims_near_an_ed
     changed = edge != draft.array
     assert edge[1, 32, 16] == 0 and 0 < changed.sum() < blob.sum() / 2
     assert distance_from_clicks_mm(image, edge_click)[changed].max() <= 12.0 + 1e-6
+
+
+def test_the_guided_engine_is_the_default_where_the_model_carries_a_refinement_network(bundle_path, guided_bundle_path):
+    assert Refiner(guided_bundle_path, device="cpu").engine == "guided"
+    assert Refiner(bundle_path, device="cpu").engine == "levelset"
+    assert Refiner(guided_bundle_path, device="cpu", engine="levelset").engine == "levelset"
+    with pytest.raises(IdealError, match="needs a refinement network"):
+        Refiner(bundle_path, device="cpu", engine="guided")
+    with pytest.raises(IdealError, match="not a refinement network"):
+        Refiner(bundle_path, device="cpu", engine="guided", refinement=bundle_path)
+    # an explicit refinement bundle works with a model folder that has none
+    explicit = Refiner(bundle_path, device="cpu", refinement=guided_bundle_path / REFINEMENT_FOLDER)
+    assert explicit.engine == "guided"
+
+
+def test_a_refinement_network_for_other_labels_or_used_as_a_segmentation_model_is_refused(
+    bundle_path, guided_bundle_path, tmp_path
+):
+    other = tiny_refinement_bundle(varied_bundle())
+    other.labels = other.labels[:2]
+    other.network = type(other.network)(**{**other.network.to_json(), "num_classes": 3})
+    from IDEALTrain.model.refinement_network import RefinementNetwork
+
+    other.weights = RefinementNetwork(other.network).state_dict()
+    with pytest.raises(IdealError, match="made for labels"):
+        Refiner(bundle_path, device="cpu", refinement=other)
+    with pytest.raises(IdealError, match="not a segmentation model"):
+        Refiner(guided_bundle_path / REFINEMENT_FOLDER, device="cpu")
+    loaded = load_bundle(guided_bundle_path / REFINEMENT_FOLDER)
+    assert loaded.kind == "refinement" and loaded.network.depth == 3
+    loaded.weights.pop("head.bias")
+    with pytest.raises(IdealError, match="1 missing"):
+        loaded.check_weights()
+
+
+def test_an_untrained_refinement_network_keeps_the_draft_apart_from_the_clicked_voxels(bundle_path):
+    """Its last layer starts at zero: the output is the draft prior, so only the clicks themselves change labels."""
+    image = oblique_image(seed=4)
+    untrained = tiny_refinement_bundle(varied_bundle(), trained=False)
+    refiner = Refiner(bundle_path, device="cpu", refinement=untrained, propagate_slices=0)
+    draft = refiner.predictor.predict(image).labels
+    voxels = [((3, 20, 20), 3, True), ((3, 25, 30), 1, True)]
+    clicks = [Click(point_of(image, *v), label, positive) for v, label, positive in voxels]
+    result = refiner.refine(image, draft, clicks).labels.array
+    changed = np.argwhere(result != draft.array)
+    assert {tuple(v) for v in changed} <= {v for v, _, _ in voxels}
+    assert all(result[v] == label for v, label, _ in voxels)
+
+
+def test_an_adjacent_guidance_network_edits_the_clicked_slice_and_its_neighbours_only_near_the_click(bundle_path):
+    image = oblique_image(seed=5)
+    refiner = Refiner(bundle_path, device="cpu", refinement=tiny_refinement_bundle(varied_bundle(), adjacent=True))
+    draft = refiner.predictor.predict(image).labels
+    voxels = [((3, 20, 24), 3, True), ((3, 8, 8), 1, False)]
+    clicks = [Click(point_of(image, *v), label, positive) for v, label, positive in voxels]
+    result = refiner.refine(image, draft, clicks).labels.array
+    assert all((result[v] == label) == positive for v, label, positive in voxels)
+    changed = result != draft.array
+    assert changed[[2, 4]].any() and not changed[[0, 1, 5, 6]].any()  # the neighbours, nothing beyond
+    k, j, i = np.nonzero(changed)
+    points = np.stack([i, j, np.full_like(k, 3), np.ones_like(k)], axis=-1) @ image.index_to_physical.T
+    inplane = np.min([np.linalg.norm(points[:, :3] - np.array(c.point), axis=1) for c in clicks], axis=0)
+    assert inplane.max() <= refiner.radius_mm + 1e-6  # in-plane reach: the neighbour's voxel projected onto the clicked slice
 
 
 @pytest.mark.parametrize(

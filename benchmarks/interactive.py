@@ -198,10 +198,14 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument(
-        "--engine", default="levelset", help="an engine, 'oracle' (a ceiling from the reference), 'guided' (experiment)"
+        "--engine",
+        default="auto",
+        help="an engine, 'auto' (guided where the model carries a refinement network, else levelset), "
+        "'oracle' (a ceiling from the reference)",
     )
-    parser.add_argument("--guided-weights", type=Path, default=None, help="guided: its weights (safetensors)")
-    parser.add_argument("--guided-blob", action="store_true", help="guided: plus levelset's blob deletion")
+    parser.add_argument(
+        "--refinement", type=Path, default=None, help="guided: refinement bundle (default: the model's refinement/)"
+    )
     parser.add_argument("--oracle-slices", type=int, default=0, help="oracle: slices either side of the click it fixes")
     parser.add_argument("--radius-mm", type=float, default=20.0, help="in-plane reach of a click (the shipped default)")
     parser.add_argument(
@@ -226,6 +230,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from IDEALTrain.inference import refine_propagation as propagation
     from IDEALTrain.inference.refine import Refiner
+    from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
 
     if args.propagate_intensity is not None:
         propagation.PROPAGATE_INTENSITY = args.propagate_intensity
@@ -237,31 +242,23 @@ def main() -> None:
         propagation.PROPAGATE_NEGATIVE = args.propagate_negative == "yes"
     slices = propagation.PROPAGATE_SLICES if args.propagate_slices is None else args.propagate_slices
     oracle = args.engine == "oracle"
-    if args.engine == "guided":  # the click-conditioned network: registered for this benchmark only, not shipped
-        from guided_refiner import GuidedEngine
-
-        from IDEALTrain.inference.refine_engines import ENGINES
-
-        if args.guided_weights is None:
-            parser.error("--engine guided needs --guided-weights")
-        ENGINES["guided"] = GuidedEngine(args.guided_weights, blob=args.guided_blob)
     refiner = Refiner(
         args.model,
         device="cpu",
         engine="levelset" if oracle else args.engine,
         radius_mm=args.radius_mm,
         propagate_slices=slices,
+        refinement=args.refinement,
     )
+    resolved = "oracle" if oracle else refiner.engine
+    refinement = (args.refinement or args.model / REFINEMENT_FOLDER) if resolved == "guided" else None
     if oracle:
         refiner = SliceOracle(refiner, args.oracle_slices)
     report = {
         "engine": args.engine,
         **({"oracle_slices": args.oracle_slices} if oracle else {}),
-        **(
-            {"guided_weights": str(args.guided_weights), "guided_blob": args.guided_blob}
-            if args.engine == "guided"
-            else {}
-        ),
+        "resolved_engine": resolved,
+        "refinement": None if refinement is None else str(refinement),
         "radius_mm": args.radius_mm,
         **(
             {}

@@ -1,7 +1,7 @@
 """The *Refine* section of the IDEALSegment panel: humble widgets bound to IDEALSegmentLib.refinement.
 
-A structure selector, *Add positive* / *Add negative* (one point placed in a slice view each) and
-*Undo last click*. Every decision is in :class:`~IDEALSegmentLib.refinement.RefineController`; this
+A structure selector, an engine selector, *Add positive* / *Add negative* (one point placed in a slice
+view each) and *Undo last click*. Every decision is in :class:`~IDEALSegmentLib.refinement.RefineController`; this
 file only builds widgets, enters Slicer's markups place mode and polls from a timer.
 
 The IDEALSegment widget adds it at the end of ``setup()`` with one line (the section reads the
@@ -37,6 +37,11 @@ class RefineSection:
         for value, name in self.controller.structures():
             self.structureComboBox.addItem(name, value)
         form.addRow("Structure:", self.structureComboBox)
+        self.engineComboBox = qt.QComboBox()
+        for key, name in self.controller.engines():
+            self.engineComboBox.addItem(name, key)
+        self.engineComboBox.toolTip = "How a click edits the segmentation (the correction network is the default)"
+        form.addRow("Engine:", self.engineComboBox)
         buttons = qt.QHBoxLayout()
         self.positiveButton = qt.QPushButton("Add positive")
         self.positiveButton.toolTip = "Place a point inside the structure where it is missing"
@@ -52,6 +57,7 @@ class RefineSection:
         self.positiveButton.connect("clicked(bool)", lambda _checked: self.onAdd(True))
         self.negativeButton.connect("clicked(bool)", lambda _checked: self.onAdd(False))
         self.undoButton.connect("clicked(bool)", lambda _checked: self.onUndo())
+        self.engineComboBox.connect("currentIndexChanged(int)", lambda _index: self.onEngine())
         self.timer = qt.QTimer()
         self.timer.setInterval(common.POLL_MILLISECONDS)
         self.timer.timeout.connect(self.onPoll)
@@ -108,6 +114,10 @@ class RefineSection:
         with slicer.util.tryWithErrorDisplay("Cannot refine", waitCursor=True):
             self.controller.point_placed(caller.GetNumberOfControlPoints() - 1)
         self.update()
+
+    def onEngine(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot choose the engine"):
+            self.controller.choose_engine(self.engineComboBox.currentData)
 
     def onUndo(self) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot undo", waitCursor=True):

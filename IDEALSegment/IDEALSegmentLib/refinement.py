@@ -33,6 +33,9 @@ from .worker import WorkerJob
 CLICKS_ATTRIBUTE = "IDEALSegment.RefineClicksFor"  # on the markups node: the segmentation's node ID
 DRAFT_ATTRIBUTE = "IDEALSegment.RefineDraftFor"  # on the draft labelmap node: the segmentation's node ID
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: The engines the Refine section offers (``idealtrain refine --engine``), and what the status line calls them.
+ENGINE_OPTIONS = (("auto", "Correction network (level set if the model has none)"), ("levelset", "Level set"))
+ENGINE_NAMES = {"guided": "correction network", "levelset": "level set"}
 
 
 def _find_node(scene: object, node_class: str, attribute: str, value: str) -> object | None:
@@ -53,8 +56,11 @@ class RefinementSession:
         model: str | Path,
         device: str = "auto",
         label_map: LabelMap = CARDIAC_LABELS,
+        engine: str = "auto",
     ) -> None:
+        """``engine``: ``idealtrain refine --engine`` (auto: the model's correction network where it has one)."""
         self.volume, self.segmentation, self.model, self.device = volume, segmentation, str(model), device
+        self.engine = engine
         self.label_map = tuple(label_map)
         self.job: WorkerJob | None = None
         self.scene = volume.GetScene()
@@ -176,6 +182,8 @@ class RefinementSession:
                 self.model,
                 "--device",
                 self.device,
+                "--engine",
+                self.engine,
                 "--input",
                 self.folder / "image.nrrd",
                 "--draft",
@@ -209,7 +217,7 @@ class RefinementSession:
         self._apply(self.image_grid().with_array(read_label(self.output).array))
         self.last_message = (
             f"refined with {self.markups.GetNumberOfControlPoints()} click(s)"
-            f" in {done.get('seconds', float('nan')):.2f} s"
+            f" in {done.get('seconds', float('nan')):.2f} s ({ENGINE_NAMES.get(done.get('engine'), 'unknown engine')})"
         )
         return self.last_message
 
@@ -269,6 +277,19 @@ class RefineController:
         self.label_map = tuple(label_map)
         self.session: RefinementSession | None = None
         self.placing: tuple[int, bool] | None = None  # (label, positive) of the point being placed
+        self.engine = ENGINE_OPTIONS[0][0]  # the engine of the next session (the selector's choice)
+
+    def engines(self) -> tuple[tuple[str, str], ...]:
+        """(engine, name) of each choice the engine selector offers, the default first."""
+        return ENGINE_OPTIONS
+
+    def choose_engine(self, engine: str) -> None:
+        """Refine with ``engine`` from the next click on (a click in flight finishes with the old one)."""
+        if engine not in dict(ENGINE_OPTIONS):
+            raise IdealError(f"unknown refinement engine {engine!r}; choose from {[key for key, _ in ENGINE_OPTIONS]}")
+        self.engine = engine
+        if self.session is not None:
+            self.session.engine = engine
 
     def structures(self) -> list[tuple[int, str]]:
         """(label value, name) of each structure the selector offers."""
@@ -307,7 +328,7 @@ class RefineController:
         ):
             if current is not None:
                 current.close()
-            self.session = RefinementSession(volume, segmentation, model, device, self.label_map)
+            self.session = RefinementSession(volume, segmentation, model, device, self.label_map, self.engine)
         self.session.device = device
         return self.session
 

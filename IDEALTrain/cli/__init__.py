@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import IdealError, TrainingStopped
-from . import bundle, data, demo, refine, segment, train
+from . import bundle, data, demo, refine, refiner, segment, train
 
 TRAINING_COMMANDS = ("train", "pretrain", "finetune")
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(commands)
     segment.add_score_parser(commands)
     refine.add_parsers(commands)
+    refiner.add_parsers(commands)
     bundle.add_parsers(commands)
     demo.add_parsers(commands)
     return parser

@@ -31,13 +31,14 @@ def cmd_refine(args: argparse.Namespace) -> None:
         "event": "refined",
         "labels": str(args.output),
         "clicks": len(clicks),
+        "engine": refiner.engine,
         "changed_voxels": result.changed_voxels,
         "seconds": round(result.seconds, 3),
     }
     print(
         json.dumps(message)
         if args.progress_json
-        else f"refined {args.draft} with {len(clicks)} click(s) -> {args.output}: "
+        else f"refined {args.draft} with {len(clicks)} click(s) ({refiner.engine} engine) -> {args.output}: "
         f"{result.changed_voxels} voxel(s) changed in {result.seconds:.2f} s",
         flush=True,
     )
@@ -50,19 +51,20 @@ def _refiner(refiner_class: type, args: argparse.Namespace):
     """The refiner of the previous call when model, device and engine match: in the warm worker
     (``IDEALTrain.worker``) the next click on the same image then reuses the network's prior."""
     model = Path(args.model).absolute()
-    key = (str(model), model.stat().st_mtime_ns if model.exists() else 0, args.device, args.engine, args.radius_mm)
+    stamp = model.stat().st_mtime_ns if model.exists() else 0
+    key = (str(model), stamp, args.device, args.engine, args.radius_mm, args.refinement)
     if _last.get("key") != key:
         _last.clear()
-        _last.update(
-            key=key, refiner=refiner_class(args.model, device=args.device, engine=args.engine, radius_mm=args.radius_mm)
+        refiner = refiner_class(
+            args.model, device=args.device, engine=args.engine, radius_mm=args.radius_mm, refinement=args.refinement
         )
+        _last.update(key=key, refiner=refiner)
     return _last["refiner"]
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     """Register ``refine``."""
-    from ..inference.refine import DEFAULT_ENGINE, DEFAULT_RADIUS_MM
-    from ..inference.refine_engines import ENGINES
+    from ..inference.refine import DEFAULT_ENGINE, DEFAULT_RADIUS_MM, ENGINE_CHOICES
 
     p = commands.add_parser("refine", help="refine a draft segmentation with positive / negative clicks")
     p.add_argument("--model", required=True, help="model bundle (folder or .zip) that made or fits the draft")
@@ -75,7 +77,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help='JSON {"clicks": [{"point": [x, y, z] (LPS mm), "label": 1|2|3, "positive": true|false}, ...]}',
     )
     p.add_argument("--output", required=True, help="refined labels (.nii.gz, .nrrd or .seg.nrrd)")
-    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=sorted(ENGINES), help="refinement engine")
+    p.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        choices=ENGINE_CHOICES,
+        help="refinement engine; auto: the model's click-conditioned network (guided) when its folder has "
+        "refinement/, else levelset",
+    )
+    p.add_argument("--refinement", help="guided: a refinement bundle (default: the model folder's refinement/)")
     p.add_argument("--radius-mm", type=float, default=DEFAULT_RADIUS_MM, help="in-plane reach of a click (mm)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

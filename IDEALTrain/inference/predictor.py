@@ -57,6 +57,7 @@ class Predictor:
 
     def __init__(self, bundle: Bundle | str | Path, device: str = "auto", batch_size: int | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.source = None if isinstance(bundle, Bundle) else Path(bundle)  # the bundle's file or folder
         self.device = resolve_device(device)
         # One slice at a time keeps activations in cache on CPU; GPUs want big batches.
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)

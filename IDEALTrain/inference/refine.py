@@ -7,7 +7,10 @@ within ``propagate_slices`` of one change (a click carries over to a neighbourin
 slice shows the same kind of error, see :mod:`.refine_propagation`), only within ``radius_mm`` in-plane of
 the click (except that a negative click in the middle of a blob deletes the whole blob, see
 :func:`.refine_engines.levelset`). Every clicked voxel ends as its click says; when two clicks hit the same
-voxel the later one wins. Without clicks the draft comes back unchanged. The engines live in :mod:`.refine_engines` (``levelset``, shipped) and :mod:`.refine_tta`.
+voxel the later one wins. Without clicks the draft comes back unchanged. The engines live in :mod:`.refine_engines`,
+:mod:`.refine_guided` (the click-conditioned network a model bundle may carry in its ``refinement/`` folder: the
+default where there is one) and :mod:`.refine_tta`; ``auto`` picks ``guided`` when the model has a network, else
+``levelset``.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import numpy as np
 
 from ..errors import IdealError
 from ..io.image import Image
-from ..model.bundle import Bundle
+from ..model.bundle import Bundle, load_bundle
 from ..model.preprocessing import normalise_slices
+from ..model.refinement_network import REFINEMENT_FOLDER
 from .clicks import Click, voxel_of
 from .predictor import Predictor
 from .refine_engines import ENGINES, SliceClick, adopt_changed_decisions
-from .refine_propagation import PROPAGATE_SLICES, propagated_clicks
+from .refine_propagation import PROPAGATE_SLICES, adjacent_clicks, propagated_clicks
 
-DEFAULT_ENGINE = "levelset"
+DEFAULT_ENGINE = "auto"
+ENGINE_CHOICES = ("auto", *sorted(ENGINES))
 DEFAULT_RADIUS_MM = 20.0
 
 
@@ -84,22 +89,49 @@ class Refiner:
         engine: str = DEFAULT_ENGINE,
         radius_mm: float = DEFAULT_RADIUS_MM,
         propagate_slices: int = PROPAGATE_SLICES,
+        refinement: Bundle | str | Path | None = None,
     ) -> None:
         """A bundle (or a loaded :class:`Predictor`, reused as it is), the engine to refine with, the in-plane
-        reach of a click and how many slices either side it may carry over to (0: its own slice only)."""
-        if engine not in ENGINES:
-            raise IdealError(f"unknown refinement engine {engine!r}; choose from {sorted(ENGINES)}")
+        reach of a click, how many slices either side it may carry over to (0: its own slice only) and, for
+        ``guided``, the refinement bundle (default: the model folder's ``refinement/``, when there is one)."""
+        if engine not in ENGINE_CHOICES:
+            raise IdealError(f"unknown refinement engine {engine!r}; choose from {list(ENGINE_CHOICES)}")
         if not radius_mm > 0:
             raise IdealError(f"refinement radius must be > 0 mm, got {radius_mm}")
         if not (isinstance(propagate_slices, int) and propagate_slices >= 0):
             raise IdealError(f"propagate_slices must be a whole number >= 0, got {propagate_slices!r}")
         self.predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device)
+        self.labels = tuple(label.value for label in self.predictor.bundle.labels)
+        source = self.predictor.source
+        if refinement is None and source is not None and (source / REFINEMENT_FOLDER).is_dir():
+            refinement = source / REFINEMENT_FOLDER
+        if engine == "auto":
+            engine = "guided" if refinement is not None else "levelset"
         self.engine = engine
+        self._guided = self._guided_engine(refinement) if engine == "guided" else None
         self.radius_mm = float(radius_mm)
         self.propagate_slices = propagate_slices
-        self.labels = tuple(label.value for label in self.predictor.bundle.labels)
         self._cached: tuple[str, np.ndarray, np.ndarray] | None = None
         self._decoder_adapter = None  # the tta engine's, made on first use (it copies decoders)
+
+    def _guided_engine(self, refinement: Bundle | str | Path | None):
+        """The ``guided`` engine of a refinement bundle made for this model's labels."""
+        from .refine_guided import GuidedEngine
+
+        if refinement is None:
+            raise IdealError(
+                "the guided engine needs a refinement network: this model has no refinement/ folder; "
+                "pass one (--refinement) or choose another engine (levelset)"
+            )
+        bundle = refinement if isinstance(refinement, Bundle) else load_bundle(refinement)
+        if bundle.kind != "refinement":
+            raise IdealError(f"{bundle.model_id} is a {bundle.kind} bundle, not a refinement network")
+        if tuple(label.value for label in bundle.labels) != self.labels:
+            raise IdealError(
+                f"refinement network {bundle.model_id} was made for labels {[label.value for label in bundle.labels]}, "
+                f"this model has {list(self.labels)}"
+            )
+        return GuidedEngine(bundle)
 
     def _adapter(self):
         if self._decoder_adapter is None:
@@ -139,7 +171,9 @@ class Refiner:
             for click, voxel in zip(clicks, voxels):
                 inplane = tuple(v for n, v in enumerate(voxel) if n != axis)
                 by_slice.setdefault(voxel[axis], []).append(SliceClick(inplane, click.label, click.positive))
-            if self.propagate_slices:
+            if self._guided is not None and self._guided.config.adjacent_guidance:
+                by_slice = adjacent_clicks(by_slice, draft.array.shape[axis])
+            elif self.propagate_slices:
                 by_slice = propagated_clicks(
                     by_slice,
                     np.moveaxis(normalised, axis, 0),
@@ -148,7 +182,7 @@ class Refiner:
                     self.propagate_slices,
                     inplane_spacing,
                 )
-            engine = ENGINES[self.engine]
+            engine = self._guided or ENGINES[self.engine]
             for s, slice_clicks in by_slice.items():
                 index = [slice(None)] * 3
                 index[axis] = s

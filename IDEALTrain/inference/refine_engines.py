@@ -319,4 +319,5 @@ ENGINES: dict[str, Engine | None] = {
     "levelset": levelset,
     "random_walker": random_walker,
     "tta": None,
-}  # tta: refine_tta
+    "guided": None,
+}  # tta: refine_tta; guided: refine_guided, made from the model's refinement network

@@ -103,3 +103,16 @@ def propagated_clicks(
                         break
                     soft.setdefault(n, []).append(SliceClick(at, click.label, click.positive, soft=True))
     return {s: soft.get(s, []) + by_slice.get(s, []) for s in sorted(set(soft) | set(by_slice))}
+
+
+def adjacent_clicks(by_slice: dict[int, list[SliceClick]], num_slices: int) -> dict[int, list[SliceClick]]:
+    """Every real click also as a soft click on the slices either side (within ``num_slices``), ungated: for an
+    engine that judges itself whether the error continues there (the guided network with adjacent guidance).
+    Per slice: its soft clicks, then its real ones."""
+    soft: dict[int, list[SliceClick]] = {}
+    for s, clicks in by_slice.items():
+        for click in clicks:
+            for n in (s - 1, s + 1):
+                if 0 <= n < num_slices and not click.soft:
+                    soft.setdefault(n, []).append(SliceClick(click.voxel, click.label, click.positive, soft=True))
+    return {s: soft.get(s, []) + by_slice.get(s, []) for s in sorted(set(soft) | set(by_slice))}

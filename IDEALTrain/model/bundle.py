@@ -28,6 +28,7 @@ from .card import BUNDLE_FORMAT, BUNDLE_KINDS, CARD_NAME, FORMAT_VERSION, WEIGHT
 from .networks import NetworkConfig, SegmentationNetwork
 from .postprocessing import Postprocessing
 from .preprocessing import Preprocessing
+from .refinement_network import RefinementConfig, RefinementNetwork
 
 #: The public API; the file names, card checks and ``read_card`` come from the torch-free :mod:`.card`.
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 class Bundle:
     """A loaded (or about to be saved) model: card sections plus weights."""
 
-    network: NetworkConfig
+    network: NetworkConfig | RefinementConfig  # RefinementConfig for kind "refinement"
     preprocessing: Preprocessing
     weights: dict[str, torch.Tensor]
     labels: tuple[LabelInfo, ...] = CARDIAC_LABELS
@@ -77,8 +78,9 @@ class Bundle:
 
     def check_weights(self) -> None:
         """Refuse weights that do not fit the card's architecture (names and shapes)."""
+        network_class = RefinementNetwork if self.kind == "refinement" else SegmentationNetwork
         with torch.device("meta"):
-            expected = SegmentationNetwork(self.network).state_dict()
+            expected = network_class(self.network).state_dict()
         if self.kind == "pretrained-encoder":
             expected = {name: t for name, t in expected.items() if name.startswith("encoder.")}
         missing = sorted(set(expected) - set(self.weights))
@@ -98,6 +100,15 @@ class Bundle:
             raise IdealError(f"model {self.model_id} is a {self.kind} bundle, not a segmentation model: finetune it first")
         self.check_weights()
         network = SegmentationNetwork(self.network)
+        network.load_state_dict(self.weights)
+        return network.eval()
+
+    def build_refinement_network(self) -> RefinementNetwork:
+        """The click-conditioned correction network of a ``refinement`` bundle, in eval mode."""
+        if self.kind != "refinement":
+            raise IdealError(f"model {self.model_id} is a {self.kind} bundle, not a refinement network")
+        self.check_weights()
+        network = RefinementNetwork(self.network)
         network.load_state_dict(self.weights)
         return network.eval()
 
@@ -152,7 +163,8 @@ def load_bundle(path: str | Path) -> Bundle:
 
 def _bundle_from_card(card: dict, weights: dict) -> Bundle:
     """A Bundle from a checked card; a field of the wrong type raises KeyError, TypeError or ValueError."""
-    network = NetworkConfig.from_json(card["architecture"])
+    config_class = RefinementConfig if card.get("kind") == "refinement" else NetworkConfig
+    network = config_class.from_json(card["architecture"])
     labels = tuple(LabelInfo.from_json(entry) for entry in card["labels"])
     check_label_map(labels, network.num_classes)
     for field_name in ("id", "version", "description", "licence", "created"):

@@ -23,8 +23,9 @@ WEIGHTS_NAME = "model.safetensors"
 BUNDLE_FORMAT = "idealsegment-bundle"
 #: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
 FORMAT_VERSION = 2
-#: A segmentation model, or an encoder from contrastive pretraining (weights ``encoder.*`` only).
-BUNDLE_KINDS = ("segmentation", "pretrained-encoder")
+#: A segmentation model, an encoder from contrastive pretraining (weights ``encoder.*`` only), or a
+#: click-conditioned correction network trained on a segmentation model's probabilities.
+BUNDLE_KINDS = ("segmentation", "pretrained-encoder", "refinement")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
