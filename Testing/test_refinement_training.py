@@ -222,3 +222,24 @@ def test_an_adjacent_sample_carries_the_neighbours_clicks_into_this_slices_frame
         assert guide[6:].max() > 0.5  # the neighbour's click, in the adjacent maps
         assert weight.max() > 1.0  # the loss weighs its reach
         assert np.allclose(prior.sum(axis=0), 1.0, atol=1e-2)
+
+
+def test_a_2d_network_warm_starts_an_adjacent_guidance_network_unchanged():
+    """Widened with zero weights for the adjacent maps, the 2.5D network computes what the 2D one did."""
+    from IDEALTrain.model.refinement_network import widen_for_adjacent_guidance
+
+    flat = RefinementNetwork(TINY).eval()
+    torch.nn.init.normal_(flat.head.weight)
+    wide_config = RefinementConfig(**{**TINY.to_json(), "adjacent_guidance": True})
+    wide = RefinementNetwork(wide_config).eval()
+    wide.load_state_dict(widen_for_adjacent_guidance(flat.state_dict(), wide_config))
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 1, 32, 32), dtype=np.float32))
+    prior = torch.softmax(torch.from_numpy(rng.normal(size=(1, 4, 32, 32)).astype(np.float32)), 1)
+    guide = torch.from_numpy(rng.random((1, 6, 32, 32), dtype=np.float32))
+    with torch.no_grad():
+        expected = flat(image, prior, guide)
+        widened = wide(image, prior, torch.cat([guide, torch.zeros_like(guide)], 1))
+        assert torch.allclose(widened, expected, atol=1e-5)
+    with pytest.raises(IdealError, match="cannot widen"):
+        widen_for_adjacent_guidance(flat.state_dict(), RefinementConfig(**{**TINY.to_json(), "num_classes": 5}))

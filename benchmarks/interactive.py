@@ -191,6 +191,12 @@ def sunnybrook_cases(root: Path, limit: int | None):
             yield f"{patient}_{phase.phase}", phase.image, np.where(phase.label.array == LV_BLOOD_POOL, 3, 0)
 
 
+def _shown(path: Path) -> str:
+    """A path as the report records it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -258,7 +264,7 @@ def main() -> None:
         "engine": args.engine,
         **({"oracle_slices": args.oracle_slices} if oracle else {}),
         "resolved_engine": resolved,
-        "refinement": None if refinement is None else str(refinement),
+        "refinement": None if refinement is None else _shown(refinement),
         "radius_mm": args.radius_mm,
         **(
             {}

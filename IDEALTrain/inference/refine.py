@@ -172,7 +172,8 @@ class Refiner:
                 inplane = tuple(v for n, v in enumerate(voxel) if n != axis)
                 by_slice.setdefault(voxel[axis], []).append(SliceClick(inplane, click.label, click.positive))
             if self._guided is not None and self._guided.config.adjacent_guidance:
-                by_slice = adjacent_clicks(by_slice, draft.array.shape[axis])
+                gap = float(spacing_kji[axis])  # so that an edit on the next slice stays within radius_mm in 3D
+                by_slice = adjacent_clicks(by_slice, draft.array.shape[axis], np.sqrt(max(0.0, self.radius_mm**2 - gap**2)))
             elif self.propagate_slices:
                 by_slice = propagated_clicks(
                     by_slice,

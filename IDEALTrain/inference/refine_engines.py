@@ -53,13 +53,16 @@ class SliceClick:
     """A click on one slice: its in-plane voxel (row, column), label value and sign.
 
     A ``soft`` click is one carried over from a neighbouring slice (:mod:`.refine_propagation`): the
-    engines use it like any other, but its voxel is not forced to what it says.
+    engines use it like any other, but its voxel is not forced to what it says. ``reach_mm`` is its
+    in-plane reach when it differs from the engine's radius (a carried click reaches only as far as keeps
+    its edits within the radius of the real click in 3D).
     """
 
     voxel: tuple[int, int]
     label: int
     positive: bool
     soft: bool = False
+    reach_mm: float | None = None
 
 
 def draft_prior(probabilities: np.ndarray, draft: np.ndarray) -> np.ndarray:
@@ -80,8 +83,10 @@ def label_margin(log_p: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]
 def click_region(
     shape: tuple[int, int], clicks: list[SliceClick], spacing: tuple[float, float], radius_mm: float
 ) -> tuple[tuple[slice, slice], np.ndarray]:
-    """Bounding box of every voxel within ``radius_mm`` of a click, and that disk union inside the box."""
-    reach = [int(np.ceil(radius_mm / s)) for s in spacing]
+    """Bounding box of every voxel within ``radius_mm`` (or the click's own ``reach_mm``) of a click, and that
+    disk union inside the box."""
+    radii = [radius_mm if c.reach_mm is None else c.reach_mm for c in clicks]
+    reach = [int(np.ceil(max(radii) / s)) for s in spacing]
     rows = [c.voxel[0] for c in clicks]
     cols = [c.voxel[1] for c in clicks]
     box = (
@@ -90,8 +95,8 @@ def click_region(
     )
     r, c = np.meshgrid(np.arange(box[0].start, box[0].stop), np.arange(box[1].start, box[1].stop), indexing="ij")
     near = np.zeros(r.shape, bool)
-    for click in clicks:
-        near |= ((r - click.voxel[0]) * spacing[0]) ** 2 + ((c - click.voxel[1]) * spacing[1]) ** 2 <= radius_mm**2
+    for click, radius in zip(clicks, radii):
+        near |= ((r - click.voxel[0]) * spacing[0]) ** 2 + ((c - click.voxel[1]) * spacing[1]) ** 2 <= radius**2
     return box, near
 
 
@@ -205,13 +210,11 @@ def levelset(
         margin, others = label_margin(log_p, click.label)
         at = _local(click, box)
         inside = labels == click.label
-        if not click.positive and inside[at]:
-            blob = _component_at(inside, at)
-            depth = _depth_inside(blob, spacing)
-            if depth[at] >= LEVEL_BLOB_DEPTH * depth.max():
-                labels[blob] = others.argmax(axis=0)[blob]
-                reach |= blob
-                continue
+        blob = None if click.positive else deleted_blob(labels, at, click.label, spacing)
+        if blob is not None:
+            labels[blob] = others.argmax(axis=0)[blob]
+            reach |= blob
+            continue
         if click.positive:  # voxels of the clicked voxel's class, at least as L-like as it, and alike in intensity
             candidates = (labels == labels[at]) & (margin >= margin[at] - LEVEL_MARGIN)
             candidates &= np.abs(smooth - smooth[at]) <= LEVEL_INTENSITY
@@ -226,6 +229,16 @@ def levelset(
         region = _component_at(candidates, at)
         labels[region] = click.label if click.positive else others.argmax(axis=0)[region]
     return _finish(draft, box, reach, labels, prior, clicks)
+
+
+def deleted_blob(labels: np.ndarray, at: tuple[int, int], label: int, spacing: tuple[float, float]) -> np.ndarray | None:
+    """The whole blob of ``label`` that a negative click at ``at`` deletes (the click lies at least LEVEL_BLOB_DEPTH
+    as deep in it as its deepest point), or None: a click near the blob's edge only trims it."""
+    if labels[at] != label:
+        return None
+    blob = _component_at(labels == label, at)
+    depth = _depth_inside(blob, spacing)
+    return blob if depth[at] >= LEVEL_BLOB_DEPTH * depth.max() else None
 
 
 def _depth_inside(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:

@@ -16,15 +16,7 @@ import torch.nn.functional as F
 
 from ..model.bundle import Bundle
 from ..model.refinement_network import slice_guidance
-from .refine_engines import (
-    LEVEL_BLOB_DEPTH,
-    SliceClick,
-    _component_at,
-    _depth_inside,
-    _finish,
-    click_region,
-    draft_prior,
-)
+from .refine_engines import SliceClick, _finish, click_region, deleted_blob, draft_prior
 
 
 class GuidedEngine:
@@ -66,9 +58,8 @@ class GuidedEngine:
         labels[box] = np.where(near, proposed, draft[box])
         reach[box] = near
         for click in deletions:
-            blob = _component_at(draft == click.label, click.voxel)
-            depth = _depth_inside(blob, spacing)
-            if depth[click.voxel] >= LEVEL_BLOB_DEPTH * depth.max():
+            blob = deleted_blob(draft, click.voxel, click.label, spacing)
+            if blob is not None:
                 others = whole.copy()
                 others[click.label] = -1.0
                 labels[blob] = others.argmax(axis=0)[blob]

@@ -105,14 +105,23 @@ def propagated_clicks(
     return {s: soft.get(s, []) + by_slice.get(s, []) for s in sorted(set(soft) | set(by_slice))}
 
 
-def adjacent_clicks(by_slice: dict[int, list[SliceClick]], num_slices: int) -> dict[int, list[SliceClick]]:
-    """Every real click also as a soft click on the slices either side (within ``num_slices``), ungated: for an
-    engine that judges itself whether the error continues there (the guided network with adjacent guidance).
-    Per slice: its soft clicks, then its real ones."""
+#: Whether :func:`adjacent_clicks` carries negative clicks too.
+ADJACENT_NEGATIVE = True
+
+
+def adjacent_clicks(
+    by_slice: dict[int, list[SliceClick]], num_slices: int, reach_mm: float
+) -> dict[int, list[SliceClick]]:
+    """Every real click also as a soft click on the slices either side, ungated, with in-plane reach ``reach_mm``
+    (none when it is not > 0): for an engine that judges itself whether the error continues there (the guided
+    network with adjacent guidance). Per slice: its soft clicks, then its real ones."""
     soft: dict[int, list[SliceClick]] = {}
     for s, clicks in by_slice.items():
         for click in clicks:
+            if click.soft or not (click.positive or ADJACENT_NEGATIVE) or not reach_mm > 0:
+                continue
             for n in (s - 1, s + 1):
-                if 0 <= n < num_slices and not click.soft:
-                    soft.setdefault(n, []).append(SliceClick(click.voxel, click.label, click.positive, soft=True))
+                if 0 <= n < num_slices:
+                    carried = SliceClick(click.voxel, click.label, click.positive, soft=True, reach_mm=reach_mm)
+                    soft.setdefault(n, []).append(carried)
     return {s: soft.get(s, []) + by_slice.get(s, []) for s in sorted(set(soft) | set(by_slice))}
