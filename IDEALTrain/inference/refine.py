@@ -2,15 +2,15 @@
 
 A click is a point in patient coordinates (LPS mm), a structure (label value) and a sign: positive
 ("this is the structure") or negative ("this is not"). The network's class probabilities are the
-prior, the draft is the starting point and the clicks edit it locally: only slices holding a click or
-within ``propagate_slices`` of one change (a click carries over to a neighbouring slice only where that
-slice shows the same kind of error, see :mod:`.refine_propagation`), only within ``radius_mm`` in-plane of
-the click (except that a negative click in the middle of a blob deletes the whole blob, see
-:func:`.refine_engines.levelset`). Every clicked voxel ends as its click says; when two clicks hit the same
-voxel the later one wins. Without clicks the draft comes back unchanged. The engines live in :mod:`.refine_engines`,
-:mod:`.refine_guided` (the click-conditioned network a model bundle may carry in its ``refinement/`` folder: the
-default where there is one) and :mod:`.refine_tta`; ``auto`` picks ``guided`` when the model has a network, else
-``levelset``.
+prior, the draft is the starting point and the clicks edit it locally: only the clicked slices change
+(and, with the shipped correction network, the slices next to them, where the network sees the same
+error), only within ``radius_mm`` of a click (in 3D; gated propagation aside), except that a negative click in the middle of a blob
+deletes the whole blob of its slice (:func:`.refine_engines.deleted_blob`). Every clicked voxel ends as its
+click says; when two clicks hit the same voxel the later one wins. Without clicks the draft comes back
+unchanged. Engines: :mod:`.refine_guided` (the click-conditioned network a model folder may hold in
+``refinement/``; ``auto`` picks it when there is one, else ``levelset``), :mod:`.refine_engines` and
+:mod:`.refine_tta`; ``propagate_slices`` carries clicks of the other engines to neighbouring slices where
+those show the same kind of error (:mod:`.refine_propagation`).
 """
 
 from __future__ import annotations

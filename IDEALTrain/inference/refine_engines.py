@@ -5,7 +5,8 @@ probabilities where the draft is the network's choice, the draft's class otherwi
 only within ``radius_mm`` of a click of the slice, and finally sets every clicked voxel as its click
 says (a negative click leaves the voxel's most probable other class).
 
-- ``levelset`` (shipped: best on the click-simulator benchmark): a click moves the boundary along
+- ``levelset`` (the default where a model has no correction network; the best of the engines without
+  one on the click-simulator benchmark; ``guided``, :mod:`.refine_guided`, beats it): a click moves the boundary along
   the network's own iso-confidence lines through the clicked voxel; a negative click in the middle of
   a blob deletes all of it, the one edit that may reach past ``radius_mm`` (see :func:`levelset`).
 - ``geodesic``: each click spreads its class (or removes it) with a weight that decays with the
