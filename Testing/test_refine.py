@@ -162,6 +162,8 @@ def test_a_refinement_network_for_other_labels_or_used_as_a_segmentation_model_i
         Refiner(guided_bundle_path / REFINEMENT_FOLDER, device="cpu")
     loaded = load_bundle(guided_bundle_path / REFINEMENT_FOLDER)
     assert loaded.kind == "refinement" and loaded.network.depth == 3
+    with pytest.raises(IdealError, match="unknown architecture 'ideal-unet2d'"):
+        type(loaded.network).from_json({"name": "ideal-unet2d"})  # a segmentation architecture in a refinement card
     loaded.weights.pop("head.bias")
     with pytest.raises(IdealError, match="1 missing"):
         loaded.check_weights()

@@ -64,13 +64,18 @@ class NetworkConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> NetworkConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise IdealError(f"unknown architecture field(s) {unknown}; this bundle needs a newer IDEALTrain")
-        if data.get("name", "ideal-unet2d") != "ideal-unet2d":
-            raise IdealError(f"unknown architecture {data.get('name')!r}; this IDEALTrain knows 'ideal-unet2d'")
-        return cls(**data)
+        return config_from_json(cls, data)
+
+
+def config_from_json(cls: type, data: dict):
+    """An architecture dataclass from a card's ``architecture`` section; unknown fields or another ``name`` are refused."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise IdealError(f"unknown architecture field(s) {unknown}; this bundle needs a newer IDEALTrain")
+    name = next(f.default for f in fields(cls) if f.name == "name")
+    if data.get("name", name) != name:
+        raise IdealError(f"unknown architecture {data.get('name')!r}; this IDEALTrain knows {name!r} here")
+    return cls(**data)
 
 
 class ConvBlock(nn.Sequential):

@@ -8,7 +8,7 @@ layer starts at zero, so an untrained network returns the draft. The engine that
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IdealError
-from .networks import ConvBlock
+from .networks import ConvBlock, config_from_json
 
 #: Folder, inside a segmentation bundle folder, of the refinement bundle trained on that model's probabilities.
 REFINEMENT_FOLDER = "refinement"
@@ -60,12 +60,7 @@ class RefinementConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> RefinementConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise IdealError(f"unknown architecture field(s) {unknown}; this bundle needs a newer IDEALTrain")
-        if data.get("name", "click-guided-unet2d") != "click-guided-unet2d":
-            raise IdealError(f"unknown refinement architecture {data.get('name')!r}; this IDEALTrain knows 'click-guided-unet2d'")
-        return cls(**data)
+        return config_from_json(cls, data)
 
 
 class RefinementNetwork(nn.Module):
