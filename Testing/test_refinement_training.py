@@ -155,7 +155,7 @@ def test_the_bundle_round_trips_and_becomes_the_models_default_engine(tmp_path, 
     weights, log = trained
     segmentation = varied_bundle()
     segmentation.licence = "CC-BY-NC-SA-4.0"
-    bundle = refinement_bundle(weights, segmentation, training_summary(log) | {"data": "phantoms"})
+    bundle = refinement_bundle(weights, segmentation, training_summary(log) | {"data": "phantoms"}, TINY)
     assert bundle.network == TINY  # read off the weights
     model = save_bundle(segmentation, tmp_path / "model")
     save_bundle(bundle, model / REFINEMENT_FOLDER, half_precision=True)
@@ -173,7 +173,7 @@ def test_the_bundle_round_trips_and_becomes_the_models_default_engine(tmp_path, 
     point = tuple(float(v) for v in (image.index_to_physical @ np.array([32, 32, 1, 1.0]))[:3])
     assert refiner.refine(image, draft, [Click(point, 3, True)]).labels.array[1, 32, 32] == 3
     with pytest.raises(IdealError, match="not a segmentation model"):
-        refinement_bundle(weights, loaded, {})
+        refinement_bundle(weights, loaded, {}, TINY)
 
 
 def _one_line(capsys) -> str:
@@ -196,6 +196,11 @@ def test_the_cli_trains_a_refiner_and_refuses_what_it_must(tmp_path, segmentatio
     assert card["kind"] == "refinement" and card["weights"]["dtype"] == "float16"
     assert card["training"]["iterations"] == 2 and card["training"]["slices"] == 8
     assert card["training"]["data"] == str(tmp_path / "acdc") and card["training"]["list"] == "train.list"
+    assert card["architecture"]["adjacent_guidance"]  # the shipped recipe by default
+    flat = tmp_path / "flat"
+    assert main([*args[:7], "--out", str(flat), "--iterations", "1", "--batch", "2", "--device", "cpu", "--single-slice"]) == 0
+    assert not read_card(flat)["architecture"]["adjacent_guidance"]
+    capsys.readouterr()
 
     assert main(args) == 2  # the output exists
     assert "already exists" in _one_line(capsys)

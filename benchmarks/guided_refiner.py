@@ -72,7 +72,7 @@ def train(args: argparse.Namespace) -> None:
         batch=args.batch, lr=args.lr, seed=args.seed, start_weights=start, progress=progress, device="cpu",
     )
     summary = training_summary(log) | {"data": str(args.cache / "train.npz"), "resume": str(args.resume or "")}
-    save_bundle(refinement_bundle(weights, segmentation, summary, config=config), args.cache / "refinement",
+    save_bundle(refinement_bundle(weights, segmentation, summary, config), args.cache / "refinement",
                 half_precision=True, overwrite=True)
     (args.cache / "train_log.json").write_text(json.dumps(log))
     print(summary, flush=True)

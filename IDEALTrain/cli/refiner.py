@@ -25,13 +25,9 @@ def _note(text: str) -> None:
 def _check_arguments(args: argparse.Namespace) -> Path:
     """Budget and output, checked before any model or data is read."""
     from ..io.atomic import check_outputs
+    from ..training.refinement_training import check_training_budget
 
-    if args.iterations is not None and args.iterations < 1:
-        raise IdealError(f"--iterations must be at least 1, got {args.iterations}")
-    if args.minutes is not None and not args.minutes > 0:
-        raise IdealError(f"--minutes must be > 0, got {args.minutes}")
-    if args.batch < 1 or not args.lr > 0:
-        raise IdealError(f"--batch must be at least 1 and --lr > 0, got {args.batch} and {args.lr}")
+    check_training_budget(args.iterations, args.minutes, args.batch, args.lr)
     output = check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")[0]
     for name, given in (("--model", args.model), ("--start", args.start), ("--data", args.data)):
         if given and output == Path(given).absolute():
@@ -68,6 +64,8 @@ def cmd_train_refiner(args: argparse.Namespace) -> None:
     if start is not None and [label.value for label in start.labels] != [label.value for label in segmentation.labels]:
         raise IdealError(f"--start {args.start} was made for other labels than {segmentation.model_id}")
     config = start.network if start is not None else RefinementConfig(num_classes=segmentation.network.num_classes)
+    if not args.single_slice:  # the shipped recipe; a single-slice --start is widened (it starts as it was)
+        config = RefinementConfig(**{**config.to_json(), "adjacent_guidance": True})
     cases = list_cases(args.data, args.list)
     refuse_validation_cases(cases)
     predictor = Predictor(segmentation, args.device)
@@ -100,7 +98,7 @@ def cmd_train_refiner(args: argparse.Namespace) -> None:
         "minutes": args.minutes,
         "start": {"id": start.model_id, "version": start.version} if start is not None else None,
     }
-    bundle = refinement_bundle(weights, segmentation, training, config=config)
+    bundle = refinement_bundle(weights, segmentation, training, config)
     save_bundle(bundle, output, half_precision=True, overwrite=args.overwrite)
     print(f"wrote refinement bundle {args.out} ({log['iterations']} iterations, {log['seconds']:.0f} s)", flush=True)
 
@@ -125,6 +123,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="initial learning rate, cosine decay (default 2e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", metavar="REFINEMENT_BUNDLE", help="continue from this refinement bundle's weights")
+    p.add_argument(
+        "--single-slice",
+        action="store_true",
+        help="without adjacent-slice guidance (by default clicks also correct the slices next to them, as shipped)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     p.set_defaults(func=cmd_train_refiner)

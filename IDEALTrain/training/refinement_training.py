@@ -142,6 +142,18 @@ def _check_data(data: dict[str, np.ndarray], config: RefinementConfig) -> None:
         raise IdealError(f"the training data's classes do not fit a {config.num_classes}-class refinement network")
 
 
+def check_training_budget(iterations: int | None, minutes: float | None, batch: int, lr: float) -> None:
+    """Refuse a budget that is not exactly one of ``iterations`` >= 1 or ``minutes`` > 0, a batch < 1 or lr <= 0."""
+    if (iterations is None) == (minutes is None):
+        raise IdealError("give the training budget as iterations or as minutes (one of them)")
+    if iterations is not None and iterations < 1:
+        raise IdealError(f"iterations must be at least 1, got {iterations}")
+    if minutes is not None and not minutes > 0:
+        raise IdealError(f"minutes must be > 0, got {minutes}")
+    if batch < 1 or not lr > 0:
+        raise IdealError(f"batch must be >= 1 and lr > 0, got {batch} and {lr}")
+
+
 def train_refinement(
     data: dict[str, np.ndarray],
     config: RefinementConfig,
@@ -166,14 +178,7 @@ def train_refinement(
     """
     from ..inference.predictor import resolve_device
 
-    if (iterations is None) == (minutes is None):
-        raise IdealError("give the training budget as iterations or as minutes (one of them)")
-    if iterations is not None and iterations < 1:
-        raise IdealError(f"iterations must be at least 1, got {iterations}")
-    if minutes is not None and not minutes > 0:
-        raise IdealError(f"minutes must be > 0, got {minutes}")
-    if batch < 1 or not lr > 0:
-        raise IdealError(f"batch must be >= 1 and lr > 0, got {batch} and {lr}")
+    check_training_budget(iterations, minutes, batch, lr)
     _check_data(data, config)
     stored = min(data["image"].shape[-2:])
     crop = min(crop_px, stored) // config.size_multiple * config.size_multiple
@@ -241,38 +246,22 @@ def training_summary(log: dict) -> dict:
     return summary
 
 
-def _config_of(weights: dict[str, torch.Tensor]) -> RefinementConfig:
-    """Width, depth and classes read off the weights (the other fields keep their defaults)."""
-    try:
-        depth = len({name.split(".")[1] for name in weights if name.startswith("down.")})
-        classes = int(weights["head.weight"].shape[0])
-        return RefinementConfig(
-            num_classes=classes,
-            adjacent_guidance=int(weights["down.0.0.weight"].shape[1]) > 1 + classes + 2 * (classes - 1),
-            base_channels=int(weights["down.0.0.weight"].shape[0]),
-            depth=depth,
-        )
-    except (KeyError, IndexError) as error:
-        raise IdealError(f"these weights are not a refinement network's (no {error})") from None
-
-
 def refinement_bundle(
     weights: dict[str, torch.Tensor],
     segmentation: Bundle,
     training: dict,
+    config: RefinementConfig,
     *,
-    config: RefinementConfig | None = None,
     version: str = "1.0.0",
 ) -> Bundle:
     """The ``refinement`` bundle of ``weights`` trained for ``segmentation``: its labels, preprocessing and licence.
 
-    ``config`` defaults to what the weights show (width, depth, classes); ``training`` goes to the card with
-    the segmentation model's id and version added. Save it in the segmentation model's folder as
+    ``config`` is the architecture the weights were trained with; ``training`` goes to the card with the
+    segmentation model's id and version added. Save it in the segmentation model's folder as
     ``refinement/`` (:data:`~IDEALTrain.model.refinement_network.REFINEMENT_FOLDER`) for the Refiner to find.
     """
     if segmentation.kind != "segmentation":
         raise IdealError(f"{segmentation.model_id} is a {segmentation.kind} bundle, not a segmentation model")
-    config = config or _config_of(weights)
     if config.num_classes != segmentation.network.num_classes:
         raise IdealError(
             f"a {config.num_classes}-class refinement network does not fit {segmentation.model_id} "
