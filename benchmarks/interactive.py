@@ -212,7 +212,6 @@ def main() -> None:
     parser.add_argument(
         "--refinement", type=Path, default=None, help="guided: refinement bundle (default: the model's refinement/)"
     )
-    parser.add_argument("--views", type=int, default=None, help="guided: views averaged per window (1-8; default: shipped)")
     parser.add_argument("--oracle-slices", type=int, default=0, help="oracle: slices either side of the click it fixes")
     parser.add_argument("--radius-mm", type=float, default=20.0, help="in-plane reach of a click (the shipped default)")
     parser.add_argument(
@@ -258,8 +257,6 @@ def main() -> None:
         refinement=args.refinement,
     )
     resolved = "oracle" if oracle else refiner.engine
-    if args.views is not None and resolved == "guided":
-        refiner._guided.views = args.views
     refinement = (args.refinement or args.model / REFINEMENT_FOLDER) if resolved == "guided" else None
     if oracle:
         refiner = SliceOracle(refiner, args.oracle_slices)
@@ -268,7 +265,6 @@ def main() -> None:
         **({"oracle_slices": args.oracle_slices} if oracle else {}),
         "resolved_engine": resolved,
         "refinement": None if refinement is None else _shown(refinement),
-        **({"views": refiner._guided.views} if resolved == "guided" else {}),
         "radius_mm": args.radius_mm,
         **(
             {}

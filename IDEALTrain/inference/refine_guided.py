@@ -19,28 +19,13 @@ from ..model.refinement_network import slice_guidance
 from .refine_engines import SliceClick, _finish, click_region, deleted_blob, draft_prior
 
 
-#: Views of a window the network sees (quarter turns, flip): their probabilities are averaged (test-time augmentation).
-DIHEDRAL = ((0, False), (0, True), (2, False), (2, True), (1, False), (3, False), (1, True), (3, True))
-VIEWS = 1
-
-
-def _turn(t: torch.Tensor, quarter_turns: int, flip: bool, undo: bool = False) -> torch.Tensor:
-    """``t`` (N, C, H, W) turned and flipped as one view; ``undo`` turns a view back."""
-    if undo:
-        t = t.flip(-1) if flip else t
-        return torch.rot90(t, -quarter_turns, (-2, -1))
-    t = torch.rot90(t, quarter_turns, (-2, -1))
-    return t.flip(-1) if flip else t
-
-
 class GuidedEngine:
     """A refinement bundle's network as an engine (the ``refine_engines`` signature)."""
 
-    def __init__(self, bundle: Bundle, blob_deletion: bool = True, views: int = VIEWS) -> None:
+    def __init__(self, bundle: Bundle, blob_deletion: bool = True) -> None:
         self.network = bundle.build_refinement_network()
         self.config = bundle.network
         self.blob_deletion = blob_deletion
-        self.views = views
 
     @torch.inference_mode()
     def __call__(
@@ -90,9 +75,5 @@ class GuidedEngine:
         pad = (0, -width % multiple, 0, -height % multiple)
         inputs = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None] for a in (image[None], prior, guide)]
         inputs = [F.pad(t, pad, mode="replicate") for t in inputs]
-        views = DIHEDRAL[: self.views]
-        batch = [torch.cat([_turn(t, *view) for view in views]) for t in inputs]
-        probs = torch.softmax(self.network(*batch).float(), 1)
-        mean = sum(_turn(probs[n : n + 1], *view, undo=True) for n, view in enumerate(views)) / len(views)
-        return mean[0, :, :height, :width].numpy()
-
+        logits = self.network(*inputs)[0, :, :height, :width]
+        return torch.softmax(logits, 0).numpy()
