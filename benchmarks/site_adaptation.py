@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--corrected", type=int, nargs="+", default=[2, 1], help="numbers of corrected patients to run, in order")
     parser.add_argument("--iterations", type=int, help="override the default plan's iterations")
     parser.add_argument("--extra", default="", help="extra idealtrain finetune flags (ablations), one string")
+    parser.add_argument("--self-test", action="store_true",
+                        help="a ceiling: split i corrects patient i alone and tests on that same patient (use --corrected 1)")
     parser.add_argument("--no-acdc", action="store_true", help="skip ACDC val (forgetting) to save time")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_adaptation.json")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
@@ -197,7 +199,8 @@ def main() -> None:
     pool_frames = build_pool(scene, root, patients, work / "pool")
     result = {
         "benchmark": "site_adaptation", "command": " ".join(sys.argv), "model": entry.display_name,
-        "settings": {"iterations": args.iterations or CONTINUE.iterations, "continue": CONTINUE.flags(), "extra": args.extra},
+        "settings": {"iterations": args.iterations or CONTINUE.iterations, "continue": CONTINUE.flags(), "extra": args.extra,
+                     "self_test": args.self_test},
         "pool_volumes": pool_frames, "pool_seconds": time.perf_counter() - started,
         "machine": {"cpu_count": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version()},
         "old": {}, "runs": [],
@@ -213,6 +216,8 @@ def main() -> None:
     for split in [args.only_split] if args.only_split is not None else range(args.splits):
         pair = [patients[split % len(patients)], patients[(split + 1) % len(patients)]]
         test = [p for p in patients if p not in pair]
+        if args.self_test:  # a ceiling, not a hold-out: the corrected patient is the tested one
+            pair = test = pair[:1]
         held_out = {p: phases[p] for p in test}
         test_dir = work / f"split{split}" / "test"
         for patient in test:
