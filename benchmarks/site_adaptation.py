@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_adaptation.json")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     args = parser.parse_args()
+    if args.self_test and args.corrected != [1]:
+        parser.error("--self-test corrects one patient per split: use --corrected 1")
     if args.combine:
         parts = [json.loads(path.read_text()) for path in args.combine]
         merged = parts[0] | {"runs": [run for part in parts for run in part["runs"]], "parts": [str(p) for p in args.combine]}
