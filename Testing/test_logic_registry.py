@@ -9,7 +9,7 @@ from helpers import import_slicer_core  # noqa: E402
 
 import_slicer_core()
 
-from helpers import tiny_bundle  # noqa: E402
+from helpers import tiny_bundle, tiny_refinement_bundle  # noqa: E402
 from IDEALSegmentLib.registry import (  # noqa: E402
     DEFAULT_MODEL_ID,
     SHIPPED_MODELS_DIR,
@@ -21,6 +21,7 @@ from IDEALSegmentLib.registry import (  # noqa: E402
 
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.model.bundle import load_bundle, save_bundle  # noqa: E402
+from IDEALTrain.model.card import REFINEMENT_FOLDER  # noqa: E402
 
 
 def write_bundle(folder, model_id, version, **card):
@@ -120,6 +121,16 @@ def test_register_copies_a_new_version_and_never_replaces(folders, tmp_path):
     assert sorted(p.name for p in user.iterdir()) == ["my-model-0.1.0", "my-model-0.1.1", "my-model-2.0.0"]  # no leftovers
     with pytest.raises(IdealError, match="no such model bundle"):
         registry.register(tmp_path / "absent")
+
+
+def test_register_brings_the_models_refinement_network_along(folders, tmp_path):
+    shipped, user = folders
+    trained = write_bundle(tmp_path, "my-model", "0.1.0")
+    save_bundle(tiny_refinement_bundle(load_bundle(trained)), trained / REFINEMENT_FOLDER)
+    entry = ModelRegistry(user, shipped).register(trained)
+    copied = load_bundle(entry.path / REFINEMENT_FOLDER)  # verifies its checksum
+    assert copied.kind == "refinement" and copied.weights.keys() == load_bundle(trained / REFINEMENT_FOLDER).weights.keys()
+    assert [e.model_id for e in ModelRegistry(user, shipped).entries()] == ["my-model"]  # not listed as a model
 
 
 def test_default_locations():

@@ -12,16 +12,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_bundle
+from helpers import tiny_bundle, tiny_refinement_bundle
 
 from IDEALTrain.cli import main as idealtrain
+from IDEALTrain.errors import IdealError
 from IDEALTrain.evaluation.metrics import dice
 from IDEALTrain.inference.predictor import Predictor
+from IDEALTrain.inference.refine import Refiner
 from IDEALTrain.io.datasets import Case
 from IDEALTrain.io.phantom import make_phantom
 from IDEALTrain.io.volume_files import write_image
 from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
 from IDEALTrain.model.postprocessing import Postprocessing
+from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
 from IDEALTrain.training.augment import Augmentation
 from IDEALTrain.training.finetune import TrainConfig, train_segmentation
 from IDEALTrain.training.partial_labels import reviewed_labels
@@ -101,13 +104,15 @@ def test_distillation_needs_a_model_to_distil_from(old_model):
 
 
 def test_init_from_carries_the_bundle_over(old_model, tmp_path):
-    """Licence, description, float16 storage, augmentation, preprocessing and postprocessing survive a retraining."""
+    """Licence, description, float16 storage, augmentation, preprocessing, postprocessing and the model's
+    refinement network survive a retraining."""
     old, _ = old_model
     old.licence, old.description = "CC-BY-NC-SA-4.0", "the shipped model"
     old.postprocessing = Postprocessing(largest_heart_component=True)
     wide = Augmentation(rotation_degrees=180.0, scale_range=(0.7, 1.4))
     old.training = {"recipe": {"augmentation": wide.to_json()}}
     path = save_bundle(old, tmp_path / "old", half_precision=True)
+    save_bundle(tiny_refinement_bundle(old), path / REFINEMENT_FOLDER)
     data = tmp_path / "data"
     image, label = make_phantom(5, **SIZE)
     write_image(image, data / "images" / "c.nii.gz")
@@ -128,3 +133,8 @@ def test_init_from_carries_the_bundle_over(old_model, tmp_path):
     assert card["preprocessing"] == before["preprocessing"] and card["postprocessing"] == before["postprocessing"]
     assert card["training"]["corrections"]["cases"][0]["reviewer"] == "dr a"
     assert card["training"]["recipe"]["crop_size"] == 16 and load_bundle(out).network == old.network
+    assert read_card(out / REFINEMENT_FOLDER) == read_card(path / REFINEMENT_FOLDER)
+    assert card["training"]["refinement_network"] == f"carried over from {old.model_id} {old.version}"
+    assert Refiner(out, device="cpu").engine == "guided"  # click-to-fix keeps its network after a retraining
+    with pytest.raises(IdealError, match="cannot hold"):
+        save_bundle(old, tmp_path / "new.zip", companions={REFINEMENT_FOLDER: path / REFINEMENT_FOLDER})

@@ -53,7 +53,7 @@ def network_and_plan(args: argparse.Namespace, pretrained=None):
     return network, plan
 
 
-def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) -> None:
+def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, companions: dict | None = None) -> None:
     from ..model.bundle import save_bundle
 
     if bundle is None:  # not rank 0 of a multi-process run
@@ -61,7 +61,7 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict) ->
     bundle.model_id, bundle.version = args.id, args.version
     bundle.licence, bundle.description = args.licence, args.description
     bundle.training.update(data)
-    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite)
+    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite, companions=companions)
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
 
 
@@ -111,6 +111,17 @@ def carry_over_card(args: argparse.Namespace, initial) -> None:
         args.description = initial.description
     if not args.half and read_card(args.init_from).get("weights", {}).get("dtype") == "float16":
         args.half = True
+
+
+def carried_refinement(init_from: str | None, output: Path) -> dict[str, Path]:
+    """The --init-from model's refinement network, for a folder output: a retrained model keeps click-to-fix's
+    network (trained on the old model's drafts, it still corrects the new one's better than levelset)."""
+    from ..model.refinement_network import REFINEMENT_FOLDER
+
+    folder = Path(init_from) / REFINEMENT_FOLDER if init_from else None
+    if folder is None or not folder.is_dir() or Path(output).suffix.lower() == ".zip":
+        return {}
+    return {REFINEMENT_FOLDER: folder}
 
 
 def _provenance(path: str | None) -> dict:
@@ -190,7 +201,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
     data.update(_provenance(args.provenance))
-    _save_trained(bundle, args, output, data)
+    companions = carried_refinement(args.init_from, output)
+    if companions:
+        data["refinement_network"] = f"carried over from {initial.model_id} {initial.version}"
+    _save_trained(bundle, args, output, data, companions)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

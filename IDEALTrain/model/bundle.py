@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,11 +114,23 @@ class Bundle:
         return network.eval()
 
 
-def save_bundle(bundle: Bundle, path: str | Path, *, half_precision: bool = False, overwrite: bool = False) -> Path:
-    """Write ``bundle`` as a folder, or a .zip when ``path`` ends in .zip; atomically."""
+def save_bundle(
+    bundle: Bundle,
+    path: str | Path,
+    *,
+    half_precision: bool = False,
+    overwrite: bool = False,
+    companions: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write ``bundle`` as a folder, or a .zip when ``path`` ends in .zip; atomically.
+
+    ``companions`` (name -> folder) are copied into a folder bundle beside its card, in the same atomic step:
+    a model's ``refinement/`` network travels with it."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise IdealError(f"{path} already exists; choose another output or pass --overwrite")
+    if companions and path.suffix.lower() == ".zip":
+        raise IdealError(f"{path}: a .zip bundle cannot hold {sorted(companions)}; save it as a folder")
     weights = {name: t.detach().cpu().contiguous() for name, t in bundle.weights.items()}
     if half_precision:
         weights = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
@@ -135,6 +148,8 @@ def save_bundle(bundle: Bundle, path: str | Path, *, half_precision: bool = Fals
     try:
         (staging / CARD_NAME).write_text(card_text)
         (staging / WEIGHTS_NAME).write_bytes(data)
+        for name, folder in (companions or {}).items():
+            shutil.copytree(folder, staging / name)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)

@@ -20,6 +20,8 @@ from ..errors import IdealError
 
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
+#: Folder, inside a segmentation bundle folder, of the refinement bundle trained on that model's probabilities.
+REFINEMENT_FOLDER = "refinement"
 BUNDLE_FORMAT = "idealsegment-bundle"
 #: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
 FORMAT_VERSION = 2

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IdealError
+from .card import REFINEMENT_FOLDER  # noqa: F401  (where a model folder keeps its refinement bundle)
 from .networks import ConvBlock, config_from_json
 
-#: Folder, inside a segmentation bundle folder, of the refinement bundle trained on that model's probabilities.
-REFINEMENT_FOLDER = "refinement"
 LOG_FLOOR = 1e-3  # smallest prior probability the residual starts from
 
 
