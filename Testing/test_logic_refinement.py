@@ -227,7 +227,7 @@ def test_the_engine_selector_reaches_the_worker(tmp_path):
     """A model folder with a correction network refines with it by default; choosing level set takes effect."""
     from IDEALSegmentLib.refinement import RefineController
 
-    from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
+    from IDEALTrain.model.card import REFINEMENT_FOLDER
 
     segmentation_bundle = varied_bundle()
     model = save_bundle(segmentation_bundle, tmp_path / "tiny")

@@ -16,7 +16,7 @@ from IDEALTrain.inference.refine_engines import ENGINES
 from IDEALTrain.io.image import Image
 from IDEALTrain.io.volume_files import read_image, write_image
 from IDEALTrain.model.bundle import load_bundle, save_bundle
-from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
+from IDEALTrain.model.card import REFINEMENT_FOLDER
 
 
 @pytest.fixture(scope="module")

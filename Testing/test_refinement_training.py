@@ -15,7 +15,8 @@ from IDEALTrain.inference.refine import Click, Refiner
 from IDEALTrain.io.phantom import make_phantom
 from IDEALTrain.io.ssl4mis import list_cases, write_ssl4mis_volume
 from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
-from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER, RefinementConfig, RefinementNetwork
+from IDEALTrain.model.card import REFINEMENT_FOLDER
+from IDEALTrain.model.refinement_network import RefinementConfig, RefinementNetwork
 from IDEALTrain.training.refinement_samples import (
     adjacent_slices,
     corrupt,

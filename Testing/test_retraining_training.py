@@ -23,8 +23,8 @@ from IDEALTrain.io.datasets import Case
 from IDEALTrain.io.phantom import make_phantom
 from IDEALTrain.io.volume_files import write_image
 from IDEALTrain.model.bundle import load_bundle, read_card, save_bundle
+from IDEALTrain.model.card import REFINEMENT_FOLDER
 from IDEALTrain.model.postprocessing import Postprocessing
-from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
 from IDEALTrain.training.augment import Augmentation
 from IDEALTrain.training.finetune import TrainConfig, train_segmentation
 from IDEALTrain.training.partial_labels import reviewed_labels

@@ -236,7 +236,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from IDEALTrain.inference import refine_propagation as propagation
     from IDEALTrain.inference.refine import Refiner
-    from IDEALTrain.model.refinement_network import REFINEMENT_FOLDER
+    from IDEALTrain.model.card import REFINEMENT_FOLDER
 
     if args.propagate_intensity is not None:
         propagation.PROPAGATE_INTENSITY = args.propagate_intensity

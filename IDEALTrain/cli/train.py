@@ -116,7 +116,7 @@ def carry_over_card(args: argparse.Namespace, initial) -> None:
 def carried_refinement(init_from: str | None, output: Path) -> dict[str, Path]:
     """The --init-from model's refinement network, for a folder output: a retrained model keeps click-to-fix's
     network (trained on the old model's drafts, it still corrects the new one's better than levelset)."""
-    from ..model.refinement_network import REFINEMENT_FOLDER
+    from ..model.card import REFINEMENT_FOLDER
 
     folder = Path(init_from) / REFINEMENT_FOLDER if init_from else None
     if folder is None or not folder.is_dir() or Path(output).suffix.lower() == ".zip":

@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import IdealError
 from ..io.image import Image
 from ..model.bundle import Bundle, load_bundle
+from ..model.card import REFINEMENT_FOLDER
 from ..model.preprocessing import normalise_slices
-from ..model.refinement_network import REFINEMENT_FOLDER
 from .clicks import Click, voxel_of
 from .predictor import Predictor
 from .refine_engines import ENGINES, SliceClick, adopt_changed_decisions

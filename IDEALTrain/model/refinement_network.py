@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IdealError
-from .card import REFINEMENT_FOLDER  # noqa: F401  (where a model folder keeps its refinement bundle)
 from .networks import ConvBlock, config_from_json
 
 LOG_FLOOR = 1e-3  # smallest prior probability the residual starts from

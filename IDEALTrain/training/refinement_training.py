@@ -258,7 +258,7 @@ def refinement_bundle(
 
     ``config`` is the architecture the weights were trained with; ``training`` goes to the card with the
     segmentation model's id and version added. Save it in the segmentation model's folder as
-    ``refinement/`` (:data:`~IDEALTrain.model.refinement_network.REFINEMENT_FOLDER`) for the Refiner to find.
+    ``refinement/`` (:data:`~IDEALTrain.model.card.REFINEMENT_FOLDER`) for the Refiner to find.
     """
     if segmentation.kind != "segmentation":
         raise IdealError(f"{segmentation.model_id} is a {segmentation.kind} bundle, not a segmentation model")
