@@ -59,7 +59,7 @@ def test_self_tests_skip_with_a_message_when_torch_is_missing():
 def test_cine_code_uses_the_sequences_api_of_slicers_sources():
     """A cine is found from its proxy (GetFirstBrowserNodeForProxyNode); no deprecated IsSynchronizedSequenceNode(id);
     a Sequences logic made here is always bound to the scene."""
-    sources = {p.name: p.read_text() for p in (MODULE_DIR / "IDEALSegmentLib").glob("*.py")}
+    sources = {p.name: p.read_text() for p in (MODULE_DIR / "Logic" / "IDEALSegmentLib").glob("*.py")}
     assert "GetFirstBrowserNodeForProxyNode" in sources["cine.py"]
     assert "SetSaveChanges(segmentation_sequence, True)" in sources["cine.py"]
     for name, source in sources.items():

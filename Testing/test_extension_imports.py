@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
-LOGIC_DIR = MODULE_DIR / "IDEALSegmentLib"
+LOGIC_DIR = MODULE_DIR / "Logic" / "IDEALSegmentLib"
 GUI_DIR = MODULE_DIR / "IDEALSegmentGui"
 GUI_FILES = [MODULE_DIR / "IDEALSegment.py", MODULE_DIR / "IDEALTrainer.py", *sorted(GUI_DIR.glob("*.py"))]
 PACKAGES = {"IDEALSegmentLib": LOGIC_DIR, "IDEALTrain": ROOT / "IDEALTrain", "IDEALSegmentGui": GUI_DIR}

@@ -20,7 +20,7 @@ def test_pip_install_maps_the_logic_folder():
 
     import IDEALTrain
 
-    assert Path(IDEALSegmentLib.__file__).resolve() == MODULE_DIR / "IDEALSegmentLib" / "__init__.py"
+    assert Path(IDEALSegmentLib.__file__).resolve() == MODULE_DIR / "Logic" / "IDEALSegmentLib" / "__init__.py"
     assert Path(IDEALTrain.__file__).resolve() == ROOT / "IDEALTrain" / "__init__.py"
 
 
@@ -60,12 +60,12 @@ def test_slicer_style_import_without_pip(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     logic_file, train_file = result.stdout.split()
-    assert Path(logic_file).resolve() == MODULE_DIR / "IDEALSegmentLib" / "__init__.py"
+    assert Path(logic_file).resolve() == MODULE_DIR / "Logic" / "IDEALSegmentLib" / "__init__.py"
     assert Path(train_file).resolve() == ROOT / "IDEALTrain" / "__init__.py"
 
 
 def test_logic_never_uses_qt_or_slicer_globals():
-    paths = sorted((MODULE_DIR / "IDEALSegmentLib").glob("*.py"))
+    paths = sorted((MODULE_DIR / "Logic" / "IDEALSegmentLib").glob("*.py"))
     assert paths, "no Logic files found: the check would pass vacuously"
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
