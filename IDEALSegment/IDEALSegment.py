@@ -2,8 +2,11 @@
 
 The widget only binds Qt signals to the panel controller (IDEALSegmentLib.panel), which makes every
 decision; the network runs in a child process, so torch never enters Slicer's process. Slicer
-imports this file at start-up: nothing here imports torch.
+imports this file at start-up: nothing here imports torch. On Slicer 5.6/5.8 (Python 3.9) the file
+still imports and the panel shows one line saying which Slicer it needs (IDEALSegmentLib.slicer_support).
 """
+from __future__ import annotations
+
 import logging
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ import vtk
 from IDEALSegmentGui import common, refine, review_controls, views
 from IDEALSegmentLib.panel import SegmentPanelController, table_text
 from IDEALSegmentLib.registry import ModelRegistry, entry_key
+from IDEALSegmentLib.slicer_support import unsupported_slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -49,7 +53,17 @@ See the <a href="https://github.com/idealsegment/IDEALSegment#readme">documentat
 Method: Basak et al., "Pseudo-label guided contrastive learning for semi-supervised medical image
 segmentation" (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
+        problem = unsupportedSlicer()
+        if problem:
+            logging.warning(problem)
+            self.parent.helpText = problem
+            return
         slicer.app.connect("startupCompleted()", common.loadTerminology)
+
+
+def unsupportedSlicer() -> str | None:
+    """The line this module shows instead of its panel on a Slicer older than it supports, else None."""
+    return unsupported_slicer("IDEALSegment", (slicer.app.majorVersion, slicer.app.minorVersion))
 
 
 @parameterNodeWrapper
@@ -90,6 +104,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.registry = ModelRegistry(user_dir=common.modelsFolder())
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self.refineSection = None
         self._timer = qt.QTimer()
         self._timer.setInterval(common.POLL_MILLISECONDS)
         self._timer.timeout.connect(self._poll)
@@ -101,6 +116,10 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = unsupportedSlicer()
+        if problem:
+            common.showUnsupported(self.layout, problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/IDEALSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -135,12 +154,20 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refineSection = refine.RefineSection.attach(self)  # click to fix (issue 19)
 
     def cleanup(self) -> None:
+        """The widget goes away (Slicer exits, or Reload): stop every timer, observer and child process it started."""
         if self.panel is not None:
             self.panel.scene_closing()  # cancels a running job; nothing will be added
+        if self.refineSection is not None:
+            self.refineSection.cleanup()  # its timer, its scene observer and its refinement job
+            self.refineSection = None
         self._timer.stop()
+        self._folderTimer.stop()
         self.removeObservers()
+        common.stopWorkers()
 
     def enter(self) -> None:
+        if self.panel is None:  # an unsupported Slicer: setup() showed why and built nothing
+            return
         self.initializeParameterNode()
         if not common.missingPackages():
             self.panel.warm_up()  # a worker process imports torch now, not on the first Segment click
@@ -229,6 +256,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None or self.panel is None:
             return
         state = self.panel.state()
+        self.ui.statusLabel.text = p.statusText  # set here: Slicer 5.6's parameterNodeWrapper cannot bind a QLabel
         self.ui.segmentButton.enabled = state.segment
         self.ui.segmentButton.toolTip = state.segment_tip
         self.ui.progressBar.visible = self.ui.cancelButton.visible = state.busy
@@ -343,12 +371,13 @@ class IDEALSegmentTest(ScriptedLoadableModuleTest):
     """Runs in Slicer's --testing mode: the self-test scenario, then the panel segmenting in a child process."""
 
     def setUp(self):
+        # Here, not in runTest: CTest's runner (slicer.testing.runUnitTest) calls each test_* method directly.
+        reason = common.selfTestSkipReason("IDEALSegment")
+        if reason:
+            self.skipTest(reason)
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        missing = common.missingPackages()
-        if missing:  # never installed in testing mode
-            self.skipTest(f"IDEALSegment self-test skipped: Python package(s) {', '.join(missing)} not installed")
         self.setUp()
         self.test_scenario()
         self.setUp()

@@ -2,8 +2,11 @@
 
 Training and the old-vs-new comparison run as separate processes; the widget only binds Qt signals
 to the trainer controller (IDEALSegmentLib.trainer_panel) and polls it from a timer. Slicer imports
-this file at start-up: nothing here imports torch.
+this file at start-up: nothing here imports torch. On Slicer 5.6/5.8 (Python 3.9) the file still
+imports and the panel shows one line saying which Slicer it needs (IDEALSegmentLib.slicer_support).
 """
+from __future__ import annotations
+
 import logging
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import slicer
 import vtk
 from IDEALSegmentGui import common, sample_data
 from IDEALSegmentLib.registry import ModelRegistry, entry_key, select_entry
+from IDEALSegmentLib.slicer_support import unsupported_slicer
 from IDEALSegmentLib.trainer_panel import EncoderStart, TrainerPanelController
 from slicer import vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -46,8 +50,18 @@ A new model is only used when you register it, as a new version; the old one sta
         self.parent.acknowledgementText = """
 Method: Basak et al. (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
+        problem = unsupportedSlicer()
+        if problem:
+            logging.warning(problem)
+            self.parent.helpText = problem
+            return
         # The extension's real-scan sample, offered in Sample Data > Cardiac MRI (IDEALSegment).
         slicer.app.connect("startupCompleted()", sample_data.registerSampleData)
+
+
+def unsupportedSlicer() -> str | None:
+    """The line this module shows instead of its panel on a Slicer older than it supports, else None."""
+    return unsupported_slicer("IDEALTrainer", (slicer.app.majorVersion, slicer.app.minorVersion))
 
 
 @parameterNodeWrapper
@@ -88,6 +102,10 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = unsupportedSlicer()
+        if problem:
+            common.showUnsupported(self.layout, problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/IDEALTrainer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -112,6 +130,8 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.panel is None:  # an unsupported Slicer: setup() showed why and built nothing
+            return
         self.initializeParameterNode()
         self.refreshDataset()
 
@@ -176,6 +196,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         state = self.panel.state()
+        self.ui.statusLabel.text = p.statusText  # set here: Slicer 5.6's parameterNodeWrapper cannot bind a QLabel
         self.ui.trainButton.enabled = state.train
         self.ui.pretrainedEncoderPathLineEdit.enabled = state.encoder_path
         self.ui.pretrainIterationsSpinBox.enabled = state.pretrain_iterations
@@ -269,12 +290,13 @@ class IDEALTrainerTest(ScriptedLoadableModuleTest):
     """Runs in Slicer's --testing mode: a tiny training job through the Logic, then the new model loads."""
 
     def setUp(self):
+        # Here, not in runTest: CTest's runner (slicer.testing.runUnitTest) calls each test_* method directly.
+        reason = common.selfTestSkipReason("IDEALTrainer")
+        if reason:
+            self.skipTest(reason)
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        missing = common.missingPackages()
-        if missing:  # never installed in testing mode
-            self.skipTest(f"IDEALTrainer self-test skipped: Python package(s) {', '.join(missing)} not installed")
         self.setUp()
         self.test_tiny_training_and_new_version()
 

@@ -17,12 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
 MODULES = ("IDEALSegment", "IDEALTrainer")
 
-# Parameter types -> widget classes the parameterNodeWrapper can bind them to.
+# Parameter types -> widget classes the parameterNodeWrapper can bind them to. Not QLabel: Slicer 5.6's wrapper has
+# no QLabel connector (setParameterNode raises and the panel never enables), so a status label is set in code.
 BINDABLE = {
     "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "ctkCheckablePushButton"},
     "int": {"QSpinBox", "QSlider", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "QComboBox"},
     "float": {"QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "ctkDoubleSlider", "QComboBox"},
-    "str": {"QLineEdit", "QLabel", "QTextEdit", "QComboBox"},
+    "str": {"QLineEdit", "QTextEdit", "QComboBox"},
     "Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
     "enum": {"QComboBox", "ctkComboBox"},
     "node": {"qMRMLNodeComboBox"},
@@ -71,7 +72,7 @@ def parameter_types(source: str) -> dict[str, str]:
     enums = _enum_names(tree)
     for node in tree.body:  # enums the module imports from its Logic package (e.g. the trainer controller's EncoderStart)
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("IDEALSegmentLib."):
-            logic = MODULE_DIR.joinpath(*node.module.split(".")).with_suffix(".py")
+            logic = (MODULE_DIR / "Logic").joinpath(*node.module.split(".")).with_suffix(".py")
             enums |= _enum_names(ast.parse(logic.read_text())) & {alias.name for alias in node.names}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):

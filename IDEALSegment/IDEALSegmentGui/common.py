@@ -7,8 +7,10 @@ from pathlib import Path
 
 import qt
 import slicer
+from IDEALSegmentLib import worker
 from IDEALSegmentLib.devices import DeviceProbe
 from IDEALSegmentLib.registry import default_user_dir
+from IDEALSegmentLib.slicer_support import unsupported_slicer
 
 #: QSettings keys: choices that belong to the user, not to a scene.
 MODELS_FOLDER_KEY = "IDEALSegment/ModelsFolder"
@@ -151,6 +153,30 @@ def ensureDependencies(parent=None) -> bool:
         slicer.util.errorDisplay(f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again.")
         return False
     return True
+
+
+def selfTestSkipReason(module: str) -> str | None:
+    """Why ``module``'s self-test cannot run here (an unsupported Slicer, or torch not installed), else None."""
+    problem = unsupported_slicer(module, (slicer.app.majorVersion, slicer.app.minorVersion))
+    if problem:
+        return problem
+    missing = missingPackages()
+    if missing:  # never installed in testing mode
+        return f"{module} self-test skipped: Python package(s) {', '.join(missing)} not installed"
+    return None
+
+
+def showUnsupported(layout, text: str) -> None:
+    """The whole panel on an unsupported Slicer: one line saying which Slicer the module needs."""
+    label = qt.QLabel(text)
+    label.wordWrap = True
+    layout.addWidget(label)
+    layout.addStretch(1)
+
+
+def stopWorkers() -> None:
+    """Stop the idle warm workers (a widget's cleanup: Slicer exits or the module is reloaded)."""
+    worker.shutdown()
 
 
 def loadTerminology() -> None:
