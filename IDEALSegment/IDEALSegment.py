@@ -149,7 +149,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsFolderPathLineEdit.currentPath = str(common.modelsFolder())
         self.ui.correctionsFolderPathLineEdit.currentPath = str(common.correctionsFolder())
         self.ui.reviewerLineEdit.text = common.settingsValue(common.REVIEWER_KEY)
-        common.fillDeviceComboBox(self.ui.deviceComboBox, common.DEVICE_KEY)
+        self.fillDevices()
         self.initializeParameterNode()
         self.refineSection = refine.RefineSection.attach(self)  # click to fix (issue 19)
 
@@ -240,6 +240,10 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             f"Version {entry.version} ({entry.source})" + (f"; validation Dice {dice:.3f}" if dice is not None else "") + f"\n{entry.training_summary}"
         )
 
+    def fillDevices(self) -> None:
+        """The device list (again after torch is installed: the probe then finds the GPUs)."""
+        common.fillDeviceComboBox(self.ui.deviceComboBox, common.DEVICE_KEY)
+
     def onDeviceChanged(self, index: int) -> None:
         common.setSettingsValue(common.DEVICE_KEY, common.comboData(self.ui.deviceComboBox))
 
@@ -273,7 +277,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- segmenting -----------------------------------------------------------------------------
     def onSegment(self) -> None:
         """Start the segmentation in a child process; the timer polls it and adds the results when done."""
-        if not common.ensureDependencies(self.parent):
+        if not common.ensureDependencies(self.parent, onInstalled=self.fillDevices):
             return
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
             self.panel.start(common.comboData(self.ui.deviceComboBox))

@@ -119,7 +119,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelTrainingButton.connect("clicked(bool)", lambda _checked: self.onCancel())
         self.ui.useModelButton.connect("clicked(bool)", lambda _checked: self.onUseModel())
         self.ui.trainingDeviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
-        common.fillDeviceComboBox(self.ui.trainingDeviceComboBox, common.TRAINING_DEVICE_KEY, "CPU (slow: use small budgets)")
+        self.fillDevices()
         self.refreshDataset()
         self.initializeParameterNode()
 
@@ -161,6 +161,10 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
             self._updateGui()
+
+    def fillDevices(self) -> None:
+        """The device list (again after torch is installed: the probe then finds the GPUs)."""
+        common.fillDeviceComboBox(self.ui.trainingDeviceComboBox, common.TRAINING_DEVICE_KEY, "CPU (slow: use small budgets)")
 
     def onDeviceChanged(self, index: int) -> None:
         common.setSettingsValue(common.TRAINING_DEVICE_KEY, common.comboData(self.ui.trainingDeviceComboBox))
@@ -208,7 +212,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- training -------------------------------------------------------------------------------
     def onTrain(self) -> None:
-        if not common.ensureDependencies(self.parent):
+        if not common.ensureDependencies(self.parent, onInstalled=self.fillDevices):
             return
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             old = self.logic.currentModel(self.panel.registry)

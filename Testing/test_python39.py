@@ -82,7 +82,7 @@ def test_both_modules_import_and_say_which_slicer_they_need_under_python39(tmp_p
     interpreter = python39()
     if interpreter is None:
         pytest.skip("no Python 3.9 interpreter (set IDEAL_PYTHON39, or install python3.9 / a pyenv 3.9)")
-    result = subprocess.run([interpreter, "-S", str(ROOT / "Testing" / "python39_import_check.py")],
+    result = subprocess.run([interpreter, "-S", "-B", str(ROOT / "Testing" / "python39_import_check.py")],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120, env={"PATH": os.environ.get("PATH", "")})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

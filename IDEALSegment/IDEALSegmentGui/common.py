@@ -9,6 +9,7 @@ import qt
 import slicer
 from IDEALSegmentLib import worker
 from IDEALSegmentLib.devices import DeviceProbe
+from IDEALSegmentLib.jobs import python_executable
 from IDEALSegmentLib.registry import default_user_dir
 from IDEALSegmentLib.slicer_support import unsupported_slicer
 
@@ -101,11 +102,12 @@ def missingPackages() -> list:
     return [name for name in ("torch", *EXTRA_REQUIREMENTS) if importlib.util.find_spec(name) is None]
 
 
-def ensureDependencies(parent=None) -> bool:
-    """Install torch (through PyTorchUtils when available) and the small extras after asking; True when ready.
+def ensureDependencies(parent=None, onInstalled=None) -> bool:
+    """Install torch (as the PyTorch extension does, when it is there) and the small extras after asking; True when ready.
 
     Called on the first Segment / Train click, never at import or module load, and never in
     ``--testing`` mode (the self-tests skip instead). Slicer's own numpy and SimpleITK are left alone.
+    ``onInstalled`` runs after a successful installation (the widgets refill their device lists).
     """
     missing = missingPackages()
     if not missing:
@@ -116,9 +118,9 @@ def ensureDependencies(parent=None) -> bool:
     torchUtils = None
     if "torch" in missing:
         try:
-            import PyTorchUtils
+            import PyTorchUtils  # only to know the PyTorch extension is there: see installTorchLikePyTorchUtils
 
-            torchUtils = PyTorchUtils.PyTorchUtilsLogic()
+            torchUtils = PyTorchUtils.PyTorchUtilsLogic
         except ImportError:
             torchUtils = None
     extras = [name for name in missing if name != "torch"]
@@ -141,8 +143,7 @@ def ensureDependencies(parent=None) -> bool:
     with slicer.util.tryWithErrorDisplay("Installing the packages failed; see the Python console for pip's message.", waitCursor=True):
         if "torch" in missing:
             if torchUtils is not None:
-                if torchUtils.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                    return False
+                installTorchLikePyTorchUtils()
             else:
                 slicer.util.pip_install(f"torch{TORCH_REQUIREMENT}")
         if extras:
@@ -152,7 +153,21 @@ def ensureDependencies(parent=None) -> bool:
     if still:
         slicer.util.errorDisplay(f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again.")
         return False
+    if onInstalled is not None:
+        onInstalled()
     return True
+
+
+def installTorchLikePyTorchUtils() -> None:
+    """Install the torch build that matches the GPU with light-the-torch, as the PyTorch extension does, in a child.
+
+    Not ``PyTorchUtilsLogic.installTorch``: it ends with ``import torch`` in Slicer's process (seconds, and
+    torch's libraries loaded for good), which the extension avoids everywhere; the network runs in children.
+    """
+    if importlib.util.find_spec("light_the_torch") is None:
+        slicer.util.pip_install("light-the-torch>=0.5")
+    command = [str(python_executable()), "-m", "light_the_torch", "install", f"torch{TORCH_REQUIREMENT}"]
+    slicer.util.logProcessOutput(slicer.util.launchConsoleProcess(command, useStartupEnvironment=False))
 
 
 def selfTestSkipReason(module: str) -> str | None:
