@@ -1,6 +1,6 @@
-"""Run by a Python 3.9 interpreter (Slicer 5.6/5.8 embed 3.9): import both module files as Slicer does, then
-start each module and open its panel on Slicer 5.8 and on 5.10. Not a pytest file: Testing/test_python39.py
-runs it, where a Python 3.9 is installed.
+"""Import both module files as Slicer does, start each module and open its panel on Slicer 5.8 and on 5.10, and
+close a widget (cleanup: Slicer exits or Reload). Not a pytest file: Testing/test_python39.py runs it with a
+Python 3.9 (what Slicer 5.6/5.8 embed), where one is installed, and with the test's own Python.
 
 Slicer's own libraries (slicer, qt, ctk, vtk, numpy, SimpleITK, safetensors) are not installed for 3.9 here, so
 an import hook hands out placeholders for them: any attribute is a class, so module-level code runs, and
@@ -135,6 +135,29 @@ def load_module_file(name: str):
     return module
 
 
+class _Recorder:
+    """Records every method called on it as 'name.method'."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getattr__(self, method):
+        return lambda *args, **kwargs: self.calls.append(f"{self.name}.{method}")
+
+
+def cleanup_calls(module, name):
+    """What the widget's cleanup() stops, on a widget whose parts are recorders."""
+    calls = []
+    widget = getattr(module, f"{name}Widget")(types.SimpleNamespace())
+    for attribute in ("panel", "refineSection", "_timer", "_folderTimer"):
+        if attribute in vars(widget):
+            setattr(widget, attribute, _Recorder(attribute, calls))
+    widget.removeObservers = lambda: calls.append("removeObservers")
+    module.common.worker.shutdown = lambda: calls.append("worker.shutdown")
+    widget.cleanup()
+    return calls
+
+
 class _Log(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -148,7 +171,7 @@ def main() -> None:
     sys.path.insert(0, str(MODULE_DIR))  # Slicer puts the module folder on sys.path
     log = _Log()
     logging.getLogger().addHandler(log)
-    report = {"python": list(sys.version_info[:2])}
+    report = {"python": list(sys.version_info[:2]), "cleanup": {}}
     for name in ("IDEALSegment", "IDEALTrainer"):
         module = load_module_file(name)
         for version in ((5, 8), (5, 10)):
@@ -165,6 +188,7 @@ def main() -> None:
                 widget.enter()
                 widget.cleanup()
             report[f"{name} {version[0]}.{version[1]}"] = seen
+        report["cleanup"][name] = cleanup_calls(module, name)
     print(json.dumps(report))
 
 

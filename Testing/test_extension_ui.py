@@ -198,3 +198,17 @@ def test_the_checks_catch_a_mismatch(tmp_path):
     assert fields == {"label": "str", "count": "int"}
     parameter, cls, _ = bound_widgets(ui_widgets(ui))["countSpinBox"]
     assert cls not in BINDABLE[fields[parameter]], "a QSpinBox bound to a str must be reported"
+
+
+def test_the_refine_section_sits_after_the_review_section_above_the_closing_spacer():
+    """refine.py inserts its section after ANCHOR in the .ui's main layout (appended to the module's layout it
+    landed below the collapsed Settings and the spacer). Where it really shows needs a Slicer GUI."""
+    tree = ast.parse((MODULE_DIR / "IDEALSegmentGui" / "refine.py").read_text())
+    anchor = next(node.value.value for node in tree.body if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "ANCHOR")
+    assert "insertWidget" in ast.unparse(tree) and "addWidget(box)" not in ast.unparse(tree)
+    main = ElementTree.parse(_module_ui("IDEALSegment")).getroot().find("widget/layout")
+    items = [(child.tag, child.get("name"), child.get("class")) for item in main.findall("item") for child in item]
+    names = [name for _, name, _ in items]
+    assert anchor in names, f"{anchor} is not a top-level item of IDEALSegment.ui's main layout"
+    spacer = next(i for i, (tag, _, _) in enumerate(items) if tag == "spacer")
+    assert names.index(anchor) < names.index("settingsCollapsibleButton") < spacer

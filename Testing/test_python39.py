@@ -2,8 +2,9 @@
 line which Slicer it needs instead of failing (IDEALSegmentLib.slicer_support; Slicer 5.10+ is supported).
 
 Two checks: every repository file the modules import at start-up (IDEALTrain files included) passes ruff with
-a Python 3.9 target (always runs; ``pyproject.toml`` lints IDEALSegment/ that way too), and, where a Python 3.9
-interpreter is installed, Testing/python39_import_check.py imports both module files under it for real.
+a Python 3.9 target (always runs; ``pyproject.toml`` lints IDEALSegment/ that way too), and
+Testing/python39_import_check.py imports both module files for real under a Python 3.9, where one is installed
+(and under this Python), with Slicer's libraries as placeholders; it also closes each widget (cleanup on Reload).
 """
 from __future__ import annotations
 
@@ -78,21 +79,35 @@ def python39() -> str | None:
     return None
 
 
-def test_both_modules_import_and_say_which_slicer_they_need_under_python39(tmp_path):
-    interpreter = python39()
+@pytest.fixture(scope="module", params=["python3.9", "this python"])
+def harness_report(request, tmp_path_factory):
+    """Testing/python39_import_check.py's report, under a Python 3.9 (Slicer 5.6/5.8) and under the test's Python."""
+    interpreter = python39() if request.param == "python3.9" else sys.executable
     if interpreter is None:
         pytest.skip("no Python 3.9 interpreter (set IDEAL_PYTHON39, or install python3.9 / a pyenv 3.9)")
-    result = subprocess.run([interpreter, "-S", "-B", str(ROOT / "Testing" / "python39_import_check.py")],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120, env={"PATH": os.environ.get("PATH", "")})
+    result = subprocess.run([interpreter, "-S", "-B", str(ROOT / "Testing" / "python39_import_check.py")], capture_output=True,
+                            text=True, cwd=tmp_path_factory.mktemp("harness"), timeout=120, env={"PATH": os.environ.get("PATH", "")})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["python"] == [3, 9]
+    assert report["python"] == ([3, 9] if request.param == "python3.9" else list(sys.version_info[:2]))
+    return report
+
+
+def test_both_modules_load_and_say_which_slicer_they_need(harness_report):
     for module in ("IDEALSegment", "IDEALTrainer"):
         line = unsupported_slicer(module, (5, 8))
-        old, new = report[f"{module} 5.8"], report[f"{module} 5.10"]
+        old, new = harness_report[f"{module} 5.8"], harness_report[f"{module} 5.10"]
         assert old["warnings"] == [line] and old["helpText"] == line and old["panel"] == [line]
         assert old["connections"] == [] and not old["panelBuilt"]  # no Sample Data / terminology hooks, no panel
         assert new["warnings"] == [] and new["connections"] == ["startupCompleted()"]
+
+
+def test_closing_a_widget_stops_its_timers_observers_and_children(harness_report):
+    """Reload or exit: the Refine section's timer and observers, the folder timer and the idle warm workers stop too."""
+    segment, trainer = harness_report["cleanup"]["IDEALSegment"], harness_report["cleanup"]["IDEALTrainer"]
+    assert segment == ["panel.scene_closing", "refineSection.cleanup", "_timer.stop", "_folderTimer.stop", "removeObservers",
+                       "worker.shutdown"]
+    assert trainer == ["panel.cancel", "_timer.stop", "removeObservers"]
 
 
 def test_the_supported_version_line():
