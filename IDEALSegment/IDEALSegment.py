@@ -19,7 +19,6 @@ import vtk
 from IDEALSegmentGui import common, refine, review_controls, views
 from IDEALSegmentLib.panel import SegmentPanelController, table_text
 from IDEALSegmentLib.registry import ModelRegistry, entry_key
-from IDEALSegmentLib.slicer_support import unsupported_slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -53,17 +52,12 @@ See the <a href="https://github.com/idealsegment/IDEALSegment#readme">documentat
 Method: Basak et al., "Pseudo-label guided contrastive learning for semi-supervised medical image
 segmentation" (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
-        problem = unsupportedSlicer()
+        problem = common.unsupportedSlicer("IDEALSegment")
         if problem:
             logging.warning(problem)
             self.parent.helpText = problem
             return
         slicer.app.connect("startupCompleted()", common.loadTerminology)
-
-
-def unsupportedSlicer() -> str | None:
-    """The line this module shows instead of its panel on a Slicer older than it supports, else None."""
-    return unsupported_slicer("IDEALSegment", (slicer.app.majorVersion, slicer.app.minorVersion))
 
 
 @parameterNodeWrapper
@@ -116,7 +110,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        problem = unsupportedSlicer()
+        problem = common.unsupportedSlicer("IDEALSegment")
         if problem:
             common.showUnsupported(self.layout, problem)
             return

@@ -18,7 +18,6 @@ import slicer
 import vtk
 from IDEALSegmentGui import common, sample_data
 from IDEALSegmentLib.registry import ModelRegistry, entry_key, select_entry
-from IDEALSegmentLib.slicer_support import unsupported_slicer
 from IDEALSegmentLib.trainer_panel import EncoderStart, TrainerPanelController
 from slicer import vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -50,18 +49,13 @@ A new model is only used when you register it, as a new version; the old one sta
         self.parent.acknowledgementText = """
 Method: Basak et al. (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
-        problem = unsupportedSlicer()
+        problem = common.unsupportedSlicer("IDEALTrainer")
         if problem:
             logging.warning(problem)
             self.parent.helpText = problem
             return
         # The extension's real-scan sample, offered in Sample Data > Cardiac MRI (IDEALSegment).
         slicer.app.connect("startupCompleted()", sample_data.registerSampleData)
-
-
-def unsupportedSlicer() -> str | None:
-    """The line this module shows instead of its panel on a Slicer older than it supports, else None."""
-    return unsupported_slicer("IDEALTrainer", (slicer.app.majorVersion, slicer.app.minorVersion))
 
 
 @parameterNodeWrapper
@@ -102,7 +96,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        problem = unsupportedSlicer()
+        problem = common.unsupportedSlicer("IDEALTrainer")
         if problem:
             common.showUnsupported(self.layout, problem)
             return

@@ -170,9 +170,14 @@ def installTorchLikePyTorchUtils() -> None:
     slicer.util.logProcessOutput(slicer.util.launchConsoleProcess(command, useStartupEnvironment=False))
 
 
+def unsupportedSlicer(module: str) -> str | None:
+    """The line ``module`` shows instead of its panel on a Slicer older than it supports, else None."""
+    return unsupported_slicer(module, (slicer.app.majorVersion, slicer.app.minorVersion))
+
+
 def selfTestSkipReason(module: str) -> str | None:
     """Why ``module``'s self-test cannot run here (an unsupported Slicer, or torch not installed), else None."""
-    problem = unsupported_slicer(module, (slicer.app.majorVersion, slicer.app.minorVersion))
+    problem = unsupportedSlicer(module)
     if problem:
         return problem
     missing = missingPackages()
