@@ -339,7 +339,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- measurements ---------------------------------------------------------------------------
     def onCopyMeasurements(self) -> None:
         qt.QApplication.clipboard().setText(table_text(self._parameterNode.measurementsTable))
-        self.ui.statusLabel.text = "Measurements copied (tab-separated; paste into a spreadsheet or report)."
+        self._parameterNode.statusText = "Measurements copied (tab-separated; paste into a spreadsheet or report)."
 
     def onSaveMeasurements(self) -> None:
         table = self._parameterNode.measurementsTable
@@ -351,7 +351,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Saving the measurements failed.", waitCursor=True):
             if not slicer.util.saveNode(table, path):
                 raise RuntimeError(f"Slicer could not write {path}")
-            self.ui.statusLabel.text = f"Measurements saved to {path}"
+            self._parameterNode.statusText = f"Measurements saved to {path}"
 
     def onRecomputeMeasurements(self) -> None:
         with slicer.util.tryWithErrorDisplay("The measurements could not be recomputed.", waitCursor=True):
