@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 
 from ..errors import IdealError, TrainingStopped
@@ -26,8 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; user errors print one line and exit 2, a stopped training run exits 3."""
+    """Run one command; user errors print one line and exit 2, a stopped training run exits 3, and
+    SIGTERM stops any other command as Ctrl-C does: its unfinished outputs are removed (exit 128 + signal)."""
+    from ..io.output_guard import exit_status, interrupt_on_sigterm
+
     args = build_parser().parse_args(argv)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupt_on_sigterm()
     try:
         args.func(args)
         if args.command in TRAINING_COMMANDS:
@@ -40,4 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         print(f"idealtrain: {stopped}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as interruption:
+        status = exit_status(interruption)
+        print(f"idealtrain: interrupted ({signal.Signals(status - 128).name}); unfinished outputs were removed", file=sys.stderr)
+        return status
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                with contextlib.suppress(ValueError):  # not the main thread
+                    signal.signal(sig, handler)
     return 0
