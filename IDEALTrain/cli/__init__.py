@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 
@@ -30,17 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user errors print one line and exit 2, a stopped training run exits 3, and
     SIGTERM stops any other command as Ctrl-C does: its unfinished outputs are removed (exit 128 + signal)."""
-    from ..io.output_guard import exit_status, interrupt_on_sigterm
+    from ..io.output_guard import exit_status, sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    interrupt_on_sigterm()
     try:
-        args.func(args)
-        if args.command in TRAINING_COMMANDS:
-            from ..training.distributed import finish_distributed
+        with sigterm_as_interrupt():
+            args.func(args)
+            if args.command in TRAINING_COMMANDS:
+                from ..training.distributed import finish_distributed
 
-            finish_distributed()
+                finish_distributed()
     except IdealError as error:
         print(f"idealtrain: error: {error}", file=sys.stderr)
         return 2
@@ -51,9 +49,4 @@ def main(argv: list[str] | None = None) -> int:
         status = exit_status(interruption)
         print(f"idealtrain: interrupted ({signal.Signals(status - 128).name}); unfinished outputs were removed", file=sys.stderr)
         return status
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                with contextlib.suppress(ValueError):  # not the main thread
-                    signal.signal(sig, handler)
     return 0

@@ -150,5 +150,6 @@ def check_nifti(path: str | Path, reader: sitk.ImageFileReader) -> None:
     if nans == voxels.size:
         raise IdealError(f"{path}: every voxel is NaN (not a number): there is no image to use")
     if nans or infinite:
-        what = " and ".join(text for count, text in ((nans, f"{nans} NaN (not a number)"), (infinite, f"{infinite} infinite")) if count)
-        raise IdealError(f"{path}: {what} of {voxels.size} voxels; fix or mask them first")
+        what = (f"are NaN or infinite ({nans} NaN, {infinite} +-inf)" if nans and infinite
+                else "are NaN (not a number)" if nans else "are infinite (+-inf)")
+        raise IdealError(f"{path}: {nans + infinite} of {voxels.size} voxels {what}; fix or mask them first")

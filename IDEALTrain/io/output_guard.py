@@ -7,7 +7,7 @@
   hidden folder beside it and committed together (renamed into place one after another) or not at all.
 - Every temporary name starts with ``.idealtrain-<pid>-``; :func:`sweep_leftovers` removes those of a
   run that was killed (its pid gone) the next time a run writes to that folder, and says so.
-- :func:`interrupt_on_sigterm`: SIGTERM stops a command as Ctrl-C does, so the clean-up above runs.
+- :func:`sigterm_as_interrupt`: SIGTERM stops a command as Ctrl-C does, so the clean-up above runs.
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def _same_file(path: Path, handle) -> bool:
 def _remove_unheld_lock(path: Path) -> bool:
     """Remove a lock file nobody holds (its owner was killed); False when a live run holds it."""
     try:
-        handle = open(path, "a+")  # noqa: SIM115  closed below
+        handle = open(path, "a+b", buffering=0)  # noqa: SIM115  closed below
     except OSError:
         return False
     try:
@@ -286,20 +286,20 @@ class PathLock:
         """Take the lock, or raise IdealError naming the process (pid) that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            handle = open(self.path, "a+")  # noqa: SIM115  held until release()
+            handle = open(self.path, "a+b", buffering=0)  # noqa: SIM115  held until release(); unbuffered: close never writes
             if not _try_lock(handle):
                 handle.seek(0)
-                owner = handle.read().strip() or "unknown"
+                owner = handle.read().decode("ascii", "replace").strip() or "unknown"
                 handle.close()
                 raise IdealError(self.busy.format(pid=owner))
             if _same_file(self.path, handle):
                 break
             handle.close()  # the owner (or a sweep) removed the file as we opened it: lock the new one
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
         self.handle = handle
+        with contextlib.suppress(OSError):  # the pid only informs whoever is refused (a full disk cannot take it)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()).encode())
         return self
 
     def release(self) -> None:
@@ -464,11 +464,20 @@ def _interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def interrupt_on_sigterm() -> None:
-    """From now on SIGTERM and SIGINT raise :class:`Interrupted` in the main thread (no-op elsewhere)."""
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread (elsewhere
+    nothing changes); the previous handlers come back after it."""
+    previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, _interrupt)
+            previous[sig] = signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def exit_status(interruption: KeyboardInterrupt) -> int:

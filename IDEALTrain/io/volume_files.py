@@ -165,11 +165,11 @@ def _verify_written(temp: Path, sitk_image: sitk.Image, path: Path) -> None:
     does not raise on a full disk). A failure names the output, never the hidden temporary file."""
     try:
         reader = check_complete(temp)
-        whole = reader.GetSize() == sitk_image.GetSize() and reader.GetPixelID() == sitk_image.GetPixelID()
-    except IdealError:
-        whole = False
-    if not whole:
-        raise IdealError(f"{path}: could not write the image: the written file does not read back whole "
+        problem = "" if reader.GetSize() == sitk_image.GetSize() and reader.GetPixelID() == sitk_image.GetPixelID() else "other"
+    except IdealError as error:
+        problem = "truncated" if "truncated" in str(error) else "unreadable"
+    if problem:
+        raise IdealError(f"{path}: could not write the image: the written file reads back {problem} "
                          "(disk full or failing?); nothing was replaced")
 
 
