@@ -145,6 +145,8 @@ def check_outputs(
             raise IdealError(f"{given}: writing there would replace the input {replaced}; choose another output")
     for path, _ in absolute:
         check_writable_folder(path.parent)
+    for folder in dict.fromkeys(path.parent for path, _ in absolute):
+        report_leftovers(folder)  # before any refusal: every run cleans up after a killed one
     existing = [(path, given) for (path, _), given in zip(absolute, seen.values()) if path.exists() or path.is_symlink()]
     if existing and not overwrite:
         raise IdealError(f"output already exists: {', '.join(str(g) for _, g in existing)}; {hint}")
@@ -156,8 +158,6 @@ def check_outputs(
             )
         if kind == "file" and path.is_dir():
             raise IdealError(f"{given} is a folder; the output must be a file name (nothing was changed)")
-    for folder in dict.fromkeys(path.parent for path, _ in absolute):
-        report_leftovers(folder)
     return [path for path, _ in absolute]
 
 
@@ -447,6 +447,14 @@ class OutputSet:
         try:
             if kind is None:
                 self.commit()
+            elif isinstance(error, IdealError):  # a writer's message names the output, never the hidden folder
+                text = str(error)
+                for target in self.targets:
+                    folder = self._folders.get(target.parent)
+                    if folder is not None:
+                        text = text.replace(str(folder / target.name), str(target))
+                if text != str(error):
+                    raise IdealError(text) from None
         finally:
             self._release()
 
