@@ -60,7 +60,7 @@ def parse_clicks(data: object) -> list[Click]:
             raise IdealError(f"click {n}: 'point' must be three finite numbers within +-{MAX_COORDINATE_MM:g} mm (LPS), got {shown}")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 255:
             shown = repr(label) if len(repr(label)) <= 40 else repr(label)[:37] + "..."
-            raise IdealError(f"click {n}: 'label' must be a label value 0-255, got {shown}")
+            raise IdealError(f"click {n}: 'label' must be an integer label value 0-255, got {shown}")
         if not isinstance(positive, bool):
             raise IdealError(f"click {n}: 'positive' must be true or false, got {positive!r}")
         clicks.append(Click(tuple(float(v) for v in point), label, positive))

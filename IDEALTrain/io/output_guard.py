@@ -265,10 +265,11 @@ def _remove_unheld_lock(path: Path) -> bool:
     try:
         if not _try_lock(handle):
             return False
-        if _same_file(path, handle):
+        removed = _same_file(path, handle)  # else its owner removed it as it finished: not a leftover
+        if removed:
             path.unlink(missing_ok=True)
         _unlock(handle)
-        return True
+        return removed
     finally:
         handle.close()
 
