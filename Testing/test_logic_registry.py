@@ -222,7 +222,7 @@ def test_listing_the_shipped_models_never_imports_torch():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {"PYTHONPATH": f"{root / 'IDEALSegment'}:{root}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{root / 'IDEALSegment' / 'Logic'}:{root}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [DEFAULT_MODEL_ID, "False"]

@@ -137,4 +137,4 @@ def test_init_from_carries_the_bundle_over(old_model, tmp_path):
     assert card["training"]["refinement_network"] == f"carried over from {old.model_id} {old.version}"
     assert Refiner(out, device="cpu").engine == "guided"  # click-to-fix keeps its network after a retraining
     with pytest.raises(IdealError, match="cannot hold"):
-        save_bundle(old, tmp_path / "new.zip", companions={REFINEMENT_FOLDER: path / REFINEMENT_FOLDER})
+        save_bundle(old, tmp_path / "new.zip", companions_from=path)

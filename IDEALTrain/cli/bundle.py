@@ -32,10 +32,12 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> None:
-    """Verify a bundle, then print its card."""
+    """Verify a bundle and its click-to-fix network (``refinement/``), then print its card."""
     from ..model.bundle import load_bundle, read_card
+    from ..model.card import verify_companion
 
     load_bundle(args.bundle)  # verifies checksum, label map and architecture first
+    verify_companion(args.bundle)  # a broken or unsafe refinement/ is named now, not at the first click
     print(json.dumps(read_card(args.bundle), indent=2))
 
 

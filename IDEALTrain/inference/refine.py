@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import IdealError
 from ..io.image import Image
 from ..model.bundle import Bundle, load_bundle
-from ..model.card import REFINEMENT_FOLDER
+from ..model.card import REFINEMENT_FOLDER, verify_companion
 from ..model.preprocessing import normalise_slices
 from .clicks import Click, voxel_of
 from .predictor import Predictor
@@ -103,8 +103,9 @@ class Refiner:
         self.predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device)
         self.labels = tuple(label.value for label in self.predictor.bundle.labels)
         source = self.predictor.source
-        if refinement is None and source is not None and (source / REFINEMENT_FOLDER).is_dir():
-            refinement = source / REFINEMENT_FOLDER
+        if refinement is None and engine in ("auto", "guided") and source is not None and source.is_dir():
+            if verify_companion(source) is not None:  # a broken or unsafe refinement/ is an error, never ignored
+                refinement = source / REFINEMENT_FOLDER
         if engine == "auto":
             engine = "guided" if refinement is not None else "levelset"
         self.engine = engine
