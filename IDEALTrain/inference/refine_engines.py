@@ -119,6 +119,25 @@ def honour_clicks(labels: np.ndarray, prior: np.ndarray, clicks: list[SliceClick
             labels[r, c] = int(others.argmax())
 
 
+def keep_negative_clicks_negative(
+    draft: np.ndarray, labels: np.ndarray, clicks: list[SliceClick], spacing: tuple[float, float], radius_mm: float
+) -> np.ndarray:
+    """``labels`` of one slice without a voxel of structure L that the draft did not have, for every L that a
+    negative click (real or carried over) on this slice names, except within the reach of a positive click for L
+    there: "this is not L" never adds L (the guided network, seeing a negative click, could redraw L nearby)."""
+    out = labels
+    for label in {c.label for c in clicks if not c.positive}:
+        added = (labels == label) & (draft != label)
+        if not added.any():
+            continue
+        for click in (c for c in clicks if c.positive and c.label == label):
+            reach = radius_mm if click.reach_mm is None else click.reach_mm
+            added &= _distance_from(click.voxel, draft.shape, spacing) > reach
+        if added.any():
+            out = np.where(added, draft, out)
+    return out.astype(labels.dtype, copy=False)
+
+
 def _finish(draft: np.ndarray, box, near, labels, prior, clicks) -> np.ndarray:
     """Keep the draft outside the click disks, honour the clicks, paste the box back."""
     labels = np.where(near, labels, draft[box]).astype(np.uint8)
