@@ -74,3 +74,28 @@ def test_cancel_ends_the_worker_and_the_next_command_gets_a_new_one(files):
     assert chain.state == "done" and (folder / "d.nrrd").is_file()
     busy.busy = False
     assert len(worker_module._pool) <= worker_module.POOL_SIZE
+
+
+def test_a_job_started_right_after_a_cancel_never_goes_to_the_dying_worker(files, monkeypatch):
+    """Under load a job started right after a cancel went to the dying worker: a command that ended just as it
+    was cancelled left the worker idle and, until the system reaped it, alive. Here the signals are held back
+    so that moment lasts: the worker must still never get another command."""
+    model, folder = files
+    job = WorkerJob(["segment", "--model", folder / "absent", "--input", folder / "in.nrrd", "--output", folder / "x.nrrd"])
+    job.start()
+    dying = job.worker
+    deadline = time.monotonic() + 120
+    while not any(e.get("event") == "exit" for e in list(dying.lines.queue)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the command has ended in the worker; the panel has not polled yet
+    held = []
+    monkeypatch.setattr(worker_module, "signal_process_group", lambda process, terminate: held.append(terminate))
+    job.request_cancel()  # Cancel, a moment too late
+    finish(job, 30)
+    assert job.cancelled and held and dying.alive and not dying.busy  # idle and alive, but on its way out
+    monkeypatch.undo()
+    nxt = acquire()
+    try:
+        assert nxt is not dying and nxt.process.pid != dying.process.pid and dying not in worker_module._pool
+    finally:
+        nxt.busy = False
+        dying.stop(terminate=False)
