@@ -99,3 +99,25 @@ def test_a_job_started_right_after_a_cancel_never_goes_to_the_dying_worker(files
     finally:
         nxt.busy = False
         dying.stop(terminate=False)
+
+
+def test_a_second_writer_of_one_output_through_the_worker_is_refused_while_the_first_writes(files):
+    """Two runs writing the same new output path both exited 0 (command line and worker) and one result silently
+    replaced the other. The worker runs the command line's own output guard: while a writer holds the path's
+    lock, a worker command writing there ends with one line and leaves the path alone."""
+    output_guard = pytest.importorskip("IDEALTrain.io.output_guard", reason="the output guard (issue 27a) is not merged yet")
+    model, folder = files
+    target = folder / "shared.nrrd"
+    writer = output_guard.output_lock(target).acquire()  # a run in the middle of writing target
+    try:
+        job = WorkerJob(["segment", "--model", model, "--input", folder / "in.nrrd", "--output", target, "--device", "cpu"])
+        job.start()
+        finish(job)
+        assert job.returncode == 2 and "being written by another run" in job.error and "\n" not in job.error
+        assert not target.exists()
+    finally:
+        writer.release()
+    again = WorkerJob(["segment", "--model", model, "--input", folder / "in.nrrd", "--output", target, "--device", "cpu"])
+    again.start()
+    finish(again)
+    assert again.returncode == 0 and read_image(target).same_grid(read_image(folder / "in.nrrd"))

@@ -146,7 +146,18 @@ def test_additions_stay_allowed_within_reach_of_a_positive_click_for_the_structu
     proposed = np.zeros((20, 20), np.uint8)
     proposed[2:5, 2:5] = 3  # near the positive LV click
     proposed[15:18, 15:18] = 3  # near the negative LV click only
+    prior = np.full((4, 20, 20), 0.1, np.float32)
+    prior[0], prior[2] = 0.5, 0.3  # background the draft's class, myocardium the next most probable
     clicks = [SliceClick((3, 3), 3, True), SliceClick((16, 16), 3, False, soft=True)]
-    kept = keep_negative_clicks_negative(draft, proposed, clicks, (1.0, 1.0), 5.0)
+    kept = keep_negative_clicks_negative(draft, proposed, prior, clicks, (1.0, 1.0), 5.0)
     assert (kept[2:5, 2:5] == 3).all() and not kept[10:].any()
-    assert (keep_negative_clicks_negative(draft, proposed, clicks[:1], (1.0, 1.0), 5.0) == proposed).all()
+    assert (keep_negative_clicks_negative(draft, proposed, prior, clicks[:1], (1.0, 1.0), 5.0) == proposed).all()
+    # where the draft's own class is refused there too (a negative background... here: a negative LV click on LV
+    # turned myocardium, with a negative myocardium click beside it), the most probable allowed class is taken
+    draft_lv = np.full((20, 20), 3, np.uint8)
+    moved = draft_lv.copy()
+    moved[8:12, 8:12] = 2
+    both = [SliceClick((10, 10), 3, False), SliceClick((9, 9), 2, False)]
+    fixed = keep_negative_clicks_negative(draft_lv, moved, prior, both, (1.0, 1.0), 5.0)
+    assert fixed[10, 10] == 2  # a real clicked voxel stays as the engine set it
+    assert set(np.unique(fixed[8:12, 8:12])) <= {0, 2} and fixed[8, 11] == 0

@@ -7,8 +7,8 @@ prior, the draft is the starting point and the clicks edit it locally: only the 
 error), only within ``radius_mm`` of a click (in 3D; gated propagation aside), except that a negative click in the middle of a blob
 deletes the whole blob of its slice (:func:`.refine_engines.deleted_blob`). Every clicked voxel ends as its
 click says; when two clicks hit the same voxel the later one wins. Without clicks the draft comes back
-unchanged. A negative click never adds voxels of its structure (:func:`.refine_engines.keep_negative_clicks_negative`),
-except within the reach of a positive click for it on that slice. Engines: :mod:`.refine_guided` (the click-conditioned network a model folder may hold in
+unchanged. A negative click never adds voxels of its structure within its reach
+(:func:`.refine_engines.keep_negative_clicks_negative`), except within the reach of a positive click for it. Engines: :mod:`.refine_guided` (the click-conditioned network a model folder may hold in
 ``refinement/``; ``auto`` picks it when there is one, else ``levelset``), :mod:`.refine_engines` and
 :mod:`.refine_tta`; ``propagate_slices`` carries clicks of the other engines to neighbouring slices where
 those show the same kind of error (:mod:`.refine_propagation`).
@@ -200,7 +200,7 @@ class Refiner:
                         normalised[here], prior, labels[here], slice_clicks, inplane_spacing, self.radius_mm
                     )
                 labels[here] = keep_negative_clicks_negative(
-                    draft.array[here], labels[here], slice_clicks, inplane_spacing, self.radius_mm
+                    draft.array[here], labels[here], prior, slice_clicks, inplane_spacing, self.radius_mm
                 )
         changed = int(np.count_nonzero(labels != draft.array))
         return Refinement(image.with_array(labels), changed, time.perf_counter() - start)
