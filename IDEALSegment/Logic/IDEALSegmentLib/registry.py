@@ -7,7 +7,10 @@ id, version, label map), the weights' SHA-256 against the card and the safetenso
 bundle format's torch-free checks are shared with IDEALTrain in ``IDEALTrain.model.card``). The
 architecture check needs torch and is made by the child process that loads the model. A broken
 bundle is described in :attr:`ModelRegistry.problems` (naming the bundle) and never hides the
-others. A registered bundle is copied in as a new version and never replaces an installed one.
+others. A model's click-to-fix network (``refinement/``) is verified too: a broken one marks the model
+(:attr:`ModelEntry.refinement_problem`, and a line in ``problems``) without hiding it. A registered bundle
+is copied in as a new version, never replaces an installed one, and is refused whole (nothing copied) when
+its network is broken or unsafe, its id or version is one the list would hide, or the disk is full.
 """
 from __future__ import annotations
 
@@ -23,7 +26,14 @@ from pathlib import Path
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.atomic import os_error_message
 from IDEALTrain.labels import LabelInfo, check_label_map
-from IDEALTrain.model.card import CARD_NAME, REFINEMENT_FOLDER, WEIGHTS_NAME, copy_companion, read_verified, verify_companion
+from IDEALTrain.model.card import (
+    CARD_NAME,
+    REFINEMENT_FOLDER,
+    WEIGHTS_NAME,
+    copy_companion,
+    read_verified,
+    verify_companion,
+)
 
 #: Bundles shipped with the extension (the default model lands in idealsegment-acdc-<version>/).
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"  # IDEALSegment/Logic/IDEALSegmentLib/..
