@@ -10,7 +10,7 @@ from IDEALTrain.errors import IdealError
 from IDEALTrain.inference import refine_propagation as propagation
 from IDEALTrain.inference.clicks import Click
 from IDEALTrain.inference.refine import Refiner
-from IDEALTrain.inference.refine_engines import SliceClick, honour_clicks, keep_negative_clicks_negative
+from IDEALTrain.inference.refine_engines import SliceClick, honour_clicks
 from IDEALTrain.io.image import Image
 from IDEALTrain.model.bundle import save_bundle
 
@@ -142,6 +142,8 @@ def test_a_negative_click_never_adds_its_structure_on_its_slice_or_the_next(bund
 
 
 def test_additions_stay_allowed_within_reach_of_a_positive_click_for_the_structure():
+    from IDEALTrain.inference.refine_engines import keep_negative_clicks_negative
+
     draft = np.zeros((20, 20), np.uint8)
     proposed = np.zeros((20, 20), np.uint8)
     proposed[2:5, 2:5] = 3  # near the positive LV click
