@@ -145,9 +145,10 @@ def bundle_fingerprint(path: str | Path, companion: bool = True) -> str:
     from memory."""
     path = Path(path)
     card_text, data = read_bundle_files(path)
-    verify_weights(path, parse_card(path, card_text), data)
+    card = parse_card(path, card_text)
+    verify_weights(path, card, data)  # the weights' SHA-256 is now the card's
     digest = hashlib.sha256(card_text.encode("utf-8"))
-    digest.update(hashlib.sha256(data).digest())
+    digest.update(card["weights"]["sha256"].encode())
     if companion and path.is_dir():
         digest.update((verify_companion(path) or "no refinement network").encode())
     return digest.hexdigest()
@@ -189,7 +190,7 @@ def verify_companion(bundle: str | Path, name: str = REFINEMENT_FOLDER) -> str |
     verify_weights(entry, card, data)
     if card.get("kind") != "refinement":
         raise IdealError(f"{where} holds a {card.get('kind', 'segmentation')} bundle, not a refinement network")
-    model_card = parse_card(bundle, read_bundle_files(bundle)[0]) if (bundle / CARD_NAME).is_file() else None
+    model_card = _folder_card(bundle)
     if model_card is not None and _label_values(card) != _label_values(model_card):
         raise IdealError(
             f"{where} was made for labels {_label_values(card)}, the model has {_label_values(model_card)}; "
@@ -217,6 +218,14 @@ def _resolved(path: Path, bundle: Path) -> Path:
     except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop on Python < 3.13
         reason = getattr(error, "strerror", None) or str(error)
         raise IdealError(f"{bundle}: {path.name} is a broken or looping symbolic link ({reason}); remove it") from None
+
+
+def _folder_card(bundle: Path) -> dict | None:
+    """The card of a folder bundle (its weights are not read), None without one."""
+    try:
+        return parse_card(bundle, (bundle / CARD_NAME).read_text(encoding="utf-8")) if (bundle / CARD_NAME).is_file() else None
+    except UnicodeDecodeError as error:
+        raise IdealError(f"{bundle}: {CARD_NAME} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _label_values(card: dict) -> list:
