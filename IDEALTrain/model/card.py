@@ -173,7 +173,7 @@ def verify_companion(bundle: str | Path, name: str = REFINEMENT_FOLDER) -> str |
     root = _resolved(bundle, bundle)
     where = f"{bundle}: {name}/"
     if entry.is_symlink():
-        target = _resolved(entry, bundle)
+        target = _resolved(entry, bundle, f"{name}/")
         if not target.is_dir() or root not in target.parents:
             raise IdealError(f"{where} is a symbolic link to {target}, outside the model folder; replace it with the folder itself")
     if not entry.is_dir():
@@ -184,7 +184,7 @@ def verify_companion(bundle: str | Path, name: str = REFINEMENT_FOLDER) -> str |
             count += 1
             if count > COMPANION_MAX_ENTRIES:
                 raise IdealError(f"{where} holds more than {COMPANION_MAX_ENTRIES} entries; a refinement bundle is {CARD_NAME} and {WEIGHTS_NAME}")
-            _check_companion_item(Path(folder) / item, root, where)
+            _check_companion_item(Path(folder) / item, entry, root, bundle)
     card_text, data = read_bundle_files(entry)
     card = parse_card(entry, card_text)
     verify_weights(entry, card, data)
@@ -199,25 +199,28 @@ def verify_companion(bundle: str | Path, name: str = REFINEMENT_FOLDER) -> str |
     return card["weights"]["sha256"]
 
 
-def _check_companion_item(item: Path, root: Path, where: str) -> None:
+def _check_companion_item(item: Path, entry: Path, root: Path, bundle: Path) -> None:
     """One entry of a companion folder: a plain file or folder, or a link to a plain file inside the bundle; no pickle."""
+    inside = item.relative_to(entry).as_posix()
+    where = f"{bundle}: {entry.name}/"
     if item.suffix.lower() in PICKLE_SUFFIXES:
-        raise IdealError(f"{where} holds the pickle-based file {item.name}, which can run code when loaded; remove it")
+        raise IdealError(f"{where} holds the pickle-based file {inside}, which can run code when loaded; remove it")
     if item.is_symlink():
-        target = _resolved(item, root)
+        target = _resolved(item, bundle, f"{entry.name}/{inside}")
         if root not in target.parents or not target.is_file():
-            raise IdealError(f"{where}: {item.name} is a symbolic link to {target}, outside the model folder or not a file; remove it")
+            raise IdealError(f"{where}{inside} is a symbolic link to {target}, outside the model folder or not a file; remove it")
     elif not (item.is_file() or item.is_dir()):
-        raise IdealError(f"{where}: {item.name} is not a plain file or folder; remove it")
+        raise IdealError(f"{where}{inside} is not a plain file or folder; remove it")
 
 
-def _resolved(path: Path, bundle: Path) -> Path:
-    """``path`` with every symbolic link followed; a loop or a dangling link is an IdealError naming the bundle."""
+def _resolved(path: Path, bundle: Path, shown: str | None = None) -> Path:
+    """``path`` with every symbolic link followed; a loop or a dangling link is an IdealError naming the bundle
+    and ``shown`` (the path as the message shows it, default its name)."""
     try:
         return path.resolve(strict=True)
     except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop on Python < 3.13
         reason = getattr(error, "strerror", None) or str(error)
-        raise IdealError(f"{bundle}: {path.name} is a broken or looping symbolic link ({reason}); remove it") from None
+        raise IdealError(f"{bundle}: {shown or path.name} is a broken or looping symbolic link ({reason}); remove it") from None
 
 
 def _folder_card(bundle: Path) -> dict | None:
@@ -230,7 +233,8 @@ def _folder_card(bundle: Path) -> dict | None:
 
 def _label_values(card: dict) -> list:
     labels = card.get("labels")
-    return sorted(entry.get("value") for entry in labels if isinstance(entry, dict)) if isinstance(labels, list) else []
+    values = [entry.get("value") for entry in labels if isinstance(entry, dict)] if isinstance(labels, list) else []
+    return sorted(values, key=str)  # any JSON values: a hostile card is a mismatch, not a TypeError
 
 
 def copy_companion(bundle: str | Path, destination: str | Path, name: str = REFINEMENT_FOLDER) -> bool:
