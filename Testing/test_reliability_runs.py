@@ -376,7 +376,7 @@ def test_sigkill_of_a_worker_job_leaves_whole_outputs_or_nothing(kill_inputs, tm
         timed.send(worker_job("segment", kill_inputs, tmp_path / "timed"))
         done = worker_event(timed, 300, is_exit)
         assert done.get("returncode") == 0, (done, list(timed.stderr)[-5:])
-        at = kill_moment(time.monotonic() - start, "worker")
+        at = kill_moment(time.monotonic() - start, "worker segment")
         workers.append(worker := warm_worker(monkeypatch))
         out = tmp_path / "out"
         worker.send(worker_job("segment", kill_inputs, out))
