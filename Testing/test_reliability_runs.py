@@ -414,3 +414,45 @@ def test_cancelling_a_worker_job_removes_its_temporary_files_at_once(kill_inputs
     finally:
         worker.stop(terminate=False)
     assert visible(out) == [] and hidden(out) == []
+
+
+MID_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from IDEALTrain.io import output_guard
+out, overwrite = Path(sys.argv[1]), sys.argv[2] == "1"
+publish = output_guard.publish
+def publish_then_die(staged, target, overwrite):
+    publish(staged, target, overwrite)
+    os.kill(os.getpid(), signal.SIGKILL)  # the first output is in place, the others not yet
+output_guard.publish = publish_then_die
+names = ("labels.nii.gz", "later.nii.gz", "u.nii.gz")
+with output_guard.OutputSet([out / name for name in names], overwrite) as run:
+    for name in names:
+        run.staged(out / name).write_text("new")
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new outputs", "--overwrite"])
+def test_a_sigkill_in_the_middle_of_a_commit_is_finished_by_the_next_run(tmp_path, capsys, overwrite):
+    """Killed after moving one of its outputs into place (its commit takes about a millisecond), a run left a
+    partial set, and the next run's sweep deleted the rest although every file was verified. Now the sweep
+    finishes the commit: the set ends whole, except a file someone put there after the kill, which is kept."""
+    from IDEALTrain.io.output_guard import report_leftovers
+
+    if overwrite:
+        for name in ("labels.nii.gz", "later.nii.gz", "u.nii.gz"):
+            (tmp_path / name).write_text("old")  # an old set being replaced
+    killed = subprocess.run([sys.executable, "-c", MID_COMMIT, str(tmp_path), str(int(overwrite))], capture_output=True,
+                            text=True, env=environment(), timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "labels.nii.gz").read_text() == "new" and (tmp_path / "u.nii.gz").exists() == overwrite
+    time.sleep(0.05)  # file times are coarse: what follows is later than the commit
+    (tmp_path / "later.nii.gz").write_text("written after the kill")
+    capsys.readouterr()
+    report_leftovers(tmp_path)
+    err = capsys.readouterr().err
+    assert "finished moving 1 output(s) of a run interrupted while committing them" in err and "u.nii.gz" in err, err
+    assert {name: (tmp_path / name).read_text() for name in visible(tmp_path)} == {
+        "labels.nii.gz": "new", "later.nii.gz": "written after the kill", "u.nii.gz": "new"}
+    assert hidden(tmp_path) == []
