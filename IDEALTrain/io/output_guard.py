@@ -6,7 +6,8 @@
 - :class:`OutputSet`, while writing: an exclusive lock on every output path, every output staged in a
   hidden folder beside it and committed together (renamed into place one after another) or not at all.
 - Every temporary name starts with ``.idealtrain-<pid>-``; :func:`sweep_leftovers` removes those of a
-  run that was killed (its pid gone) the next time a run writes to that folder, and says so.
+  run that was killed (its pid gone) the next time a run writes to that folder, and says so; a commit the
+  kill cut short (its staged folder marked) is finished first, so the outputs end whole.
 - :func:`sigterm_as_interrupt`: SIGTERM stops a command as Ctrl-C does, so the clean-up above runs.
 """
 from __future__ import annotations
