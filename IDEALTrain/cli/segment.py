@@ -61,7 +61,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     """Print per-class Dice, HD95 and ASD of a label file against a reference."""
     import numpy as np
 
-    from ..evaluation.metrics import CLASS_NAMES, score
+    from ..evaluation.metrics import CLASS_NAMES, score, score_table
     from ..io.volume_files import read_label
 
     pred, ref = read_label(args.pred), read_label(args.ref)
@@ -70,12 +70,14 @@ def cmd_score(args: argparse.Namespace) -> None:
         unknown = sorted(set(np.unique(image.array).tolist()) - known)
         if unknown:
             raise IdealError(f"{path}: holds values {unknown[:5]} outside the label map {sorted(known)}: is it an intensity image?")
-    print(json.dumps(score(pred, ref), indent=2))
+    result = score(pred, ref)
+    print(score_table(result), file=sys.stderr)
+    print(json.dumps(result, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Segment a labelled dataset with a bundle and write the scores as JSON."""
-    from ..evaluation.metrics import mean_scores, score
+    from ..evaluation.metrics import mean_scores, score, score_table
     from ..inference.predictor import Predictor
     from ..io.datasets import load_cases
     from ..io.volume_files import write_image
@@ -91,11 +93,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         per_case[case.name] = score(labels, case.label, names)
         if labels_dir is not None:
             write_image(labels, labels_dir / f"{case.name}.nrrd")
-        print(f"{case.name}: mean Dice {per_case[case.name]['mean']['dice']:.4f}", file=sys.stderr)
+        mean_dice = per_case[case.name]["mean"]["dice"]
+        print(f"{case.name}: mean Dice {'n/a' if mean_dice is None else f'{mean_dice:.4f}'}", file=sys.stderr)
         if args.progress_json:
             print(json.dumps({"event": "progress", "fraction": round((number + 1) / len(cases), 4), "item": number, "total": len(cases)}), flush=True)
     results = {"model": args.model, "data": args.data, "cases": per_case, "mean": mean_scores(list(per_case.values()))}
     write_json(results, Path(args.out))
+    print(score_table(results["mean"]), file=sys.stderr)
     print(json.dumps({"event": "done", "results": str(args.out)}) if args.progress_json else json.dumps(results["mean"], indent=2))
 
 

@@ -286,7 +286,7 @@ def _walk_to_base(order: list[int], present: np.ndarray, keep) -> set[int]:
     return kept
 
 
-def lv_counted_slices(facts: Sequence[_Frame], ed: int, *, threshold: float = RING_THRESHOLD) -> np.ndarray:
+def lv_counted_slices(facts: Sequence[_Frame], ed: int, *, threshold: float | None = None) -> np.ndarray:
     """(frames, slices) booleans: where a slice's LV blood pool counts under the convention.
 
     At end-diastole the ventricle reaches furthest: walking from the mid-ventricle to the base, a slice
@@ -298,6 +298,7 @@ def lv_counted_slices(facts: Sequence[_Frame], ed: int, *, threshold: float = RI
     towards the apex in systole, and the apex does not move), and a basal slice stops counting once
     the atrium has replaced its ring (ring below ``threshold``, walking from the middle again).
     """
+    threshold = RING_THRESHOLD if threshold is None else threshold
     lv = np.stack([f.areas["LV"] for f in facts])
     ring = np.stack([f.ring for f in facts])
     frames, slices = lv.shape
