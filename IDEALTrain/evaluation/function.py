@@ -166,10 +166,10 @@ def find_ed_es_robust(slice_lv: np.ndarray, counted: np.ndarray) -> tuple[int, i
     systole is left out); each slice's area curve is divided by its own maximum and the frames are
     ranked by the mean of those curves with the highest and lowest slice dropped (a trimmed mean):
     one slice changes the curve by at most 1/(n-2) of its range. With fewer than 3 such slices the
-    counted volume curve decides (:func:`find_ed_es`).
+    plain LV volume curve decides (:func:`find_ed_es`).
     """
     slice_lv = np.asarray(slice_lv, dtype=np.float64)
-    total = (slice_lv * counted).sum(axis=1)
+    total = slice_lv.sum(axis=1)
     core = np.flatnonzero((counted & (slice_lv > 0)).all(axis=0))
     if core.size < 3 or slice_lv.shape[0] < 3:
         return find_ed_es(total)

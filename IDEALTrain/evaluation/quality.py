@@ -121,7 +121,7 @@ def _uncertain_slices(report: CardiacReport, facts, counted) -> list[QualityFlag
     for t in _measured_frames(report):
         u = facts[t].uncertainty
         if u is None:
-            return []
+            continue
         heart = _slice_heart_ml(report, t)
         valid = np.flatnonzero(np.isfinite(u))
         if valid.size < 3 or heart.sum() <= 0:
