@@ -27,8 +27,12 @@ def cmd_segment(args: argparse.Namespace) -> None:
         outputs += [frame_path(Path(args.uncertainty), n) if args.all_frames else Path(args.uncertainty) for n in range(len(targets))]
     check_outputs(outputs, args.overwrite, hint="choose another --output or pass --overwrite")
     predictor = Predictor(args.model, device=args.device)
+    cine: list = []  # (labels, uncertainty) of each frame, for the whole-heart measurement of a cine
     for index, (path, image) in enumerate(targets):
         prediction = predictor.predict(image, _slice_progress(args, index, len(targets)))
+        if args.all_frames and len(targets) > 1:
+            uncertainty = prediction.uncertainty
+            cine.append((prediction.labels, None if uncertainty is None else uncertainty.with_array(uncertainty.array.astype("float16"))))
         write_image(prediction.labels, path, predictor.bundle.labels)
         source = f"{args.input} frame {index}" if args.all_frames else args.input
         message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
@@ -43,6 +47,27 @@ def cmd_segment(args: argparse.Namespace) -> None:
                 "seconds": prediction.seconds, "uncertainty": str(uncertainty_path) if uncertainty_path else None,
             })
         print(message, flush=True)
+    if cine:
+        _print_function(cine, args.progress_json)
+
+
+def _print_function(cine: list, progress_json: bool) -> None:
+    """A cine's whole-heart function and QC flags (IDEALTrain.evaluation.function), or why there is none."""
+    from ..evaluation.function import measure_function
+
+    maps = [u for _, u in cine]
+    try:
+        report = measure_function([labels for labels, _ in cine], maps if all(u is not None for u in maps) else None)
+    except IdealError as error:
+        print(json.dumps({"event": "measured", "error": str(error)}) if progress_json else f"no whole-heart measurement: {error}", flush=True)
+        return
+    if progress_json:
+        data = report.to_json()
+        print(json.dumps({"event": "measured", "measurements": data["measurements"], "flags": data["flags"]}), flush=True)
+        return
+    print(f"whole heart ({report.convention.split(':')[0]}): {report.summary()}")
+    for flag in report.flags:
+        print(f"  QC {flag.name}: {flag.message}")
 
 
 def _slice_progress(args: argparse.Namespace, index: int, total: int):
