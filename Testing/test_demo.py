@@ -131,6 +131,13 @@ def test_demo_segments_the_sample_and_compares_with_the_expert(tmp_path, capsys)
     counted = results["whole_heart"]["counted_slices"][es]
     assert 11 not in counted and 10 not in counted and set(range(1, 10)) <= set(counted)
     assert results["whole_heart"]["slice_volumes"][es][11]["LV"] == 0.0
+    # `idealtrain score` on the demo's own files gives the demo's Dice; structures the expert never drew are n/a
+    capsys.readouterr()
+    assert main(["score", "--pred", str(out / "SCD0000101_ED_on_expert_slices.seg.nrrd"),
+                 "--ref", str(out / "SCD0000101_ED_expert.seg.nrrd")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["classes"]["LV"]["dice"] == pytest.approx(results["phases"]["ED"]["lv_dice"])
+    assert scored["classes"]["RV"]["applicable"] is False and scored["classes"]["RV"]["dice"] is None
     assert json.loads((out / "results.json").read_text()) == results
     for phase in ("ED", "ES"):
         written = read_image(out / f"SCD0000101_{phase}.seg.nrrd")

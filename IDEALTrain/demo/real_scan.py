@@ -67,6 +67,8 @@ def run_sample_demo(out: Path, model: Path | None = None, sample_root: Path | No
     for name, index in phases.items():  # written only once every check has passed
         write_image(predictions[index].labels, out / f"{sample.patient}_{name}.seg.nrrd", predictor.bundle.labels)
         write_image(labels[name][1], out / f"{sample.patient}_{name}_expert.seg.nrrd", EXPERT_LABELS)
+        # the model on the expert's slices and grid: `idealtrain score` on this pair gives the demo's Dice
+        write_image(labels[name][0], out / f"{sample.patient}_{name}_on_expert_slices.seg.nrrd", predictor.bundle.labels)
     results["model_figures"] = {key: report.measurements[key] for key, _ in FIGURES}
     on_expert_slices = cardiac_function(labels["ED"][0], labels["ES"][0])
     results["model_figures_expert_slices"] = {key: on_expert_slices[key] for key, _ in FIGURES}
@@ -181,7 +183,8 @@ def format_report(results: dict, sample: Sample, out: Path) -> str:
               + " (on the expert's slices)", "", f"QC flags: {len(flags) or 'none'}"]
     lines += [f"  {flag['name']}: {flag['message']}" for flag in flags]
     lines += ["",
-              f"segmentations (open in 3D Slicer): {out}/{sample.patient}_ED.seg.nrrd, _ES.seg.nrrd (expert: *_expert.seg.nrrd)",
+              f"segmentations (open in 3D Slicer): {out}/{sample.patient}_ED.seg.nrrd, _ES.seg.nrrd (expert: *_expert.seg.nrrd; "
+              "the model on the expert's slices: *_on_expert_slices.seg.nrrd)",
               f"overlays (expert | model): {out / 'overlays'}; all figures: {out / RESULTS_FILE}",
               f"done in {results['seconds']:.0f} s"]
     return "\n".join(lines)
