@@ -122,6 +122,8 @@ def test_cine_proxy_segments_every_frame_and_an_edit_of_frame_2_survives_changin
     assert panel.p.segmentation is browser.GetProxyNode(cine.segmentation_sequence)
     before = table_measurements(panel.p.measurementsTable)
     assert (before["ed_frame"], before["es_frame"]) == (cine.ed_index, cine.es_index)
+    assert cine.report is not None and panel.report is cine.report  # the whole-heart report and its flags
+    assert panel.state().quality.startswith("Quality control:")
 
     browser.SetSelectedItemNumber(2)  # edit frame 2 in the (proxy) segmentation: remove its LV
     segmentation, frame = panel.p.segmentation, browser.GetProxyNode(sequence)
@@ -138,6 +140,7 @@ def test_cine_proxy_segments_every_frame_and_an_edit_of_frame_2_survives_changin
     after = panel.recompute_measurements()  # frame 2 now has no LV: it is the end-systolic frame
     assert after["es_frame"] == 2 and after["lv_esv_ml"] == 0.0 and after["lv_ef_percent"] == 100.0
     assert table_measurements(panel.p.measurementsTable)["es_frame"] == 2
+    assert "lv_ef_percent_out_of_range" in panel.state().quality  # an EF of 100 % is flagged beside the table
 
 
 def test_mark_ed_and_es_frames_of_a_cine_reviewed_makes_two_cases(models, pair, tmp_path):

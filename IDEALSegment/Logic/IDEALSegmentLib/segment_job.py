@@ -133,7 +133,10 @@ class SegmentationJob(FolderJob):
             except RuntimeError:
                 raise IdealError(f"the frames of {node_label(self.inputs.sequence)} do not share one voxel grid") from None
             sitk.WriteImage(joined, str(self.folder / "cine.nrrd"), useCompression=False)
-            return [["segment", "--input", str(self.folder / "cine.nrrd"), "--all-frames", "--output", str(self.folder / "labels.nrrd"), *common]]
+            step = ["segment", "--input", str(self.folder / "cine.nrrd"), "--all-frames", "--output", str(self.folder / "labels.nrrd")]
+            if self.with_uncertainty:  # per-frame maps, for the QC flags of the whole-heart measurement
+                step += ["--uncertainty", str(self.folder / "uncertainty.nrrd")]
+            return [step + common]
         steps = []
         for number, volume in enumerate(self.inputs.volumes()):
             write_image(image_from_volume(volume, allow_labelmap=False), self.folder / f"input{number}.nrrd")
@@ -163,7 +166,9 @@ class SegmentationJob(FolderJob):
         if self.inputs.kind == CINE:
             count = self.inputs.sequence.GetNumberOfDataNodes()
             labels = [read_image(self.folder / f"labels_frame{index:02d}.nrrd") for index in range(count)]
-            cine = add_frame_labels_to_scene(self.inputs.sequence, labels, self.entry, self.sequences_logic)
+            maps = [self.folder / f"uncertainty_frame{index:02d}.nrrd" for index in range(count)]
+            uncertainty = [read_image(path) for path in maps] if all(path.is_file() for path in maps) else None
+            cine = add_frame_labels_to_scene(self.inputs.sequence, labels, self.entry, self.sequences_logic, uncertainty=uncertainty)
             return SegmentOutcome(CINE, table=cine.table, cine=cine, device=device, seconds=seconds, report=cine.report)
         scene = self.inputs.volume.GetScene()
         before = node_ids(scene)
