@@ -138,3 +138,16 @@ def test_values_outside_physiological_ranges():
     voxels = [f.with_array(f.array) for f in frames]
     unitless = [Image(f.array, (1.0, 1.0, 1.0)) for f in voxels]  # no spacing (ACDC h5): volumes in voxels, no ml ranges
     assert not {"lv_edv_ml_out_of_range", "myocardial_mass_g_out_of_range"} & names(measure_function(unitless))
+
+
+def test_one_bad_slice_cannot_move_ed_or_es(healthy):
+    """A basal slice that the model gets badly wrong in one frame leaves ED and ES where the heart puts them."""
+    frames = cine()
+    for t, radius in ((2, 30), (7, 2)):  # one frame swollen, another shrunk, on one slice each
+        array = frames[t].array.copy()
+        array[5] = heart_slice(radius)
+        frames[t] = frames[t].with_array(array)
+    plain = measure_function(frames, convention=False).measurements
+    assert (plain["ed_frame"], plain["es_frame"]) != (0, 4)  # the plain volume curve is moved
+    report = measure_function(frames)
+    assert (report.measurements["ed_frame"], report.measurements["es_frame"]) == (0, 4)
