@@ -30,10 +30,14 @@ def cmd_segment(args: argparse.Namespace) -> None:
         check_output_type(path)
     messages = []
     hint = "choose another --output or pass --overwrite"
+    cine: list = []  # (labels, uncertainty) of each frame, for the whole-heart measurement of a cine
     with OutputSet(outputs, args.overwrite, hint, inputs=[args.input, args.model]) as run:
         predictor = Predictor(args.model, device=args.device)
         for index, (path, image) in enumerate(targets):
             prediction = predictor.predict(image, _slice_progress(args, index, len(targets)))
+            if args.all_frames and len(targets) > 1:
+                uncertainty = prediction.uncertainty
+                cine.append((prediction.labels, None if uncertainty is None else uncertainty.with_array(uncertainty.array.astype("float16"))))
             write_image(prediction.labels, run.staged(path), predictor.bundle.labels)
             source = f"{args.input} frame {index}" if args.all_frames else args.input
             message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
@@ -50,6 +54,27 @@ def cmd_segment(args: argparse.Namespace) -> None:
             messages.append(message)
     for message in messages:  # once every file is in place
         print(message, flush=True)
+    if cine:
+        _print_function(cine, args.progress_json)
+
+
+def _print_function(cine: list, progress_json: bool) -> None:
+    """A cine's whole-heart function and QC flags (IDEALTrain.evaluation.function), or why there is none."""
+    from ..evaluation.function import measure_function
+
+    maps = [u for _, u in cine]
+    try:
+        report = measure_function([labels for labels, _ in cine], maps if all(u is not None for u in maps) else None)
+    except IdealError as error:
+        print(json.dumps({"event": "measured", "error": str(error)}) if progress_json else f"no whole-heart measurement: {error}", flush=True)
+        return
+    if progress_json:
+        data = report.to_json()
+        print(json.dumps({"event": "measured", "measurements": data["measurements"], "flags": data["flags"]}), flush=True)
+        return
+    print(f"whole heart ({report.convention.split(':')[0]}): {report.summary()}")
+    for flag in report.flags:
+        print(f"  QC {flag.name}: {flag.message}")
 
 
 def _slice_progress(args: argparse.Namespace, index: int, total: int):
@@ -68,7 +93,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     """Print per-class Dice, HD95 and ASD of a label file against a reference."""
     import numpy as np
 
-    from ..evaluation.metrics import CLASS_NAMES, score
+    from ..evaluation.metrics import CLASS_NAMES, score, score_table
     from ..io.volume_files import read_label
 
     pred, ref = read_label(args.pred), read_label(args.ref)
@@ -77,12 +102,14 @@ def cmd_score(args: argparse.Namespace) -> None:
         unknown = sorted(set(np.unique(image.array).tolist()) - known)
         if unknown:
             raise IdealError(f"{path}: holds values {unknown[:5]} outside the label map {sorted(known)}: is it an intensity image?")
-    print(json.dumps(score(pred, ref), indent=2))
+    result = score(pred, ref)
+    print(score_table(result), file=sys.stderr)
+    print(json.dumps(result, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Segment a labelled dataset with a bundle and write the scores as JSON."""
-    from ..evaluation.metrics import mean_scores, score
+    from ..evaluation.metrics import mean_scores, score, score_table
     from ..inference.predictor import Predictor
     from ..io.datasets import load_cases
     from ..io.volume_files import write_image
@@ -98,11 +125,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         per_case[case.name] = score(labels, case.label, names)
         if labels_dir is not None:
             write_image(labels, labels_dir / f"{case.name}.nrrd")
-        print(f"{case.name}: mean Dice {per_case[case.name]['mean']['dice']:.4f}", file=sys.stderr)
+        mean_dice = per_case[case.name]["mean"]["dice"]
+        print(f"{case.name}: mean Dice {'n/a' if mean_dice is None else f'{mean_dice:.4f}'}", file=sys.stderr)
         if args.progress_json:
             print(json.dumps({"event": "progress", "fraction": round((number + 1) / len(cases), 4), "item": number, "total": len(cases)}), flush=True)
     results = {"model": args.model, "data": args.data, "cases": per_case, "mean": mean_scores(list(per_case.values()))}
     write_json(results, Path(args.out))
+    print(score_table(results["mean"]), file=sys.stderr)
     print(json.dumps({"event": "done", "results": str(args.out)}) if args.progress_json else json.dumps(results["mean"], indent=2))
 
 
