@@ -48,6 +48,14 @@ def resources_dir() -> Path:
     raise IdealError(f"the shipped sample and model were not found (looked in {searched}); reinstall IDEALSegment")
 
 
+def shipped_models_dir() -> Path:
+    """The shipped ``Models`` folder of this installation (the first candidate's when none exists)."""
+    for folder in _candidates():
+        if (folder / "Models").is_dir():
+            return folder / "Models"
+    return _candidates()[0] / "Models"
+
+
 def default_model_dir(resources: Path | None = None) -> Path:
     """The shipped default model bundle folder (``Models/idealsegment-acdc-<highest version>``)."""
     models = (resources or resources_dir()) / "Models"
