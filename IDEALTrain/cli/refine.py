@@ -13,7 +13,7 @@ from .common import DEVICE_HELP
 
 def cmd_refine(args: argparse.Namespace) -> None:
     """Refine ``--draft`` with ``--clicks`` and write the labels on exactly the input's grid."""
-    from ..inference.clicks import read_clicks
+    from ..inference.clicks import in_lps, read_clicks
     from ..inference.refine import Refiner, check_refinement_inputs
     from ..io.volume_files import read_image, read_label, write_image
 
@@ -22,7 +22,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
         raise IdealError(f"{args.output}: the output would replace an input; choose another --output")
     image = read_image(args.input, args.frame)
     draft = read_label(args.draft)
-    clicks = read_clicks(args.clicks)
+    clicks = in_lps(read_clicks(args.clicks), image)
     refiner = _refiner(Refiner, args)
     check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
     result = refiner.refine(image, draft, clicks)
@@ -74,7 +74,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clicks",
         required=True,
-        help='JSON {"clicks": [{"point": [x, y, z] (LPS mm), "label": 1|2|3, "positive": true|false}, ...]}',
+        help='JSON {"clicks": [{"point": [x, y, z], "label": 1|2|3, "positive": true|false}, ...]}; points in LPS mm, '
+        'or with "space": "ras" (RAS mm) or "ijk" (voxel indices i, j, k from 0) in the document or a click',
     )
     p.add_argument("--output", required=True, help="refined labels (.nii.gz, .nrrd or .seg.nrrd)")
     p.add_argument(
