@@ -308,6 +308,16 @@ def read_dicom_frames(folder: str | Path, series_uid: str | None = None) -> list
     return [read_slices(frame) for frame in group_frames(series_slices(folder, series_uid))]
 
 
+def frame_files(folder: str | Path, series_uid: str | None = None, frame: int | None = None) -> list[Path]:
+    """The DICOM files of one frame (the only one of a non-cine series) in the order :func:`read_slices`
+    stacks them: what a DICOM SEG of that volume references, slice k on file k."""
+    frames = group_frames(series_slices(folder, series_uid))
+    index = 0 if frame is None else frame
+    if not 0 <= index < len(frames):
+        raise IdealError(f"frame {index} is out of range: the DICOM series has {len(frames)} frame(s) (0-{len(frames) - 1})")
+    return [s.path for s in sort_slices(frames[index])]
+
+
 def read_dicom(folder: str | Path, series_uid: str | None = None, frame: int | None = None) -> Image:
     """One volume of a DICOM series; a cine series needs ``frame`` to say which phase."""
     slices = series_slices(folder, series_uid)

@@ -65,12 +65,22 @@ def read_cine_file(path: str | Path) -> list[Image] | None:
     """The frames of a 4D image file, None for a 3D one (its voxels unread); the file is checked whole once."""
     path = Path(path)
     reader = _checked_reader(path)
-    if reader.GetDimension() != 4:
+    if reader.GetDimension() != 4 and not _is_frame_list(reader):
         return None
     return _frames_from_sitk(_read_sitk(path, reader), path)
 
 
+def _is_frame_list(image: sitk.Image | sitk.ImageFileReader) -> bool:
+    """True for a NRRD whose per-voxel 'list' axis is time: Slicer's ``.seq.nrrd`` (volume sequence storage node)."""
+    return (
+        image.GetNumberOfComponents() > 1 if isinstance(image, sitk.ImageFileReader) else image.GetNumberOfComponentsPerPixel() > 1
+    ) and image.HasMetaDataKey("NRRD_kinds[pixel]") and image.GetMetaData("NRRD_kinds[pixel]") == "list"
+
+
 def _frames_from_sitk(image: sitk.Image, path: Path) -> list[Image]:
+    if _is_frame_list(image) and image.GetDimension() == 3:
+        # Slicer's .seq.nrrd: frames are the components of a 3D vector image, in sequence order.
+        return [Image.from_sitk(sitk.VectorIndexSelectionCast(image, t)) for t in range(image.GetNumberOfComponentsPerPixel())]
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise IdealError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar (grey-level) volume")
     dimension = image.GetDimension()
