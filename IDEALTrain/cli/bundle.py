@@ -39,10 +39,40 @@ def cmd_bundle_info(args: argparse.Namespace) -> None:
     print(json.dumps(read_card(args.bundle), indent=2))
 
 
+def cmd_bundle_list(args: argparse.Namespace) -> None:
+    """List the installed models (shipped and the user's), the default marked, broken bundles named."""
+    from ..model.registry import ModelRegistry, default_entry
+
+    registry = ModelRegistry(user_dir=Path(args.models_dir) if args.models_dir else None)
+    entries = registry.entries()
+    default = default_entry(entries)
+    if args.json:
+        print(json.dumps({
+            "models": [{"id": e.model_id, "version": e.version, "source": e.source, "path": str(e.path),
+                        "default": e == default, "description": e.card.get("description", "")} for e in entries],
+            "problems": registry.problems,
+        }, indent=2))
+        return
+    if not entries:
+        print(f"no models installed (looked in {registry.shipped_dir} and {registry.user_dir})")
+    for entry in entries:
+        mark = "*" if entry == default else " "
+        print(f"{mark} {entry.model_id:<24} {entry.version:<10} {entry.source:<8} {entry.path}")
+        print(f"    {entry.training_summary}")
+    if default is not None:
+        print("* default: used when segment is given no --model; pass --model ID (or ID@VERSION) for another")
+    for problem in registry.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    """Register ``bundle info`` and ``bundle edit``."""
+    """Register ``bundle list``, ``bundle info`` and ``bundle edit``."""
     p = commands.add_parser("bundle", help="model bundle tools")
     bundle_commands = p.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    listing = bundle_commands.add_parser("list", help="the installed models (shipped and yours); * marks the default")
+    listing.add_argument("--models-dir", help="your model folder (default: $IDEALSEGMENT_MODELS_DIR or the platform's user folder)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_bundle_list)
     info = bundle_commands.add_parser("info", help="verify a bundle and print its card")
     info.add_argument("bundle")
     info.set_defaults(func=cmd_bundle_info)

@@ -37,9 +37,14 @@ def strip_volume_suffix(name: str) -> str:
 
 def frame_path(path: str | Path, frame: int) -> Path:
     """``out.seg.nrrd`` -> ``out_frame03.seg.nrrd``: the one naming rule of per-frame cine outputs."""
+    return tagged_path(path, f"frame{frame:02d}")
+
+
+def tagged_path(path: str | Path, tag: str) -> Path:
+    """``out.seg.nrrd`` -> ``out_<tag>.seg.nrrd`` (cine frames, ED/ES outputs of a pair)."""
     path = Path(path)
     stem = path.name.split(".")[0]
-    return path.with_name(f"{stem}_frame{frame:02d}{path.name[len(stem):]}")
+    return path.with_name(f"{stem}_{tag}{path.name[len(stem):]}")
 
 
 def _checked_reader(path: Path) -> sitk.ImageFileReader:
