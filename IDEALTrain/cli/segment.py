@@ -17,6 +17,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from ..io.volume_files import read_frames, read_image, tagged_path, write_image
     from ..model.registry import resolve_model
 
+    model = resolve_model(args.model)  # a mistyped model id is refused before any image is read
     inputs = args.input
     pair = len(inputs) == 2
     if len(inputs) > 2 or (pair and (args.frame is not None or args.all_frames)):
@@ -52,7 +53,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     outputs += [Path(p) for p in (args.table, args.report) if p]
     check_outputs(outputs, args.overwrite, hint="choose another --output or pass --overwrite")
     sources = _dicom_seg_sources(args, inputs, frame_numbers) if dicom_seg else []
-    predictor = Predictor(resolve_model(args.model), device=args.device)
+    predictor = Predictor(model, device=args.device)
     bundle = predictor.bundle
     labels, uncertainties = [], []
     for index, (path, image) in enumerate(targets):

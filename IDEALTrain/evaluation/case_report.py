@@ -62,8 +62,10 @@ def write_case_report(
     path = Path(path)
     if path.suffix.lower() not in REPORT_SUFFIXES:
         raise IdealError(f"{path}: a report is written as .png or .pdf")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise IdealError("--report needs matplotlib: pip install 'idealsegment[report]' (or pip install matplotlib)") from None
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
