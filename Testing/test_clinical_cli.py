@@ -64,7 +64,8 @@ def test_measure_recomputes_the_table_from_label_files(segmented_sample, tmp_pat
     printed = capsys.readouterr().out
     assert f"LV EF {table['lv_ef_percent']:.1f} %" in " ".join(printed.split())
     rows = (tmp_path / "m.csv").read_text().splitlines()
-    assert rows[0] == "source,measurement,value,unit" and any(",lv_ef_percent," in row for row in rows)
+    assert rows[0].startswith("row_type,case,frame,slice,name,value,unit")
+    assert any(row.startswith("summary,") and ",lv_ef_percent," in row for row in rows)
     assert (tmp_path / "m.pdf").read_bytes()[:5] == b"%PDF-"
     # a corrected label: remove the LV blood pool from the ED frame's basal slice -> EDV falls
     ed = int(table["ed_frame"])
@@ -117,7 +118,8 @@ def dicom_cases(tmp_path_factory):
     """A small oblique cine (3 frames) and a single volume written as DICOM series, and a tiny model that labels all classes."""
     root = tmp_path_factory.mktemp("dicom")
     first = oblique_image(shape=(4, 40, 48))
-    write_dicom_cine([first.with_array(np.round(first.array) + 5 * t) for t in range(3)], root / "cine", patient_id="P1")
+    frames = [first.with_array(np.round(oblique_image(shape=(4, 40, 48), seed=t).array)) for t in range(3)]
+    write_dicom_cine(frames, root / "cine", patient_id="P1")
     write_dicom_series(first.with_array(np.round(first.array)), root / "volume", patient_id="P1")
     return root, save_bundle(varied_bundle(), root / "model")
 

@@ -150,7 +150,13 @@ def _print_measurements(args, images, labels, uncertainties, pair: bool, title: 
     from ..evaluation.table import format_table, measure, report_json, write_table
 
     usable = uncertainties if all(u is not None for u in uncertainties) else None
-    report = measure(labels, usable, ed=0 if pair else None, es=1 if pair else None)
+    try:
+        report = measure(labels, usable, ed=0 if pair else None, es=1 if pair else None)
+    except IdealError as error:
+        if args.table or args.report:
+            raise
+        print(f"idealtrain: no measurements: {error}", file=sys.stderr)  # the segmentations are written all the same
+        return
     if args.progress_json:
         print(json.dumps({"event": "measured", **report_json(report)}), flush=True)
     else:

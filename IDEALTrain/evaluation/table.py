@@ -6,8 +6,6 @@ files (:func:`write_table`).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,38 +15,17 @@ from ..io.image import Image
 
 #: Units the table shows for a measurement key's last word.
 _UNITS = {"ml": "ml", "percent": "%", "g": "g", "mm": "mm", "ml_m2": "ml/m²"}
-_NAMES = {"lv": "LV", "rv": "RV", "edv": "EDV", "esv": "ESV", "sv": "SV", "ef": "EF", "myocardial": "myocardial"}
+_NAMES = {"lv": "LV", "rv": "RV", "ed": "ED", "es": "ES", "edv": "EDV", "esv": "ESV", "sv": "SV", "ef": "EF", "myocardial": "myocardial"}
 
 
 def measure(frames: Sequence[Image], uncertainty: Sequence[Image] | None = None, *, ed: int | None = None, es: int | None = None):
-    """The whole-heart measurement of a cine's label frames (or an ED/ES pair: ``frames=[ed, es], ed=0, es=1``)."""
+    """The whole-heart measurement (:func:`.function.measure_function`) of a cine's label frames, or of an ED/ES
+    pair (``frames=[ed, es], ed=0, es=1``)."""
+    from .function import measure_function
+
     if not frames:
         raise IdealError("no label maps to measure")
-    try:
-        from .function import measure_function
-    except ImportError:  # until issue 26's whole-heart measurement is merged
-        return _FrameVolumes(list(frames), ed, es)
     return measure_function(list(frames), uncertainty, ed=ed, es=es)
-
-
-class _FrameVolumes:
-    """Interim report (same fields as issue 26's CardiacReport): ED = largest, ES = smallest LV volume."""
-
-    convention = "all labelled voxels"
-
-    def __init__(self, frames: list[Image], ed: int | None, es: int | None) -> None:
-        from .metrics import cardiac_function, label_volume_ml
-
-        self.frame_volumes = [{"lv_ml": label_volume_ml(f, 3), "rv_ml": label_volume_ml(f, 1)} for f in frames]
-        lv = [v["lv_ml"] for v in self.frame_volumes]
-        self.ed = ed if ed is not None else max(range(len(lv)), key=lv.__getitem__)
-        self.es = es if es is not None else min(range(len(lv)), key=lv.__getitem__)
-        self.measurements = {"ed_frame": self.ed, "es_frame": self.es, **cardiac_function(frames[self.ed], frames[self.es])}
-        self.slice_volumes: list = []
-        self.flags: list = []
-
-    def to_json(self) -> dict:
-        return {"measurements": self.measurements, "frame_volumes": self.frame_volumes, "flags": [], "convention": self.convention}
 
 
 def _label(key: str) -> tuple[str, str]:
@@ -78,12 +55,15 @@ def _number(value) -> str:
 
 def table_rows(report) -> list[tuple[str, str, str]]:
     """(measurement, value, unit) rows of a report, in the report's order."""
+    from .function import report_rows
+
     rows = []
-    for key, value in report.measurements.items():
-        if isinstance(value, (dict, list)):
-            continue
-        name, unit = _label(key)
-        rows.append((name, _number(value), unit))
+    for row in report_rows("", report):
+        if row["row_type"] == "summary":
+            name, _ = _label(row["name"])
+            unit = "" if row["unit"] == "frame" else row["unit"]
+            value = row["value"]
+            rows.append((name, str(int(value)) if row["unit"] == "frame" and value is not None else _number(value), unit))
     return rows
 
 
@@ -96,44 +76,34 @@ def format_table(report, title: str = "") -> str:
     flags = list(getattr(report, "flags", []) or [])
     if flags:
         lines.append(f"QC: {len(flags)} flag(s)")
-        lines += [f"  ! {flag.name}: {flag.message}" for flag in flags]
+        for flag in flags:
+            where = "; ".join(part for part in (
+                f"slices {', '.join(map(str, flag.slices))}" if flag.slices else "",
+                f"frames {', '.join(map(str, flag.frames))}" if flag.frames else "",
+            ) if part)
+            lines.append(f"  ! {flag.name}: {flag.message}" + (f" ({where})" if where else ""))
     else:
         lines.append("QC: no flags")
     return "\n".join(lines)
 
 
 def report_json(report) -> dict:
-    """The report as a JSON-ready dict (plain Python numbers only)."""
-    return json.loads(json.dumps(report.to_json(), default=_plain))
-
-
-def _plain(value):
-    try:
-        return value.item()  # numpy scalars
-    except AttributeError:
-        return str(value)
+    """The report as a JSON-ready dict (plain numbers, undefined ones null)."""
+    return report.to_json()
 
 
 def write_table(report, path: str | Path, source: str = "") -> Path:
-    """Write the table atomically: ``.csv`` (one row per measurement, flags after) or ``.json`` (the whole report)."""
+    """Write the table atomically: ``.csv`` (the whole-heart CSV schema: summary, frame, slice and flag rows) or
+    ``.json`` (the whole report, with its source)."""
     from ..io.atomic import atomic_path
+    from .function import report_rows, write_function_csv
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise IdealError(f"{path}: the measurement table is written as .csv or .json")
-    if suffix == ".json":
-        text = json.dumps({"source": source, **report_json(report)}, indent=2)
-    else:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["source", "measurement", "value", "unit"])
-        for key, value in report.measurements.items():
-            if not isinstance(value, (dict, list)):
-                writer.writerow([source, key, _number(value) if value is not None else "", _label(key)[1]])
-        for flag in getattr(report, "flags", []) or []:
-            writer.writerow([source, f"qc:{flag.name}", _number(flag.value), flag.message])
-        text = buffer.getvalue()
+    if suffix == ".csv":
+        return write_function_csv(report_rows(source, report), path)
     with atomic_path(path) as temp:
-        temp.write_text(text)
+        temp.write_text(json.dumps({"source": source, **report_json(report)}, indent=2))
     return path

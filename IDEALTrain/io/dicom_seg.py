@@ -77,7 +77,9 @@ def write_dicom_seg(
         raise IdealError(f"the labels' slices are {labels.array.shape[1:]} but the source images are {(rows, columns)}")
     if any("FrameOfReferenceUID" not in ds for ds in sources):
         raise IdealError("a source DICOM image has no FrameOfReferenceUID: a SEG cannot reference its geometry")
-    frames_of_reference = {str(ds.FrameOfReferenceUID) for ds in sources}
+    with warnings.catch_warnings():  # pydicom validates UIDs lazily, on access
+        warnings.simplefilter("ignore")
+        frames_of_reference = {str(ds.FrameOfReferenceUID) for ds in sources}
     if len(frames_of_reference) > 1:
         raise IdealError(
             f"the {len(sources)} source DICOM images carry {len(frames_of_reference)} different FrameOfReferenceUIDs "
