@@ -208,3 +208,20 @@ def test_table_and_report_need_a_cine_or_pair(dicom_cases, tmp_path, capsys):
                  "--output", str(tmp_path / "c.seg.nrrd"), "--report", str(tmp_path / "r.pdf")]) == 0
     assert (tmp_path / "r.pdf").read_bytes()[:5] == b"%PDF-"
     assert "QC:" in capsys.readouterr().out
+
+
+def test_batch_without_slicer_mrml_says_in_one_line_what_to_install(tmp_path):
+    """batch.py run by a plain Python without slicer-core: one line naming what to install (no traceback)."""
+    import sys
+    from pathlib import Path
+
+    batch = Path(__file__).resolve().parents[1] / "IDEALSegment" / "IDEALSegmentBatch" / "batch.py"
+    code = ("import runpy, sys; sys.modules['slicer'] = None; "  # 'import slicer' now fails, as without slicer-core
+            f"sys.argv = [{str(batch)!r}, '--model', 'm', '--input', {str(tmp_path)!r}, '--output', {str(tmp_path / 'out')!r}]; "
+            f"runpy.run_path({str(batch)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batch: error: batch.py needs Slicer's MRML"), result.stderr
+    assert "pip install slicer-core==5.11.0.6" in lines[0] and "idealtrain segment --all-frames" in lines[0]
+    assert not (tmp_path / "out").exists()
