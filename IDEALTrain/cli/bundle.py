@@ -6,13 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import IdealError
 from ..io.atomic import check_outputs
+from ..model.card import REFINEMENT_FOLDER
 from .common import add_card_text_arguments, add_postprocessing_argument, postprocessing_from_args
 
 
 def cmd_bundle_edit(args: argparse.Namespace) -> None:
     """Re-save a bundle with new card text, id, version, postprocessing or float16 weights; training record kept."""
-    from ..model.bundle import load_bundle, save_bundle
+    from ..model.bundle import load_bundle, read_card, save_bundle
     from ..model.postprocessing import Postprocessing
 
     check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")
@@ -27,8 +29,24 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
         measured_with = Postprocessing.from_json(bundle.validation.get("postprocessing", {}))
         if bundle.validation.get("mean") and measured_with != bundle.postprocessing:
             print(f"note: the card's validation figures were measured with {measured_with}; re-measure them with idealtrain evaluate", file=sys.stderr)
-    save_bundle(bundle, args.out, half_precision=args.half, overwrite=args.overwrite)
-    print(f"wrote model bundle {args.out}")
+    companions = _refinement_companion(args)
+    half = args.half or (not args.float32 and (read_card(args.bundle).get("weights") or {}).get("dtype") == "float16")
+    save_bundle(bundle, args.out, half_precision=half, overwrite=args.overwrite, companions=companions)
+    kept = f"; kept its {REFINEMENT_FOLDER}/ network" if companions else ""
+    print(f"wrote model bundle {args.out} ({'float16' if half else 'float32'} weights{kept})")
+
+
+def _refinement_companion(args: argparse.Namespace) -> dict[str, Path]:
+    """The source's click-to-fix network (``refinement/``), carried into a folder bundle; a .zip cannot hold it."""
+    folder = Path(args.bundle) / REFINEMENT_FOLDER
+    if not folder.is_dir() or args.drop_refinement:
+        return {}
+    if str(args.out).lower().endswith(".zip"):
+        raise IdealError(
+            f"{args.out}: a .zip bundle cannot carry {args.bundle}'s {REFINEMENT_FOLDER}/ (click-to-fix) network: "
+            "write a folder (--out without .zip), or pass --drop-refinement to leave it out"
+        )
+    return {REFINEMENT_FOLDER: folder}
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> None:
@@ -83,7 +101,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     edit.add_argument("--version")
     add_card_text_arguments(edit, default=None)
     edit.add_argument("--validation-json", help="JSON file of external test results to add to the card under validation.external")
-    edit.add_argument("--half", action="store_true", help="store float16 weights")
+    precision = edit.add_mutually_exclusive_group()
+    precision.add_argument("--half", action="store_true", help="store float16 weights (default: the source's precision)")
+    precision.add_argument("--float32", action="store_true", help="store float32 weights (default: the source's precision)")
+    edit.add_argument("--drop-refinement", action="store_true",
+                      help=f"leave out the source's {REFINEMENT_FOLDER}/ click-to-fix network (kept by default; a .zip cannot hold it)")
     add_postprocessing_argument(edit)
     edit.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     edit.set_defaults(func=cmd_bundle_edit)

@@ -20,7 +20,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
     output = check_outputs([args.output], args.overwrite, hint="choose another --output or pass --overwrite")[0]
     if output in (Path(args.input).absolute(), Path(args.draft).absolute()) and not args.overwrite:
         raise IdealError(f"{args.output}: the output would replace an input; choose another --output")
-    image = read_image(args.input, args.frame)
+    image = read_image(args.input, args.frame, all_frames=False)  # refine has no --all-frames to suggest
     draft = read_label(args.draft)
     clicks = in_lps(read_clicks(args.clicks), image)
     refiner = _refiner(Refiner, args)

@@ -110,7 +110,7 @@ def voxel_of(image: Image, point: tuple[float, float, float]) -> tuple[int, int,
     index = np.floor(ijk + 0.5).astype(int)
     if np.any(index < 0) or np.any(index >= np.array(image.size)):
         raise IdealError(
-            f"click point {tuple(round(v, 2) for v in point)} mm is outside the image "
-            f"(voxel index {tuple(round(v, 1) for v in ijk)}, size {image.size})"
+            f"click point {tuple(round(float(v), 2) for v in point)} mm is outside the image "
+            f"(voxel index {tuple(round(float(v), 1) for v in ijk)}, size {image.size})"  # plain numbers, not np.float64(...)
         )
     return int(index[2]), int(index[1]), int(index[0])

@@ -318,8 +318,11 @@ def frame_files(folder: str | Path, series_uid: str | None = None, frame: int | 
     return [s.path for s in sort_slices(frames[index])]
 
 
-def read_dicom(folder: str | Path, series_uid: str | None = None, frame: int | None = None) -> Image:
-    """One volume of a DICOM series; a cine series needs ``frame`` to say which phase."""
+def read_dicom(
+    folder: str | Path, series_uid: str | None = None, frame: int | None = None, *, all_frames: bool = True
+) -> Image:
+    """One volume of a DICOM series; a cine series needs ``frame`` to say which phase (``all_frames``: whether
+    the error may suggest ``--all-frames``)."""
     slices = series_slices(folder, series_uid)
     frames = group_frames(slices)
     uid = slices[0].series_uid
@@ -327,7 +330,7 @@ def read_dicom(folder: str | Path, series_uid: str | None = None, frame: int | N
         if len(frames) > 1:
             raise IdealError(
                 f"DICOM series {uid} is cine with {len(frames)} frames: choose one with --frame N "
-                f"(0-{len(frames) - 1}), or segment every frame with --all-frames"
+                f"(0-{len(frames) - 1})" + (", or segment every frame with --all-frames" if all_frames else "")
             )
         frame = 0
     if not 0 <= frame < len(frames):

@@ -113,18 +113,20 @@ def read_frames(path: str | Path, series_uid: str | None = None) -> list[Image]:
     return _frames_from_sitk(_read_sitk(path), path)
 
 
-def read_image(path: str | Path, frame: int | None = None, series_uid: str | None = None) -> Image:
-    """One 3D volume from a file or DICOM folder; ``frame`` picks one frame of a 4D/cine input."""
+def read_image(path: str | Path, frame: int | None = None, series_uid: str | None = None, *, all_frames: bool = True) -> Image:
+    """One 3D volume from a file or DICOM folder; ``frame`` picks one frame of a 4D/cine input.
+
+    ``all_frames``: whether the command reading it has ``--all-frames`` to suggest for a cine."""
     if Path(path).is_dir():
         from .dicom_series import read_dicom
 
-        return read_dicom(path, series_uid, frame)  # reads only the chosen frame's files
+        return read_dicom(path, series_uid, frame, all_frames=all_frames)  # reads only the chosen frame's files
     frames = read_frames(path)
     if frame is None:
         if len(frames) > 1:
             raise IdealError(
                 f"{path}: is a cine/4D image with {len(frames)} frames: choose one with --frame N "
-                f"(0-{len(frames) - 1}), or segment every frame with --all-frames"
+                f"(0-{len(frames) - 1})" + (", or segment every frame with --all-frames" if all_frames else "")
             )
         return frames[0]
     if not 0 <= frame < len(frames):
