@@ -225,3 +225,36 @@ def test_batch_without_slicer_mrml_says_in_one_line_what_to_install(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("batch: error: batch.py needs Slicer's MRML"), result.stderr
     assert "pip install slicer-core==5.11.0.6" in lines[0] and "idealtrain segment --all-frames" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_bundle_edit_keeps_the_refinement_network_and_the_weights_precision(tmp_path, capsys):
+    from helpers import tiny_refinement_bundle
+
+    from IDEALTrain.model.bundle import load_bundle, read_card
+    from IDEALTrain.model.card import REFINEMENT_FOLDER
+
+    source = save_bundle(varied_bundle(), tmp_path / "half", half_precision=True)
+    save_bundle(tiny_refinement_bundle(load_bundle(source)), source / REFINEMENT_FOLDER)
+    assert main(["bundle", "edit", str(source), "--out", str(tmp_path / "copy"), "--version", "0.0.2"]) == 0
+    assert read_card(tmp_path / "copy")["weights"]["dtype"] == "float16"  # not silently float32
+    assert load_bundle(tmp_path / "copy" / REFINEMENT_FOLDER).kind == "refinement"
+    capsys.readouterr()
+    assert main(["bundle", "edit", str(source), "--out", str(tmp_path / "x.zip")]) == 2
+    assert "cannot carry" in _error_line(capsys) and not (tmp_path / "x.zip").exists()
+    assert main(["bundle", "edit", str(source), "--out", str(tmp_path / "x.zip"), "--drop-refinement"]) == 0
+    assert read_card(tmp_path / "x.zip")["weights"]["dtype"] == "float16"
+    assert main(["bundle", "edit", str(tmp_path / "x.zip"), "--out", str(tmp_path / "full"), "--float32"]) == 0
+    assert read_card(tmp_path / "full")["weights"]["dtype"] == "float32"
+
+
+def test_score_and_evaluate_help_describe_their_arguments(capsys):
+    from IDEALTrain.cli import build_parser
+
+    for command, texts in (("score", ["reference label map", "the label map to score", "as JSON"]),
+                           ("evaluate", ["installed model's id"]), ("segment", ["default: the default model", "--report"]),
+                           ("measure", ["--labels", "--image"])):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for expected in texts:
+            assert expected in text, (command, expected)
