@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import IdealError
 from ..io.atomic import check_outputs
-from .common import DEVICE_HELP
+from .common import DEVICE_HELP, MODEL_HELP
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
@@ -17,6 +17,9 @@ def cmd_refine(args: argparse.Namespace) -> None:
     from ..inference.refine import Refiner, check_refinement_inputs
     from ..io.volume_files import read_image, read_label, write_image
 
+    from ..model.registry import resolve_model
+
+    args.model = str(resolve_model(args.model))  # a path, an installed model's id, or the default model
     output = check_outputs([args.output], args.overwrite, hint="choose another --output or pass --overwrite")[0]
     if output in (Path(args.input).absolute(), Path(args.draft).absolute()) and not args.overwrite:
         raise IdealError(f"{args.output}: the output would replace an input; choose another --output")
@@ -67,7 +70,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     from ..inference.refine import DEFAULT_ENGINE, DEFAULT_RADIUS_MM, ENGINE_CHOICES
 
     p = commands.add_parser("refine", help="refine a draft segmentation with positive / negative clicks")
-    p.add_argument("--model", required=True, help="model bundle (folder or .zip) that made or fits the draft")
+    p.add_argument("--model", help="the model that made or fits the draft: " + MODEL_HELP)
     p.add_argument("--input", required=True, help="the image (volume file or DICOM folder)")
     p.add_argument("--frame", type=int, help="frame of a cine/4D input (0-based)")
     p.add_argument("--draft", required=True, help="current label map on the image's grid")
