@@ -186,7 +186,7 @@ def test_dicom_seg_of_a_cine_frame_a_volume_and_a_pair(dicom_cases, tmp_path, ca
     assert "give a DICOM folder as --input" in _error_line(capsys) and not (tmp_path / "file.dcm").exists()
 
 
-def test_dicom_seg_refuses_sources_without_one_frame_of_reference(tmp_path):
+def test_dicom_seg_refuses_sources_without_one_frame_of_reference(tmp_path, monkeypatch, capsys):
     """The Sunnybrook anonymiser gave every image its own FrameOfReferenceUID: a SEG cannot reference that geometry."""
     from IDEALTrain.io.dicom_seg import write_dicom_seg
 
@@ -196,6 +196,14 @@ def test_dicom_seg_refuses_sources_without_one_frame_of_reference(tmp_path):
         write_dicom_seg(image.with_array(np.zeros(image.array.shape, np.uint8)), frame_files(sample.dicom_dir, None, 0),
                         tmp_path / "x.dcm", CARDIAC_LABELS)
     assert not (tmp_path / "x.dcm").exists()
+    import IDEALTrain.inference.predictor as predictor_module
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the model was loaded for a SEG that cannot be written")
+
+    monkeypatch.setattr(predictor_module, "Predictor", no_network)  # the command line refuses before the network runs
+    assert main(["segment", "--input", str(sample.dicom_dir), "--frame", "0", "--output", str(tmp_path / "x.dcm")]) == 2
+    assert "9 different FrameOfReferenceUIDs" in _error_line(capsys) and not (tmp_path / "x.dcm").exists()
 
 
 def test_table_and_report_need_a_cine_or_pair(dicom_cases, tmp_path, capsys):

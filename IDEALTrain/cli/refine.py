@@ -16,7 +16,6 @@ def cmd_refine(args: argparse.Namespace) -> None:
     from ..inference.clicks import in_lps, read_clicks
     from ..inference.refine import Refiner, check_refinement_inputs
     from ..io.volume_files import read_image, read_label, write_image
-
     from ..model.registry import resolve_model
 
     args.model = str(resolve_model(args.model))  # a path, an installed model's id, or the default model

@@ -140,9 +140,16 @@ def _dicom_seg_sources(args: argparse.Namespace, inputs: list[str], frames: list
     if not all(Path(path).is_dir() for path in inputs):
         raise IdealError("DICOM SEG output references the source DICOM images: give a DICOM folder as --input, "
                          "or write .seg.nrrd / NIfTI for a volume file")
+    from ..io.dicom_seg import _highdicom, check_seg_sources
+
+    _highdicom()  # installed? (before any segmenting)
     if len(inputs) == 2:
-        return [frame_files(path, args.series, None) for path in inputs]
-    return [frame_files(inputs[0], args.series, frame) for frame in frames]
+        sources = [frame_files(path, args.series, None) for path in inputs]
+    else:
+        sources = [frame_files(inputs[0], args.series, frame) for frame in frames]
+    for files in sources:
+        check_seg_sources(files)  # refused before the network runs
+    return sources
 
 
 def _print_measurements(args, images, labels, uncertainties, pair: bool, title: str) -> None:

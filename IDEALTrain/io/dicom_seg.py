@@ -23,6 +23,7 @@ INSTALL_HINT = "DICOM SEG needs highdicom: pip install 'idealsegment[dicom]' (or
 
 
 def _highdicom():
+    """The highdicom module, or an IdealError saying how to install it."""
     try:
         import highdicom
     except ImportError:
@@ -53,6 +54,24 @@ def _read_sources(files: Sequence[Path]) -> list:
     return sources
 
 
+def check_seg_sources(sources: Sequence) -> None:
+    """Refuse source images a SEG cannot reference: no FrameOfReferenceUID, or several (datasets or file paths)."""
+    import pydicom
+
+    with warnings.catch_warnings():  # pydicom validates UIDs lazily, on access
+        warnings.simplefilter("ignore")
+        headers = [pydicom.dcmread(str(s), stop_before_pixels=True) if isinstance(s, (str, Path)) else s for s in sources]
+        if any("FrameOfReferenceUID" not in ds for ds in headers):
+            raise IdealError("a source DICOM image has no FrameOfReferenceUID: a DICOM SEG cannot reference its geometry")
+        frames_of_reference = {str(ds.FrameOfReferenceUID) for ds in headers}
+    if len(frames_of_reference) > 1:
+        raise IdealError(
+            f"the {len(headers)} source DICOM images carry {len(frames_of_reference)} different FrameOfReferenceUIDs "
+            "(an anonymiser regenerated them?): a DICOM SEG must reference one frame of reference; write .seg.nrrd or "
+            "NIfTI instead, or fix the series' FrameOfReferenceUID"
+        )
+
+
 def write_dicom_seg(
     labels: Image,
     source_files: Sequence[str | Path],
@@ -75,17 +94,7 @@ def write_dicom_seg(
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if labels.array.shape[1:] != (rows, columns):
         raise IdealError(f"the labels' slices are {labels.array.shape[1:]} but the source images are {(rows, columns)}")
-    if any("FrameOfReferenceUID" not in ds for ds in sources):
-        raise IdealError("a source DICOM image has no FrameOfReferenceUID: a SEG cannot reference its geometry")
-    with warnings.catch_warnings():  # pydicom validates UIDs lazily, on access
-        warnings.simplefilter("ignore")
-        frames_of_reference = {str(ds.FrameOfReferenceUID) for ds in sources}
-    if len(frames_of_reference) > 1:
-        raise IdealError(
-            f"the {len(sources)} source DICOM images carry {len(frames_of_reference)} different FrameOfReferenceUIDs "
-            "(an anonymiser regenerated them?): a DICOM SEG must reference one frame of reference; write .seg.nrrd or "
-            "NIfTI instead, or fix the series' FrameOfReferenceUID"
-        )
+    check_seg_sources(sources)
     category_code, category_meaning = ANATOMICAL_STRUCTURE.split("^")[1:3]
     category = hd.sr.CodedConcept(category_code, "SCT", category_meaning)
     algorithm_id = hd.AlgorithmIdentificationSequence(
