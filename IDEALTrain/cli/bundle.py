@@ -17,7 +17,7 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
     from ..model.bundle import load_bundle, read_card, save_bundle
     from ..model.postprocessing import Postprocessing
 
-    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")
+    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite", kind="bundle")
     bundle = load_bundle(args.bundle)
     for option, attribute in (("id", "model_id"), ("version", "version"), ("description", "description"), ("licence", "licence")):
         if getattr(args, option) is not None:

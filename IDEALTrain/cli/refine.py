@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import IdealError
-from ..io.atomic import check_outputs
+from ..io.output_guard import OutputSet
 from .common import DEVICE_HELP, MODEL_HELP
 
 
@@ -15,20 +14,20 @@ def cmd_refine(args: argparse.Namespace) -> None:
     """Refine ``--draft`` with ``--clicks`` and write the labels on exactly the input's grid."""
     from ..inference.clicks import in_lps, read_clicks
     from ..inference.refine import Refiner, check_refinement_inputs
-    from ..io.volume_files import read_image, read_label, write_image
+    from ..io.volume_files import check_output_type, read_image, read_label, write_image
     from ..model.registry import resolve_model
 
+    check_output_type(args.output)
     args.model = str(resolve_model(args.model))  # a path, an installed model's id, or the default model
-    output = check_outputs([args.output], args.overwrite, hint="choose another --output or pass --overwrite")[0]
-    if output in (Path(args.input).absolute(), Path(args.draft).absolute()) and not args.overwrite:
-        raise IdealError(f"{args.output}: the output would replace an input; choose another --output")
-    image = read_image(args.input, args.frame, all_frames=False)  # refine has no --all-frames to suggest
-    draft = read_label(args.draft)
-    clicks = in_lps(read_clicks(args.clicks), image)
-    refiner = _refiner(Refiner, args)
-    check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
-    result = refiner.refine(image, draft, clicks)
-    write_image(result.labels, output, refiner.predictor.bundle.labels)
+    inputs = [args.input, args.draft, args.clicks, args.model, args.refinement]
+    with OutputSet([args.output], args.overwrite, "choose another --output or pass --overwrite", inputs=inputs) as run:
+        image = read_image(args.input, args.frame, all_frames=False)  # refine has no --all-frames to suggest
+        draft = read_label(args.draft)
+        clicks = in_lps(read_clicks(args.clicks), image)
+        refiner = _refiner(Refiner, args)
+        check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
+        result = refiner.refine(image, draft, clicks)
+        write_image(result.labels, run.staged(args.output), refiner.predictor.bundle.labels)
     message = {
         "event": "refined",
         "labels": str(args.output),

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from ..errors import IdealError
 from ..io.atomic import check_outputs
+from ..io.output_guard import OutputSet
 from .common import DEVICE_HELP, MODEL_HELP, write_json
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    """Segment one volume, every frame of a cine or an ED/ES pair with a bundle; print the measurements of a cine or pair."""
+    """Segment one volume, every frame of a cine or an ED/ES pair with a bundle; print the measurements of a cine or
+    pair. All outputs (labels, uncertainty, table, report) are committed together."""
     from ..inference.predictor import Predictor
-    from ..io.volume_files import read_frames, read_image, tagged_path, write_image
+    from ..io.volume_files import check_output_type, read_frames, read_image, tagged_path, write_image
     from ..model.registry import resolve_model
 
     model = resolve_model(args.model)  # a mistyped model id is refused before any image is read
@@ -50,37 +52,48 @@ def cmd_segment(args: argparse.Namespace) -> None:
     outputs = [path for path, _ in targets]
     if args.uncertainty:
         outputs += [named(Path(args.uncertainty), n) for n in range(len(targets))]
+    for path in outputs:
+        if not (dicom_seg and path in [p for p, _ in targets]):
+            check_output_type(path)
+    for path, suffixes in ((args.table, (".csv", ".json")), (args.report, (".png", ".pdf"))):
+        if path and Path(path).suffix.lower() not in suffixes:
+            raise IdealError(f"{path}: write it as {' or '.join(suffixes)}")
     outputs += [Path(p) for p in (args.table, args.report) if p]
-    check_outputs(outputs, args.overwrite, hint="choose another --output or pass --overwrite")
     sources = _dicom_seg_sources(args, inputs, frame_numbers) if dicom_seg else []
-    predictor = Predictor(model, device=args.device)
-    bundle = predictor.bundle
-    labels, uncertainties = [], []
-    for index, (path, image) in enumerate(targets):
-        prediction = predictor.predict(image, _slice_progress(args, index, len(targets)))
-        if dicom_seg:
-            from ..io.dicom_seg import write_dicom_seg
+    messages = []
+    hint = "choose another --output or pass --overwrite"
+    with OutputSet(outputs, args.overwrite, hint, inputs=[*inputs, str(model)]) as run:
+        predictor = Predictor(model, device=args.device)
+        bundle = predictor.bundle
+        labels, uncertainties = [], []
+        for index, (path, image) in enumerate(targets):
+            prediction = predictor.predict(image, _slice_progress(args, index, len(targets)))
+            if dicom_seg:
+                from ..io.dicom_seg import write_dicom_seg
 
-            write_dicom_seg(prediction.labels, sources[index], path, bundle.labels, algorithm=(bundle.model_id, bundle.version))
-        else:
-            write_image(prediction.labels, path, bundle.labels)
-        labels.append(prediction.labels)
-        uncertainties.append(prediction.uncertainty)
-        source = inputs[index] if pair else f"{inputs[0]} frame {index}" if args.all_frames else inputs[0]
-        message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
-        uncertainty_path = None
-        if args.uncertainty and prediction.uncertainty is not None:
-            uncertainty_path = named(Path(args.uncertainty), index)
-            write_image(prediction.uncertainty, uncertainty_path)
-            message += f"; uncertainty -> {uncertainty_path}"
-        if args.progress_json:
-            message = json.dumps({
-                "event": "segmented", "index": index, "total": len(targets), "labels": str(path), "device": prediction.device,
-                "seconds": prediction.seconds, "uncertainty": str(uncertainty_path) if uncertainty_path else None,
-            })
-        print(message, flush=True)
-    if measured:
-        _print_measurements(args, images, labels, uncertainties, pair, title=" ".join(inputs))
+                write_dicom_seg(prediction.labels, sources[index], run.staged(path), bundle.labels,
+                                algorithm=(bundle.model_id, bundle.version))
+            else:
+                write_image(prediction.labels, run.staged(path), bundle.labels)
+            labels.append(prediction.labels)
+            uncertainties.append(prediction.uncertainty)
+            source = inputs[index] if pair else f"{inputs[0]} frame {index}" if args.all_frames else inputs[0]
+            message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
+            uncertainty_path = None
+            if args.uncertainty and prediction.uncertainty is not None:
+                uncertainty_path = named(Path(args.uncertainty), index)
+                write_image(prediction.uncertainty, run.staged(uncertainty_path))
+                message += f"; uncertainty -> {uncertainty_path}"
+            if args.progress_json:
+                message = json.dumps({
+                    "event": "segmented", "index": index, "total": len(targets), "labels": str(path), "device": prediction.device,
+                    "seconds": prediction.seconds, "uncertainty": str(uncertainty_path) if uncertainty_path else None,
+                })
+            messages.append(message)
+        if measured:
+            messages += _measurements(args, images, labels, uncertainties, pair, " ".join(inputs), run.staged)
+    for message in messages:  # once every file is in place
+        print(message, file=sys.stderr if message.startswith("idealtrain: ") else sys.stdout, flush=True)
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
@@ -107,25 +120,29 @@ def cmd_measure(args: argparse.Namespace) -> None:
                 raise IdealError(f"label frame {n} is not on its image's voxel grid (size {label.size} vs {image.size}, or "
                                  "spacing/origin/direction differ): give the labels made on this image")
     outputs = [Path(p) for p in (args.out, args.report) if p]
-    check_outputs(outputs, args.overwrite, hint="choose another --out/--report or pass --overwrite")
+    for path, suffixes in ((args.out, (".csv", ".json")), (args.report, (".png", ".pdf"))):
+        if path and Path(path).suffix.lower() not in suffixes:
+            raise IdealError(f"{path}: write it as {' or '.join(suffixes)}")
     from ..evaluation.table import format_table, measure, write_table
 
     ed, es = args.ed, args.es
     for name, value in (("--ed", ed), ("--es", es)):
         if value is not None and not 0 <= value < len(labels):
             raise IdealError(f"{name} {value} is out of range: there are {len(labels)} label frames (0-{len(labels) - 1})")
-    report = measure(labels, None, ed=ed, es=es)
     title = " ".join(args.labels) if len(args.labels) <= 2 else f"{args.labels[0]} ... ({len(args.labels)} frames)"
-    print(format_table(report, title=f"measurements of {title}:"), flush=True)
-    if args.out:
-        write_table(report, args.out, source=title)
-        print(f"wrote {args.out}")
-    if args.report:
-        from ..evaluation.case_report import write_case_report
+    hint = "choose another --out/--report or pass --overwrite"
+    with OutputSet(outputs, args.overwrite, hint, inputs=[*args.labels, *(args.image or [])]) as run:
+        report = measure(labels, None, ed=ed, es=es)
+        if args.out:
+            write_table(report, run.staged(args.out), source=title)
+        if args.report:
+            from ..evaluation.case_report import write_case_report
 
-        ed_frame, es_frame = _phases(report, False)
-        write_case_report(images, labels, report, args.report, ed=ed_frame, es=es_frame, title=title)
-        print(f"wrote {args.report}")
+            ed_frame, es_frame = _phases(report, False)
+            write_case_report(images, labels, report, run.staged(args.report), ed=ed_frame, es=es_frame, title=title)
+    print(format_table(report, title=f"measurements of {title}:"), flush=True)
+    for path in outputs:
+        print(f"wrote {path}")
 
 
 def _wants_dicom_seg(args: argparse.Namespace) -> bool:
@@ -152,8 +169,9 @@ def _dicom_seg_sources(args: argparse.Namespace, inputs: list[str], frames: list
     return sources
 
 
-def _print_measurements(args, images, labels, uncertainties, pair: bool, title: str) -> None:
-    """The measurement table (with QC flags) of a cine or pair: printed, and written to --table / --report."""
+def _measurements(args, images, labels, uncertainties, pair: bool, title: str, staged) -> list[str]:
+    """The measurement table (with QC flags) of a cine or pair as lines to print; --table / --report written to
+    ``staged(path)``. A measurement that cannot be made is one note line, unless a table or report was asked for."""
     from ..evaluation.table import format_table, measure, report_json, write_table
 
     usable = uncertainties if all(u is not None for u in uncertainties) else None
@@ -162,19 +180,17 @@ def _print_measurements(args, images, labels, uncertainties, pair: bool, title: 
     except IdealError as error:
         if args.table or args.report:
             raise
-        print(f"idealtrain: no measurements: {error}", file=sys.stderr)  # the segmentations are written all the same
-        return
-    if args.progress_json:
-        print(json.dumps({"event": "measured", **report_json(report)}), flush=True)
-    else:
-        print(format_table(report, title=f"measurements of {title}:"), flush=True)
+        return [f"idealtrain: no measurements: {error}"]  # the segmentations are written all the same
     if args.table:
-        write_table(report, args.table, source=title)
+        write_table(report, staged(args.table), source=title)
     if args.report:
         from ..evaluation.case_report import write_case_report
 
         ed, es = _phases(report, pair)
-        write_case_report(images, labels, report, args.report, ed=ed, es=es, title=title)
+        write_case_report(images, labels, report, staged(args.report), ed=ed, es=es, title=title)
+    if args.progress_json:
+        return [json.dumps({"event": "measured", **report_json(report)})]
+    return [format_table(report, title=f"measurements of {title}:")]
 
 
 def _phases(report, pair: bool) -> tuple[int, int]:

@@ -16,12 +16,26 @@ def _check_output(args: argparse.Namespace) -> Path:
 
     if args.iterations < 1:
         raise IdealError(f"--iterations must be at least 1, got {args.iterations}")
-    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")
+    inputs = [getattr(args, name, None) for name in ("init_from", "pretrained", "provenance")]
+    inputs += data_paths([getattr(args, name, None) for name in ("data", "labeled", "unlabeled", "val")])
+    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite", inputs=inputs, kind="bundle")
     if args.checkpoint_dir:
         check_checkpoint_dir(args.checkpoint_dir, args.resume)
     elif args.resume:
         raise IdealError("--resume needs --checkpoint-dir")
     return Path(args.out)
+
+
+def data_paths(specs: list) -> list[str]:
+    """The folders a data SPEC (``folder:DIR``, ``ssl4mis:DIR[:LIST]``, ``sunnybrook:DIR``, or a list of them) names:
+    inputs an output must never replace."""
+    paths = []
+    for spec in specs:
+        for one in spec if isinstance(spec, list) else [spec]:
+            if one:
+                rest = str(one).partition(":")[2] or str(one)
+                paths += [rest, rest.rsplit(":", 1)[0]]
+    return paths
 
 
 def network_and_plan(args: argparse.Namespace, pretrained=None):

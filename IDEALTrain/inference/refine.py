@@ -35,6 +35,7 @@ from .refine_propagation import PROPAGATE_SLICES, adjacent_clicks, propagated_cl
 DEFAULT_ENGINE = "auto"
 ENGINE_CHOICES = ("auto", *sorted(ENGINES))
 DEFAULT_RADIUS_MM = 20.0
+MAX_RADIUS_MM = 500.0  # a click reaches at most half a metre: inf or 1e300 would overflow the reach arithmetic
 
 
 def check_refinement_inputs(image: Image, draft: Image, clicks: list[Click], labels: tuple[int, ...]) -> list:
@@ -96,8 +97,8 @@ class Refiner:
         ``guided``, the refinement bundle (default: the model folder's ``refinement/``, when there is one)."""
         if engine not in ENGINE_CHOICES:
             raise IdealError(f"unknown refinement engine {engine!r}; choose from {list(ENGINE_CHOICES)}")
-        if not radius_mm > 0:
-            raise IdealError(f"refinement radius must be > 0 mm, got {radius_mm}")
+        if not (isinstance(radius_mm, (int, float)) and 0 < radius_mm <= MAX_RADIUS_MM):
+            raise IdealError(f"refinement radius must be a number of mm above 0 and at most {MAX_RADIUS_MM:g}, got {radius_mm}")
         if not (isinstance(propagate_slices, int) and propagate_slices >= 0):
             raise IdealError(f"propagate_slices must be a whole number >= 0, got {propagate_slices!r}")
         self.predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device)

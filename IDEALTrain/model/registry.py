@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import IdealError
+from ..io.output_guard import os_error_message, temp_prefix
 from ..io.sample_data import shipped_models_dir
 from ..labels import LabelInfo, check_label_map
 from .card import CARD_NAME, REFINEMENT_FOLDER, WEIGHTS_NAME, read_verified
@@ -229,16 +230,20 @@ class ModelRegistry:
         target = self.user_dir / _folder_name(model_id, new_version)
         if target.exists():
             raise IdealError(f"{target} already exists; remove it or register under another version")
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.user_dir))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
+        staging = None
         try:
+            staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=self.user_dir))
+            staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
             (staging / WEIGHTS_NAME).write_bytes(weights)
             (staging / CARD_NAME).write_text(json.dumps(card, indent=2))
             if (source / REFINEMENT_FOLDER).is_dir():  # the model's click-to-fix network comes along
                 shutil.copytree(source / REFINEMENT_FOLDER, staging / REFINEMENT_FOLDER)
             os.rename(staging, target)  # the whole folder appears at once, or not at all
+        except OSError as error:  # a full disk included: nothing is registered, nothing is left behind
+            raise IdealError(os_error_message(target, error)) from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         return ModelEntry(model_id, new_version, target, "user", card)
 
     def _make_user_dir(self) -> None:
