@@ -6,9 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import IdealError
 from ..io.atomic import check_outputs
-from ..model.card import REFINEMENT_FOLDER
 from .common import add_card_text_arguments, add_postprocessing_argument, postprocessing_from_args
 
 
@@ -29,31 +27,33 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
         measured_with = Postprocessing.from_json(bundle.validation.get("postprocessing", {}))
         if bundle.validation.get("mean") and measured_with != bundle.postprocessing:
             print(f"note: the card's validation figures were measured with {measured_with}; re-measure them with idealtrain evaluate", file=sys.stderr)
-    companions = _refinement_companion(args)
+    companions_from = _carried_companion(args.bundle, args.out)
     half = args.half or (not args.float32 and (read_card(args.bundle).get("weights") or {}).get("dtype") == "float16")
-    save_bundle(bundle, args.out, half_precision=half, overwrite=args.overwrite, companions=companions)
-    kept = f"; kept its {REFINEMENT_FOLDER}/ network" if companions else ""
+    save_bundle(bundle, args.out, half_precision=half, overwrite=args.overwrite, companions_from=companions_from)
+    kept = "; kept its click-to-fix network" if companions_from else ""
     print(f"wrote model bundle {args.out} ({'float16' if half else 'float32'} weights{kept})")
 
 
-def _refinement_companion(args: argparse.Namespace) -> dict[str, Path]:
-    """The source's click-to-fix network (``refinement/``), carried into a folder bundle; a .zip cannot hold it."""
-    folder = Path(args.bundle) / REFINEMENT_FOLDER
-    if not folder.is_dir() or args.drop_refinement:
-        return {}
-    if str(args.out).lower().endswith(".zip"):
-        raise IdealError(
-            f"{args.out}: a .zip bundle cannot carry {args.bundle}'s {REFINEMENT_FOLDER}/ (click-to-fix) network: "
-            "write a folder (--out without .zip), or pass --drop-refinement to leave it out"
-        )
-    return {REFINEMENT_FOLDER: folder}
+def _carried_companion(source: str, out: str) -> str | None:
+    """The edited model's folder when its (verified) click-to-fix network comes along into a folder ``out``; a
+    .zip cannot hold it, which is said on stderr rather than dropped silently."""
+    from ..model.card import REFINEMENT_FOLDER, verify_companion
+
+    if not Path(source).is_dir() or verify_companion(source) is None:
+        return None
+    if Path(out).suffix.lower() == ".zip":
+        print(f"note: {out} is a .zip, which cannot hold {REFINEMENT_FOLDER}/: click to fix will use levelset", file=sys.stderr)
+        return None
+    return source
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> None:
-    """Verify a bundle, then print its card."""
+    """Verify a bundle and its click-to-fix network (``refinement/``), then print its card."""
     from ..model.bundle import load_bundle, read_card
+    from ..model.card import verify_companion
 
     load_bundle(args.bundle)  # verifies checksum, label map and architecture first
+    verify_companion(args.bundle)  # a broken or unsafe refinement/ is named now, not at the first click
     print(json.dumps(read_card(args.bundle), indent=2))
 
 
@@ -104,8 +104,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     precision = edit.add_mutually_exclusive_group()
     precision.add_argument("--half", action="store_true", help="store float16 weights (default: the source's precision)")
     precision.add_argument("--float32", action="store_true", help="store float32 weights (default: the source's precision)")
-    edit.add_argument("--drop-refinement", action="store_true",
-                      help=f"leave out the source's {REFINEMENT_FOLDER}/ click-to-fix network (kept by default; a .zip cannot hold it)")
     add_postprocessing_argument(edit)
     edit.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
     edit.set_defaults(func=cmd_bundle_edit)

@@ -49,11 +49,15 @@ _last: dict = {}
 
 
 def _refiner(refiner_class: type, args: argparse.Namespace):
-    """The refiner of the previous call when model, device and engine match: in the warm worker
-    (``IDEALTrain.worker``) the next click on the same image then reuses the network's prior."""
+    """The refiner of the previous call when the model's and refinement network's verified contents, device and
+    engine match: in the warm worker (``IDEALTrain.worker``) the next click on the same image then reuses the
+    network's prior, and a bundle replaced or damaged in place is reloaded or refused, never used from memory."""
+    from ..model.card import bundle_fingerprint
+
     model = Path(args.model).absolute()
-    stamp = model.stat().st_mtime_ns if model.exists() else 0
-    key = (str(model), stamp, args.device, args.engine, args.radius_mm, args.refinement)
+    refinement = bundle_fingerprint(args.refinement) if args.refinement else None
+    fingerprint = bundle_fingerprint(model, companion=args.engine in ("auto", "guided") and not args.refinement)
+    key = (str(model), fingerprint, args.device, args.engine, args.radius_mm, args.refinement, refinement)
     if _last.get("key") != key:
         _last.clear()
         refiner = refiner_class(

@@ -67,7 +67,7 @@ def network_and_plan(args: argparse.Namespace, pretrained=None):
     return network, plan
 
 
-def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, companions: dict | None = None) -> None:
+def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, companions_from: Path | None = None) -> None:
     from ..model.bundle import save_bundle
 
     if bundle is None:  # not rank 0 of a multi-process run
@@ -75,7 +75,7 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, co
     bundle.model_id, bundle.version = args.id, args.version
     bundle.licence, bundle.description = args.licence, args.description
     bundle.training.update(data)
-    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite, companions=companions)
+    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite, companions_from=companions_from)
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
 
 
@@ -127,15 +127,19 @@ def carry_over_card(args: argparse.Namespace, initial) -> None:
         args.half = True
 
 
-def carried_refinement(init_from: str | None, output: Path) -> dict[str, Path]:
-    """The --init-from model's refinement network, for a folder output: a retrained model keeps click-to-fix's
-    network (trained on the old model's drafts, it still corrects the new one's better than levelset)."""
-    from ..model.card import REFINEMENT_FOLDER
+def carried_refinement(init_from: str | None, output: Path) -> Path | None:
+    """The --init-from model folder when its refinement network is to come along (a folder output): a retrained
+    model keeps click-to-fix's network (trained on the old model's drafts, it still corrects the new one's better
+    than levelset). Verified before training starts, so a broken or unsafe one fails now, not after the run."""
+    from ..model.card import REFINEMENT_FOLDER, verify_companion
 
-    folder = Path(init_from) / REFINEMENT_FOLDER if init_from else None
-    if folder is None or not folder.is_dir() or Path(output).suffix.lower() == ".zip":
-        return {}
-    return {REFINEMENT_FOLDER: folder}
+    if not init_from or not Path(init_from).is_dir() or Path(output).suffix.lower() == ".zip":
+        return None
+    try:
+        found = verify_companion(init_from)
+    except IdealError as error:
+        raise IdealError(f"{error} (or remove {Path(init_from) / REFINEMENT_FOLDER} to retrain without it)") from None
+    return Path(init_from) if found is not None else None
 
 
 def _provenance(path: str | None) -> dict:
@@ -205,6 +209,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     initial = load_bundle(args.init_from) if args.init_from else None
     if initial is not None and initial.kind != "segmentation":
         raise IdealError(f"{args.init_from} is a {initial.kind} bundle; --init-from takes a segmentation model (for an encoder use --pretrained)")
+    companions_from = carried_refinement(args.init_from, output)
     config = _train_config(args, pretrained or initial, **_finetune_options(args))
     carry_over_card(args, initial)
     selection = selection_from_args(args)
@@ -215,10 +220,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
     data.update(_provenance(args.provenance))
-    companions = carried_refinement(args.init_from, output)
-    if companions:
+    if companions_from is not None:
         data["refinement_network"] = f"carried over from {initial.model_id} {initial.version}"
-    _save_trained(bundle, args, output, data, companions)
+    _save_trained(bundle, args, output, data, companions_from)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

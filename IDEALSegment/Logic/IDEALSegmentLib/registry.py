@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from IDEALTrain.model.registry import (  # noqa: F401  (re-exported for the Logic and the widgets)
     DEFAULT_MODEL_ID,
+    ID_PATTERN,
     SHIPPED_MODELS_DIR,
     USER_DIR_VARIABLE,
     VERSION_PATTERN,
     ModelEntry,
     ModelRegistry,
+    check_version,
     default_entry,
     default_user_dir,
     entry_key,
