@@ -59,7 +59,10 @@ def test_batch_matches_idealtrain_segment_and_reports_the_bad_case(inputs, tmp_p
     result = run_batch("--model", model, "--input", root / "in", "--output", out, "--device", "cpu", "--mrb",
                        "--measurements-csv", tmp_path / "volumes.csv", site=False)
     assert result.returncode == 1, result.stderr[-3000:]  # one failed case
-    assert sorted(p.name for p in out.iterdir()) == ["heart_ED.mrb", "heart_ED.seg.nrrd", "heart_ES.mrb", "heart_ES.seg.nrrd"]
+    assert sorted(p.name for p in out.iterdir()) == ["batch-vtk.log", "heart_ED.mrb", "heart_ED.seg.nrrd", "heart_ES.mrb", "heart_ES.seg.nrrd"]
+    # the .mrb writer's hundreds of VTK lines go to the log, not to the terminal
+    assert "Zip" in (out / "batch-vtk.log").read_text() and "Zip" not in result.stdout + result.stderr
+    assert f"VTK/MRML messages: {out / 'batch-vtk.log'}" in result.stdout
     assert "segmented 2 of 3 case(s)" in result.stdout and "failed: corrupt:" in result.stdout
     assert "FAILED" in result.stderr and "Zip" not in result.stdout
     for name in ("heart_ED", "heart_ES"):
@@ -188,7 +191,7 @@ def test_a_cine_file_gives_one_segmentation_per_frame_like_idealtrain_all_frames
     assert batch.main(["--model", str(model), "--input", str(cine_file), "--output", str(out), "--device", "cpu",
                        "--mrb", "--measurements-csv", str(table)]) == 0
     stdout = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == sorted(frame_names("heart", 3) + ["heart.mrb"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(frame_names("heart", 3) + ["heart.mrb", "batch-vtk.log"])
     assert idealtrain(["segment", "--model", str(model), "--input", str(cine_file), "--output", str(tmp_path / "reference.seg.nrrd"),
                        "--device", "cpu", "--all-frames"]) == 0
     for ours_name, theirs_name in zip(frame_names("heart", 3), frame_names("reference", 3)):
@@ -220,7 +223,13 @@ def test_a_cine_file_gives_one_segmentation_per_frame_like_idealtrain_all_frames
     assert any(name.endswith("heart measurements.tsv") for name in names)
     reloaded = load_scene_bundle(out / "heart.mrb")  # a fresh scene: cine, segmentation sequence and browser come back
     classes = [reloaded.GetNthNode(i).GetClassName() for i in range(reloaded.GetNumberOfNodes())]
-    assert classes.count("vtkMRMLSequenceNode") == 2 and "vtkMRMLSequenceBrowserNode" in classes
+    # cine, segmentation and (as --help says) the uncertainty map of every frame, browsed together
+    assert classes.count("vtkMRMLSequenceNode") == 3 and "vtkMRMLSequenceBrowserNode" in classes
+    uncertainty = next(n for n in (reloaded.GetNthNode(i) for i in range(reloaded.GetNumberOfNodes()))
+                       if n.IsA("vtkMRMLSequenceNode") and n.GetName() == "heart segmentation uncertainty")
+    assert uncertainty.GetNumberOfDataNodes() == 3 and uncertainty.GetNthDataNode(0).IsA("vtkMRMLScalarVolumeNode")
+    browser = next(n for n in (reloaded.GetNthNode(i) for i in range(reloaded.GetNumberOfNodes())) if n.IsA("vtkMRMLSequenceBrowserNode"))
+    assert browser.IsSynchronizedSequenceNodeID(uncertainty.GetID())
     segmentations = next(n for n in (reloaded.GetNthNode(i) for i in range(reloaded.GetNumberOfNodes()))
                          if n.IsA("vtkMRMLSequenceNode") and n.GetNumberOfDataNodes() and n.GetNthDataNode(0).IsA("vtkMRMLSegmentationNode"))
     assert segmentations.GetNumberOfDataNodes() == 3

@@ -65,6 +65,20 @@ def test_pyproject_data_files_cover_every_shipped_resource_file():
         assert targets == ["share/idealsegment/Resources/" + path.parent.relative_to(RESOURCES).as_posix()], relative
 
 
+def test_the_manifests_cine_frames_are_the_phases_frames_in_the_full_cine(sample):
+    """sample.json's cine_frames: where each phase's files sit in the patient's full cine (IDEAL_DATA's sunnybrook/cine)."""
+    import os
+
+    from IDEALTrain.io.dicom_series import group_frames, series_slices
+
+    cine = Path(os.environ.get("IDEAL_DATA", "")) / "sunnybrook" / "cine" / sample.patient
+    if not os.environ.get("IDEAL_DATA") or not cine.is_dir():
+        pytest.skip(f"the full cine is not here: set IDEAL_DATA to a folder holding sunnybrook/cine/{sample.patient}")
+    frames = [{s.path.name for s in frame} for frame in group_frames(series_slices(cine))]
+    for phase, files in sample.phase_files.items():
+        assert {f.name for f in files} <= frames[sample.cine_frames[phase]], phase
+
+
 def test_the_manifest_matches_the_expert_contours(sample, expert):
     """sample.json's phase files and figures are what the contours give (so Slicer can load phases without them)."""
     for phase in ("ED", "ES"):  # the whole stack ships; the expert drew 9 contiguous slices of it
@@ -124,7 +138,7 @@ def test_demo_segments_the_sample_and_compares_with_the_expert(tmp_path, capsys)
     assert abs(results["model_figures_expert_slices"]["lv_ef_percent"] - results["expert_figures"]["lv_ef_percent"]) < 3
     assert all({"name", "value", "threshold", "message"} <= set(flag) for flag in results["quality_flags"])
     # The ES basal slice: the model labels atrium as LV blood pool there, the convention leaves it out.
-    es = results["phases"]["ES"]["frame"]
+    es = results["phases"]["ES"]["sample_frame"]  # its index among the sample's two phases (whole_heart's frames)
     es_labels = read_image(out / "SCD0000101_ES.seg.nrrd")
     basal_ml = [np.count_nonzero(s == LV_BLOOD_POOL) * np.prod(es_labels.spacing) / 1000 for s in es_labels.array]
     assert basal_ml[11] > 20  # ~28 ml of atrium and outflow tract on the most basal slice
@@ -148,7 +162,23 @@ def test_demo_segments_the_sample_and_compares_with_the_expert(tmp_path, capsys)
     assert names == ["ED_basal.png", "ED_mid.png", "ES_basal.png", "ES_mid.png", "overview.png"]
     assert read_image_shape(out / "overlays" / "ED_mid.png")[1] == 2 * read_image_shape(out / "overlays" / "ED_mid.png")[0]
 
-    # A previous demo's folder may be reused; any other non-empty folder is refused before anything is written.
+    # frame numbers are the full cine's (the sample holds two of its 20 phases)
+    assert (results["phases"]["ED"]["frame"], results["phases"]["ES"]["frame"]) == (18, 7)
+    assert {results["phases"][p]["sample_frame"] for p in ("ED", "ES")} == {0, 1}
+    # the overview names its halves: a white strip of text above the overlays
+    from PIL import Image as PILImage
+
+    overview = np.asarray(PILImage.open(out / "overlays" / "overview.png").convert("L"))
+    strip = overview[:22]
+    assert (strip < 128).any() and (strip == 255).mean() > 0.8
+    width = overview.shape[1]
+    for quarter in range(4):  # "expert, mid" | "model, mid" | "expert, basal" | "model, basal"
+        assert (strip[:, quarter * width // 4:(quarter + 1) * width // 4] < 128).any()
+    # a previous demo's results are replaced only with --overwrite
+    before = (out / "results.json").read_bytes()
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (out / "results.json").read_bytes() == before
+    # Any other non-empty folder is refused before anything is written.
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

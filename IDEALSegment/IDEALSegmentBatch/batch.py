@@ -47,6 +47,7 @@ from IDEALTrain.io.volume_files import (  # noqa: E402
 )
 
 MAX_EXIT_STATUS = 125  # higher statuses mean "killed by a signal" or "command not found" to shells
+VTK_LOG_NAME = "batch-vtk.log"  # VTK/MRML messages, in --output
 
 
 def case_name(path: Path) -> str:
@@ -176,7 +177,15 @@ def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dic
     name = case_name(path)
     start = time.perf_counter()
     cine = sequence_from_images(scene, frames, name)
-    result = segment_sequence(cine, predictor, require_ed_es=False)
+    if "mrb" in outputs:  # the scene holds the uncertainty too: one map per frame, browsed with the cine
+        from IDEALSegmentLib.cine import add_sequence_to_scene, frame_images
+        from IDEALSegmentLib.inference import predict_volume
+
+        predictions = [predict_volume(image, predictor) for image in frame_images(cine)]
+        result = add_sequence_to_scene(cine, predictions, predictor.bundle, require_ed_es=False)
+        _add_uncertainty_sequence(scene, result, [p.uncertainty for p in predictions], f"{name} segmentation uncertainty")
+    else:
+        result = segment_sequence(cine, predictor, require_ed_es=False)
     for index, target in enumerate(outputs["frames"]):
         segmentation = result.segmentation_sequence.GetNthDataNode(index)
         labels = labels_from_segmentation(segmentation, cine.GetNthDataNode(index), predictor.bundle.labels)
@@ -192,6 +201,17 @@ def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dic
         row["summary"] = f"cine of {len(frames)} frames, segmented; no ED/ES (see note)"
         row["note"] = f"{name}: no ED/ES measurements{' and no .mrb' if 'mrb' in outputs else ''} ({result.note})"
     return row
+
+
+def _add_uncertainty_sequence(scene: object, result: object, maps: list, name: str) -> None:
+    """The decoders' disagreement of every frame as a volume sequence, synchronised with the cine's browser."""
+    from IDEALSegmentLib.cine import sequence_from_images
+
+    if not maps or any(m is None for m in maps):
+        return
+    sequence = sequence_from_images(scene, maps, name)
+    if result.browser is not None:
+        result.browser.AddSynchronizedSequenceNodeID(sequence.GetID())
 
 
 def write_segmentation(segmentation: object, labels: object, path: Path, label_map: tuple) -> Path:
@@ -296,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     from IDEALTrain.io.output_guard import sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
+    missing = _missing_mrml()
+    if missing:
+        print(f"batch: error: {missing}", file=sys.stderr)
+        return 2
     with sigterm_as_interrupt():  # SIGTERM stops the batch as Ctrl-C does: the case being written is dropped whole
         return _run(args)
 
@@ -303,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from IDEALTrain.io.output_guard import exit_status
 
-    _vtk_messages_to_stderr()
     args.mrb = args.output if args.mrb is True else (Path(args.mrb) if args.mrb else None)
     try:
         cases = _check_arguments(args)
+        vtk_log = _vtk_messages_to_file(args.output / VTK_LOG_NAME)
         from IDEALSegmentLib.inference import load_predictor
 
         predictor = load_predictor(args.model, args.device)
@@ -360,6 +384,8 @@ def _run(args: argparse.Namespace) -> int:
     note = "; ".join(notes)
     if note:
         print(f"  note: {note}")
+    if vtk_log.is_file() and vtk_log.stat().st_size:
+        print(f"  VTK/MRML messages: {vtk_log}")
     return max(min(len(failed), MAX_EXIT_STATUS), int(csv_failed))
 
 
@@ -399,11 +425,30 @@ def _check_clicks_folder(folder: Path, cases: list[Path]) -> None:
         raise IdealError(f"--clicks {folder}: holds none of the cases' clicks files (e.g. {names[0]}); check the folder")
 
 
-def _vtk_messages_to_stderr() -> None:
-    """Keep stdout for the summary: VTK/MRML messages (e.g. .mrb zip notes) go to stderr."""
+def _missing_mrml() -> str:
+    """'' when Slicer's MRML is importable (Slicer, or slicer-core in plain Python); else one line saying what to do."""
+    try:
+        import slicer
+
+        if hasattr(slicer, "vtkMRMLScene"):
+            return ""
+    except ImportError:
+        pass
+    return ("batch.py needs Slicer's MRML: run it with Slicer (Slicer --no-main-window --python-script batch.py ...), "
+            "or pip install slicer-core==5.11.0.6 (pip install 'idealsegment[slicer]'); without either, "
+            "idealtrain segment --all-frames writes the same .seg.nrrd files and prints the measurements")
+
+
+def _vtk_messages_to_file(path: Path) -> Path:
+    """Keep the terminal for the summary: VTK/MRML messages (e.g. hundreds of .mrb zip lines) go to ``path``."""
     import vtk
 
-    vtk.vtkOutputWindow.GetInstance().SetDisplayModeToAlwaysStdErr()
+    window = vtk.vtkFileOutputWindow()
+    window.SetFileName(str(path))
+    window.AppendOff()
+    window.FlushOn()
+    vtk.vtkOutputWindow.SetInstance(window)
+    return path
 
 
 def _say(bar: object, text: str) -> None:

@@ -35,17 +35,22 @@ CROP_MARGIN = 24  # pixels around the expert's LV in the overlay crops
 ZOOM = 2  # overlay pixels per image pixel
 
 
-def check_output_folder(out: Path) -> None:
-    """Refuse a non-empty folder that is not a previous demo's output: the demo never overwrites the user's files."""
+def check_output_folder(out: Path, overwrite: bool = False) -> None:
+    """Refuse a non-empty folder that is not a previous demo's output, and a previous demo's output without
+    ``overwrite``: the demo never overwrites files unasked."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RESULTS_FILE).is_file())):
         raise IdealError(f"{out} exists and is not a previous demo's output folder: choose another --out")
+    if (out / RESULTS_FILE).is_file() and not overwrite:
+        raise IdealError(f"{out} holds a previous demo's results: pass --overwrite to replace them, or choose another --out")
 
 
-def run_sample_demo(out: Path, model: Path | None = None, sample_root: Path | None = None, device: str = "auto") -> dict:
+def run_sample_demo(
+    out: Path, model: Path | None = None, sample_root: Path | None = None, device: str = "auto", overwrite: bool = False
+) -> dict:
     """Segment the sample, write segmentations, overlays and ``results.json``, print the comparison; return the results."""
     started = time.perf_counter()
     out = Path(out)
-    check_output_folder(out)
+    check_output_folder(out, overwrite)
     sample = load_sample(sample_root)
     predictor = Predictor(Path(model) if model else default_model_dir(), device=device)
     frames = read_frames(sample.dicom_dir)  # the folder as a user loads it: one volume per cardiac phase
@@ -63,7 +68,10 @@ def run_sample_demo(out: Path, model: Path | None = None, sample_root: Path | No
         rows = _expert_rows(frames[index], expert.image, name, sample)
         predicted = expert.image.with_array(np.take(predictions[index].labels.array, rows, axis=frames[index].slice_axis))
         labels[name] = (predicted, expert.label)  # the model on the expert's slices
-        results["phases"][name] = {"frame": index, "expert_slices": rows, **_dice_scores(predicted, expert)}
+        # "frame": the phase's number in the patient's full cine (what a viewer of that cine shows); "sample_frame":
+        # its place among the sample's two phases
+        cine_frame = (sample.cine_frames or {}).get(name, index)
+        results["phases"][name] = {"frame": cine_frame, "sample_frame": index, "expert_slices": rows, **_dice_scores(predicted, expert)}
     for name, index in phases.items():  # written only once every check has passed
         write_image(predictions[index].labels, out / f"{sample.patient}_{name}.seg.nrrd", predictor.bundle.labels)
         write_image(labels[name][1], out / f"{sample.patient}_{name}_expert.seg.nrrd", EXPERT_LABELS)
@@ -138,8 +146,29 @@ def write_overlays(images: dict[str, Image], labels: dict[str, tuple[Image, Imag
         rows.append(np.concatenate(row, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    written.append(save_png(np.concatenate(rows, axis=0), folder / "overview.png"))
+    overview = np.concatenate(rows, axis=0)
+    halves = [(f"expert, {level}", f"model, {level}") for level in overlay_slices(labels["ED"][1])]
+    written.append(save_png(np.concatenate([_header(overview.shape[1], halves), overview], axis=0), folder / "overview.png"))
     return written
+
+
+def _header(width: int, pairs: list[tuple[str, str]], height: int = 22) -> np.ndarray:
+    """A white strip naming each half of each column pair ("expert, mid" | "model, mid" ...), black text (Pillow)."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    strip = PILImage.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: one fixed size
+        font = ImageFont.load_default()
+    column = width / len(pairs)
+    for n, names in enumerate(pairs):
+        for half, text in enumerate(names):
+            centre = column * n + column * (2 * half + 1) / 4
+            draw.text((centre, height / 2), text, fill="black", font=font, anchor="mm")
+    return np.asarray(strip, dtype=np.uint8)
 
 
 def _heart_crop(expert: Image) -> tuple[slice, slice]:
