@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user errors print one line and exit 2, a stopped training run exits 3."""
-    args = build_parser().parse_args(argv)
+    from ..training.presets import expand_preset
+
+    args = build_parser().parse_args(expand_preset(sys.argv[1:] if argv is None else argv))
     try:
         args.func(args)
         if args.command in TRAINING_COMMANDS:
