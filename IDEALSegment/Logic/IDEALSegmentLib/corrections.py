@@ -117,7 +117,7 @@ def export_correction(
 
     Labels are read back through the standard segment IDs on the volume's grid. What was reviewed:
     see :func:`reviewed_of`. ``patient_id`` groups cases for the patient-level hold-out (default: the
-    volume's patient in the subject hierarchy, else the case id). With ``pool`` the scans behind the
+    volume's or the cine's patient in the subject hierarchy, else the cine's name, else the case id). With ``pool`` the scans behind the
     case join the unlabelled pool: ``scans`` (the cine the frame belongs to) or the volume itself,
     each scan once.
     """
@@ -130,7 +130,8 @@ def export_correction(
             "tick the structures you reviewed in Mark reviewed"
         )
     provenance = read_provenance(segmentation)
-    patient = patient_id or patient_of_volume(volume) or patient_of_volume(scans) or case
+    patient = (patient_id or patient_of_volume(volume) or patient_of_volume(scans)
+               or (safe_case_id(scans.GetName()) if scans is not None else case))  # a cine's frames: one patient
     path = write_case(
         dataset_dir, image, labels, reviewed, case_id=case, rule=rule, source=_source(volume), reviewer=reviewer,
         patient_id=patient, overwrite=overwrite,
