@@ -4,7 +4,7 @@ The default marking compares the corrected labels with the model's own output (:
 a structure counts as edited only where the clinician changed *it* — drew it where the model had
 something else, or erased it to background. Voxels of a structure that another segment was painted
 over are that other segment's edit (painting the myocardium over 55 RV voxels does not make the RV
-reviewed). The reviewed slices default to the slices actually edited (:func:`default_reviewed`).
+reviewed). Each edited structure counts on the slices where it was edited (:func:`default_reviewed`).
 """
 from __future__ import annotations
 
@@ -112,20 +112,16 @@ def edited_regions(model_output: np.ndarray, labels: Image) -> dict[str, list[in
 
 
 def default_reviewed(model_output: np.ndarray, labels: Image, slices: Sequence[int] | None = None) -> dict[str, list[int]]:
-    """The default marking: each edited structure on the slices actually edited (any structure) where it is drawn, plus
-    the slices where it was itself edited (e.g. erased). ``slices`` (the clinician's adjustment) replaces the edited slices."""
+    """The default marking: each structure the clinician edited, on the slices where they edited *it*.
+
+    A slice where only the LV was redrawn does not make the myocardium there reviewed (the expert may
+    never have looked at it). ``slices`` (the clinician's adjustment in the panel, or ``--slices``)
+    replaces the edited slices: each edited structure then counts on those slices where it is drawn.
+    """
     edited = edited_regions(model_output, labels)
-    worked = set(check_slices(slices, labels)) if slices is not None else {k for ks in edited.values() for k in ks}
-    axis = labels.slice_axis
-    other = tuple(a for a in range(3) if a != axis)
-    values = _values()
-    result = {}
-    for name, own in edited.items():
-        present = {int(k) for k in np.flatnonzero((labels.array == values[name]).any(axis=other))}
-        chosen = sorted((present & worked) | (set(own) & worked if slices is not None else set(own)))
-        if chosen:
-            result[name] = chosen
-    return result
+    if slices is None:
+        return edited
+    return reviewed_regions(labels, list(edited), slices)
 
 
 def describe_reviewed(reviewed: Mapping[str, Sequence[int]]) -> str:
