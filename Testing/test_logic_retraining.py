@@ -223,7 +223,7 @@ def test_patients_come_from_the_subject_hierarchy_and_never_straddle_the_split(t
     assert entries["SCD0000201_ES"]["patient_id"] == entries["SCD0000201_ED"]["patient_id"] == "SCD0000201"
     assert entries["anonymous_frame_0"]["patient_id"] == entries["anonymous_frame_2"]["patient_id"] == "anonymous_cine"
     assert sorted(c for c, e in entries.items() if e["kind"] == "unlabeled" and e["patient_id"] == "anonymous_cine") == [
-        f"anonymous_cine_frame{k:02d}" for k in range(3)]  # the whole cine, once
+        f"anonymous_cine_scan_frame{k:02d}" for k in range(3)]  # the whole cine, once
     run = prepare_run(data, tmp_path / "run", hold_out_every=2)
     patient = {c: entries[c]["patient_id"] for c in run.train_cases + run.held_out_cases}
     held = {patient[c] for c in run.held_out_cases}
@@ -231,7 +231,7 @@ def test_patients_come_from_the_subject_hierarchy_and_never_straddle_the_split(t
     assert sorted(run.held_out_cases) == ["SCD0000201_ED", "SCD0000201_ES", "SCD0000401_ED", "SCD0000401_ES"]
     pooled = {p.name for p in (run.unlabeled_dir / "images").iterdir()}
     assert not any(name.startswith(("SCD0000201", "SCD0000401")) for name in pooled)  # held-out scans never train
-    assert {"SCD0000101_ED_scan.nii.gz", "anonymous_cine_frame01.nii.gz"} <= pooled
+    assert {"SCD0000101_ED_scan.nii.gz", "anonymous_cine_scan_frame01.nii.gz"} <= pooled
 
 
 def test_prepare_run_refuses_a_folder_with_content(corrections, tmp_path):

@@ -128,8 +128,10 @@ def describe_reviewed(reviewed: Mapping[str, Sequence[int]]) -> str:
     """What will be taught, in one line: ``LV on slices 2-9; LV_Myocardium on slices 3-8; RV not reviewed``."""
     names = {label.segment_id: label.name for label in CARDIAC_LABELS}
     parts = [f"{names.get(k, k)} on slice(s) {format_slices(v)}" for k, v in reviewed.items() if v]
+    if not parts:
+        return "nothing to teach: no structure was edited or ticked (tick the structures you reviewed)"
     missing = [names[k] for k in names if not reviewed.get(k)]
-    return "; ".join(parts + ([f"not reviewed (not taught): {', '.join(missing)}"] if missing else [])) or "nothing"
+    return "; ".join(parts + ([f"not reviewed (not taught): {', '.join(missing)}"] if missing else []))
 
 
 def encode_labels(array: np.ndarray) -> str:

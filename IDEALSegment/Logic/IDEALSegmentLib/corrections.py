@@ -118,8 +118,8 @@ def export_correction(
     Labels are read back through the standard segment IDs on the volume's grid. What was reviewed:
     see :func:`reviewed_of`. ``patient_id`` groups cases for the patient-level hold-out (default: the
     volume's or the cine's patient in the subject hierarchy, else the cine's name, else the case id). With ``pool`` the scans behind the
-    case join the unlabelled pool: ``scans`` (the cine the frame belongs to) or the volume itself,
-    each scan once.
+    case join the unlabelled pool: ``scans`` (the cine the frame belongs to: ``<cine>_scan_frameNN``)
+    or the volume itself (``<case>_scan``), each scan once.
     """
     case = _case_id(case_id, volume)
     image, labels = corrected_case(volume, segmentation)
@@ -140,7 +140,7 @@ def export_correction(
         },
     )
     if pool and scans is not None:
-        add_to_pool(dataset_dir, scans, patient_id=patient, skip_known=True)
+        add_to_pool(dataset_dir, scans, f"{safe_case_id(scans.GetName())}_scan", patient_id=patient, skip_known=True)
     elif pool:
         add_unlabeled_volume(dataset_dir, volume, f"{case}_scan", patient_id=patient, overwrite=overwrite, skip_known=True)
     return path
