@@ -28,8 +28,8 @@ from IDEALTrain.labels import CARDIAC_LABELS
 from .cancel import Cancelled, CancelToken
 from .inference import PREDICTION_SHARE, node_ids, predict_volume, remove_nodes_added_since
 from .measurements import cardiac_measurements, find_ed_es, measurements_table
-from .scene_files import register_sequence_browser_class
 from .review import mark_model_output
+from .scene_files import register_sequence_browser_class
 from .segmentations import Provenance, segmentation_from_labels
 from .volumes import (
     check_scalar_volume,
