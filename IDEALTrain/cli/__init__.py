@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import IdealError, TrainingStopped
-from . import bundle, data, demo, refine, refiner, segment, train
+from . import bundle, corrections, data, demo, refine, refiner, segment, train
 
 TRAINING_COMMANDS = ("train", "pretrain", "finetune")
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parsers(commands)
     segment.add_segment_parsers(commands)
     train.add_parsers(commands)
+    corrections.add_parsers(commands)
     segment.add_score_parser(commands)
     refine.add_parsers(commands)
     refiner.add_parsers(commands)
