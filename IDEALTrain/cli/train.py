@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import IdealError
+from ..model.card import REFINEMENT_FOLDER
 from .common import DEVICE_HELP, add_card_text_arguments, add_postprocessing_argument, postprocessing_from_args
 
 DEFAULT_ID, DEFAULT_VERSION = "idealsegment-model", "0.1.0"
@@ -133,15 +134,16 @@ def retrained_identity(args: argparse.Namespace, initial) -> None:
         )
 
 
-def carried_refinement(init_from: str | None, output: Path) -> dict[str, Path]:
-    """The --init-from model's refinement network, for a folder output: a retrained model keeps click-to-fix's
-    network (trained on the old model's drafts, it still corrects the new one's better than levelset)."""
-    from ..model.card import REFINEMENT_FOLDER
+def carried_companions(init_from: str | None, output: Path) -> dict[str, Path]:
+    """Every file and folder of the --init-from bundle besides its card and weights: its LICENSE.txt (derived models
+    carry its licence and citation) and its refinement network (trained on the old model's drafts, it still corrects
+    the new one's better than levelset). A .zip output takes the files only."""
+    from ..model.card import companion_entries
 
-    folder = Path(init_from) / REFINEMENT_FOLDER if init_from else None
-    if folder is None or not folder.is_dir() or Path(output).suffix.lower() == ".zip":
-        return {}
-    return {REFINEMENT_FOLDER: folder}
+    entries = companion_entries(init_from)
+    if Path(output).suffix.lower() == ".zip":
+        return {name: source for name, source in entries.items() if source.is_file()}
+    return entries
 
 
 def _corrections_folder(spec: str) -> Path | None:
@@ -247,9 +249,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         from ..io.corrections import LABELED, corrections_provenance, read_manifest
 
         data["corrections"] = corrections_provenance([e for e in read_manifest(corrections) if e["kind"] == LABELED])
-    companions = carried_refinement(args.init_from, output)
-    if companions:
+    companions = carried_companions(args.init_from, output)
+    if REFINEMENT_FOLDER in companions:
         data["refinement_network"] = f"carried over from {initial.model_id} {initial.version}"
+    if companions:
+        data["carried_files"] = sorted(companions)
     _save_trained(bundle, args, output, data, companions)
 
 

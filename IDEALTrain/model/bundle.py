@@ -124,13 +124,14 @@ def save_bundle(
 ) -> Path:
     """Write ``bundle`` as a folder, or a .zip when ``path`` ends in .zip; atomically.
 
-    ``companions`` (name -> folder) are copied into a folder bundle beside its card, in the same atomic step:
-    a model's ``refinement/`` network travels with it."""
+    ``companions`` (name -> file or folder) are copied into the bundle beside its card, in the same atomic step:
+    a model's ``LICENSE.txt`` and ``refinement/`` network travel with it (a .zip holds files only)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise IdealError(f"{path} already exists; choose another output or pass --overwrite")
-    if companions and path.suffix.lower() == ".zip":
-        raise IdealError(f"{path}: a .zip bundle cannot hold {sorted(companions)}; save it as a folder")
+    folders = sorted(name for name, source in (companions or {}).items() if Path(source).is_dir())
+    if folders and path.suffix.lower() == ".zip":
+        raise IdealError(f"{path}: a .zip bundle cannot hold {folders}; save it as a folder")
     weights = {name: t.detach().cpu().contiguous() for name, t in bundle.weights.items()}
     if half_precision:
         weights = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
@@ -141,6 +142,8 @@ def save_bundle(
         with atomic_path(path) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(CARD_NAME, card_text)
             archive.writestr(WEIGHTS_NAME, data)
+            for name, source in (companions or {}).items():
+                archive.write(source, name)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
@@ -148,8 +151,8 @@ def save_bundle(
     try:
         (staging / CARD_NAME).write_text(card_text)
         (staging / WEIGHTS_NAME).write_bytes(data)
-        for name, folder in (companions or {}).items():
-            shutil.copytree(folder, staging / name)
+        for name, source in (companions or {}).items():
+            shutil.copytree(source, staging / name) if Path(source).is_dir() else shutil.copy2(source, staging / name)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)

@@ -22,6 +22,9 @@ CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 #: Folder, inside a segmentation bundle folder, of the refinement bundle trained on that model's probabilities.
 REFINEMENT_FOLDER = "refinement"
+#: Bundle entries every save writes anew; every other entry of a bundle folder (LICENSE.txt, refinement/, a README)
+#: is a companion that a retrained or registered copy carries over (:func:`companion_entries`).
+OWN_ENTRIES = ("card.json", "model.safetensors")
 BUNDLE_FORMAT = "idealsegment-bundle"
 #: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
 FORMAT_VERSION = 2
@@ -130,3 +133,11 @@ def read_verified(path: str | Path) -> tuple[dict, bytes]:
     card = parse_card(path, card_text)
     verify_weights(path, card, data)
     return card, data
+
+
+def companion_entries(folder: str | Path | None) -> dict[str, Path]:
+    """Name -> path of every file or folder of a bundle folder besides its card and weights (none for a .zip or None):
+    the licence that derived models must carry, the click-to-fix network, notes."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    return {entry.name: entry for entry in sorted(Path(folder).iterdir()) if entry.name not in OWN_ENTRIES and not entry.name.startswith(".")}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.labels import LabelInfo, check_label_map
-from IDEALTrain.model.card import CARD_NAME, REFINEMENT_FOLDER, WEIGHTS_NAME, read_verified
+from IDEALTrain.model.card import CARD_NAME, WEIGHTS_NAME, companion_entries, read_verified
 
 #: Bundles shipped with the extension (the default model lands in idealsegment-acdc-<version>/).
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
@@ -204,8 +204,8 @@ class ModelRegistry:
 
         With ``version`` given, that version must be free (else an error). Without it the card's
         version is used, or, when that is taken, the next free patch version (1.0.0 -> 1.0.1 ...).
-        The copy's card records the new version and where it came from; the bundle's ``refinement/``
-        network comes along; it appears atomically.
+        The copy's card records the new version and where it came from; every other file of the bundle
+        (``LICENSE.txt``, the ``refinement/`` network) comes along; it appears atomically.
         """
         source = Path(bundle_path)
         card, weights = read_bundle(source)  # refuses anything broken before a byte is copied
@@ -230,8 +230,8 @@ class ModelRegistry:
         try:
             (staging / WEIGHTS_NAME).write_bytes(weights)
             (staging / CARD_NAME).write_text(json.dumps(card, indent=2))
-            if (source / REFINEMENT_FOLDER).is_dir():  # the model's click-to-fix network comes along
-                shutil.copytree(source / REFINEMENT_FOLDER, staging / REFINEMENT_FOLDER)
+            for name, entry in companion_entries(source).items():  # LICENSE.txt, the click-to-fix network, notes come along
+                shutil.copytree(entry, staging / name) if entry.is_dir() else shutil.copy2(entry, staging / name)
             os.rename(staging, target)  # the whole folder appears at once, or not at all
         finally:
             shutil.rmtree(staging, ignore_errors=True)
