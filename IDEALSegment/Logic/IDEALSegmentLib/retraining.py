@@ -83,6 +83,11 @@ class RetrainingRun:
         """Where finetuning writes the new model bundle."""
         return self.run_dir / "model"
 
+    def patients(self) -> dict[str, str]:
+        """Case -> patient of this run's cases, as recorded at preparation (``run.json``)."""
+        record = json.loads((self.run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+        return {case: patient or case for case, patient in (record.get("patients") or {}).items()}
+
     @property
     def log(self) -> Path:
         """The training log of the run."""

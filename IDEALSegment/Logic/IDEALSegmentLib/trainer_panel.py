@@ -14,7 +14,7 @@ from pathlib import Path
 
 from IDEALTrain.errors import IdealError
 
-from .comparison import BETTER, TOO_FEW, comparison_from_table, comparison_table
+from .comparison import BETTER, MIN_PATIENTS_FOR_VERDICT, TOO_FEW, comparison_from_table, comparison_table
 from .comparison_job import ComparisonJob
 from .jobs import JobChain
 from .registry import ModelEntry, ModelRegistry
@@ -160,7 +160,14 @@ class TrainerPanelController:
         self.chain = JobChain([arguments for _, arguments in plan], log_path=run_dir / "training.log")
         self.run, self.old, self.device = run, old, device
         p.runFolder, p.newBundle, p.comparisonTable = str(run_dir), "", None
-        p.statusText = f"Training in {run_dir} ({len(run.train_cases)} training case(s), {len(run.held_out_cases)} held out)"
+        patients = run.patients()
+        held = {patients[c] for c in run.held_out_cases}
+        p.statusText = (
+            f"Training in {run_dir} on {len(set(patients.values()) - held)} patient(s) ({len(run.train_cases)} case(s)); "
+            f"{len(held)} patient(s) held out for the comparison"
+            + (f" (below {MIN_PATIENTS_FOR_VERDICT}: {TOO_FEW} whether it is better; the comparison still checks that it does not forget)"
+               if len(held) < MIN_PATIENTS_FOR_VERDICT else "")
+        )
         if p.encoderStart.plan_name == "model":  # the estimate is measured for the default "continue the current model" plan
             pool = len(list((run.unlabeled_dir / "images").iterdir())) if run.unlabeled_dir else 0
             p.statusText += ". " + estimate_text(len(run.train_cases), pool, p.iterations)
