@@ -131,3 +131,33 @@ def test_export_refuses_labels_of_another_image_and_preset_needs_a_model(correct
     assert "--preset continue continues a model: give it with --init-from" in capsys.readouterr().err
     record = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert record["cases"][0]["reviewed_rule"].startswith("every structure")
+
+
+def test_dicom_plus_seg_nrrd_takes_the_patient_from_the_dicom_and_the_whole_cine_to_the_pool(tmp_path, capsys):
+    """The shipped sample's DICOM (one series, ED and ES) with a .seg.nrrd saved for frame 1, cropped as Slicer saves it."""
+    from IDEALTrain.io.sample_data import load_sample
+    from IDEALTrain.io.volume_files import read_frames
+
+    sample = load_sample()
+    frames = read_frames(sample.dicom_dir)
+    labels = np.zeros(frames[1].array.shape, np.uint8)
+    labels[4, 100:120, 110:130] = LV
+    import SimpleITK as sitk
+
+    from IDEALTrain.io.image import Image
+
+    # Slicer saves a segmentation cropped to its extent: here slices 3-5, rows 90-129, columns 100-139 (x, y, z order below).
+    cropped = sitk.RegionOfInterest(frames[1].with_array(labels).to_sitk(), [40, 40, 3], [100, 90, 3])
+    write_image(Image.from_sitk(cropped), tmp_path / "es.seg.nrrd", labels=CARDIAC_LABELS)
+    out = tmp_path / "corrections"
+    assert main(["export-corrections", "--image", str(sample.dicom_dir), "--frame", "1", "--labels", str(tmp_path / "es.seg.nrrd"),
+                 "--out", str(out)]) == 0
+    case, *scans = read_manifest(out)
+    assert case["case_id"] == "SCD0000101_frame01" and case["patient_id"] == "SCD0000101"  # from the DICOM header
+    assert case["reviewed"] == {"LV": [4]} and case["label_voxels"]["LV"] == 400  # placed back on the full grid, voxel-exact
+    assert [s["case_id"] for s in scans] == ["SCD0000101_scan_frame00", "SCD0000101_scan_frame01"]
+    assert {s["patient_id"] for s in scans} == {"SCD0000101"}
+    # The ED frame of the same cine: same patient, and its scans are already in the pool.
+    write_image(frames[0].with_array(labels), tmp_path / "ed.nii.gz")
+    main(["export-corrections", "--image", str(sample.dicom_dir), "--frame", "0", "--labels", str(tmp_path / "ed.nii.gz"), "--out", str(out)])
+    assert "0 scan(s) added to the unlabelled pool, which holds 2" in capsys.readouterr().out
