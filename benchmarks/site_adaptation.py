@@ -18,6 +18,17 @@ and the wall-clock time of the retraining job.
 
     IDEAL_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/site_adaptation.py \
         --splits 3 --corrected 2 1 --out benchmarks/results/site_adaptation.json
+
+``--workflows`` (issue 31) compares how the module is used, the corrected patients' own cines being the
+only pool (no manual pool step): ``corrections_only`` (explicit marks, no pool: supervised-only),
+``automatic_pool`` (explicit marks; the cine of each reviewed frame joins the pool at export),
+``panel_default`` (the panel's default marking: the structures edited, where edited; automatic pool) and
+``forgetting`` (lr 0.01, no distillation, no mixing, nothing frozen, no pool). Each reports the site's
+held-out patients, ACDC val, and the module's verdict with its non-site reference (the first
+``--reference-cases`` ACDC val volumes: the shipped sample is a site patient here):
+
+    IDEAL_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/site_adaptation.py --only-split 0 --corrected 2 \
+        --workflows panel_default automatic_pool corrections_only forgetting --out benchmarks/results/site_adaptation_workflows.json
 """
 from __future__ import annotations
 
