@@ -202,6 +202,12 @@ def main() -> None:
         parser.error("--self-test corrects one patient per split: use --corrected 1")
     if args.combine:
         parts = [json.loads(path.read_text()) for path in args.combine]
+        if parts[0].get("benchmark") == "site_adaptation_workflows":
+            merged = parts[0] | {"runs": [run for part in parts for run in part["runs"]], "parts": [str(p) for p in args.combine]}
+            merged["summary"] = summarise_workflows(merged["runs"])
+            args.out.write_text(json.dumps(merged, indent=2))
+            print(json.dumps(merged["summary"], indent=2))
+            return
         merged = parts[0] | {"runs": [run for part in parts for run in part["runs"]], "parts": [str(p) for p in args.combine]}
         merged["old"] = {k: v for part in parts for k, v in part["old"].items()}
         merged["summary"] = summarise(merged["runs"])
@@ -343,6 +349,41 @@ def run_workflows(args, scene, root: Path, patients: list[str], phases: dict, en
             print(json.dumps({"workflow": name, "split": split, "seconds": round(seconds), "verdict": run["verdict"],
                               "lv": [old["lv_dice"], new["lv_dice"]], "myo": [old["myo_dice"], new["myo_dice"]],
                               "acdc": [(result["old_acdc"] or {}).get("mean"), (new.get("acdc") or {}).get("mean")]}), flush=True)
+
+
+def summarise_workflows(runs: list[dict]) -> dict:
+    """Per workflow: mean before/after/change over the splits run, the verdicts, and issue 31's floors for the panel's default."""
+    summary = {}
+    for name in dict.fromkeys(run["workflow"] for run in runs):
+        chosen = [run for run in runs if run["workflow"] == name]
+
+        def change(get, chosen=chosen) -> dict:
+            before, after = (float(np.mean([get(run, side) for run in chosen])) for side in ("old", "new"))
+            return {"before": before, "after": after, "change": after - before}
+
+        row = {
+            "splits": [run["split"] for run in chosen],
+            "lv_dice": change(lambda run, side: run[side]["lv_dice"]),
+            "myo_dice": change(lambda run, side: run[side]["myo_dice"]),
+            "ef_abs_error": change(lambda run, side: run[side]["ef_abs_error"]),
+            "acdc": change(lambda run, side: run[side]["acdc"]["mean"]),
+            "reference": change(lambda run, side: run["comparison"]["references"][0][side]),
+            "agreement": float(np.mean([run["comparison"]["agreement"] for run in chosen])),
+            "train_seconds": [round(run["train_seconds"]) for run in chosen],
+            "verdicts": [run["verdict"] for run in chosen],
+        }
+        kept = [run["new"]["acdc"]["mean"] - run["old"]["acdc"]["mean"] >= -0.005 and run["new"]["myo_dice"] >= run["old"]["myo_dice"]
+                for run in chosen]
+        # Consistent: a run that kept ACDC and the held-out myocardium is not called "not better", one that lost is not "better".
+        row["verdict_consistent"] = all((run["verdict"] != "not better") if ok else (run["verdict"] != "better") for run, ok in zip(chosen, kept))
+        if name == "panel_default":
+            row["floors"] = {
+                "acdc_drop_at_most_0.005": all(run["new"]["acdc"]["mean"] - run["old"]["acdc"]["mean"] >= -0.005 for run in chosen),
+                "myo_not_down": all(run["new"]["myo_dice"] >= run["old"]["myo_dice"] for run in chosen),
+                "verdict_consistent": row["verdict_consistent"],
+            }
+        summary[name] = row
+    return summary
 
 
 def summarise(runs: list[dict]) -> dict:
