@@ -7,10 +7,8 @@ reviewed. No held-out patient exists (one reviewed patient), so only forgetting 
 """
 from __future__ import annotations
 
-import pytest
 from helpers import import_slicer_core
 
-pytest.importorskip("skimage", reason="the sample's expert contours need scikit-image (pip install -e '.[test]')")
 slicer = import_slicer_core()
 
 from IDEALSegmentLib.comparison import NOT_BETTER, compare_models  # noqa: E402

@@ -86,3 +86,16 @@ def test_redrawing_the_lv_does_not_flag_the_myocardium(sample_scene, tmp_path):
     # The clinician adjusts the reviewed slices in the panel: the edited structures count on those slices only.
     export_correction(tmp_path, volumes["ES"], segmentations["ES"], case_id="es2", reviewed_slices=edited[:2])
     assert [e for e in read_manifest(tmp_path) if e["case_id"] == "es2"][0]["reviewed"] == {"LV": edited[:2]}
+
+
+def test_the_shipped_expert_labels_are_the_contours():
+    """The sample's label maps (the comparison's non-site reference, readable without scikit-image) are its contours."""
+    from IDEALTrain.io.datasets import load_cases
+
+    sample = load_sample()
+    expert = {phase.phase: phase for phase in read_sunnybrook_patient(sample.root, sample.patient)}
+    cases = load_cases(f"sample:{sample.root}", require_labels=True)
+    assert [case.name for case in cases] == [f"{sample.patient}_ED", f"{sample.patient}_ES"]
+    for case, phase in zip(cases, ("ED", "ES")):
+        assert case.label.same_grid(expert[phase].label) and np.array_equal(case.label.array, expert[phase].label.array)
+        assert np.array_equal(case.image.array, expert[phase].image.array)

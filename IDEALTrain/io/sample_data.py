@@ -8,9 +8,10 @@ the ``IDEALTrain`` package) and ``pip install .`` (the wheel's data files, ``<pr
 The sample (``SampleData/``) is one patient of the Sunnybrook Cardiac Data (CC0, Radau et al. 2009) in
 the Sunnybrook layout that :func:`IDEALTrain.io.sunnybrook.read_sunnybrook_patient` reads: the DICOM
 images that carry expert contours (end-diastole and end-systole, 9 short-axis slices each) and the
-contour files. ``sample.json`` names each phase's DICOM files and the expert's LV figures, so the
-phases can be loaded without rasterising contours (Slicer has no scikit-image); a test checks it
-against the contours.
+contour files. ``sample.json`` names each phase's DICOM files and the expert's LV figures, and
+``labels/<patient>_<phase>.nrrd`` hold the expert's contours as label maps, so the phases and their
+reference labels load without rasterising contours (Slicer has no scikit-image); tests check both
+against the contours. The sample with its labels is the retraining comparison's non-site reference.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .image import Image
 
 SAMPLE_FOLDER = "SampleData"
 SAMPLE_MANIFEST = "sample.json"
+SAMPLE_LABELS = "labels"  # <patient>_<phase>.nrrd: the expert contours as label maps (LV 3, myocardium 2 where drawn)
 DEFAULT_MODEL_PREFIX = "idealsegment-acdc-"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the IDEALTrain package
 
@@ -99,3 +101,13 @@ def read_sample_phase(sample: Sample, phase: str) -> Image:
     if any(header is None for header in headers):
         raise IdealError(f"the sample's {phase} files in {sample.dicom_dir} are not all readable DICOM images")
     return read_slices(headers)
+
+
+def read_sample_labels(sample: Sample, phase: str) -> Image:
+    """The expert's labels of one phase, on the phase's grid (shipped label maps of the contours)."""
+    from .volume_files import read_label
+
+    path = sample.root / SAMPLE_LABELS / f"{sample.patient}_{phase}.nrrd"
+    if not path.is_file():
+        raise IdealError(f"the sample in {sample.root} has no expert labels {path.name}: reinstall IDEALSegment")
+    return read_label(path)

@@ -239,7 +239,7 @@ def default_references() -> dict[str, str]:
     from IDEALTrain.io.sample_data import SAMPLE_FOLDER, load_sample, resources_dir
 
     sample = load_sample(resources_dir() / SAMPLE_FOLDER)
-    return {f"the shipped sample {sample.patient}": f"sunnybrook:{sample.root}"}
+    return {f"the shipped sample {sample.patient}": f"sample:{sample.root}"}
 
 
 def load_references(references: Mapping[str, str] | None) -> tuple[dict[str, list], tuple[str, ...]]:
