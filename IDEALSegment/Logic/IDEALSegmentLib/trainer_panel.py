@@ -145,13 +145,16 @@ class TrainerPanelController:
             use_model_text="Use this model" if better or not p.newBundle else "Use this model anyway...",
         )
 
-    def start(self, corrections_dir: Path, run_root: Path, old: ModelEntry | None, device: str = "auto") -> None:
-        """Train Click: copy the reviewed cases into a new run folder and start the first training process."""
+    def start(self, corrections_dir: Path, run_root: Path, old: ModelEntry | None, device: str = "auto", pool: bool = True) -> None:
+        """Train Click: copy the reviewed cases into a new run folder and start the first training process.
+
+        ``pool`` False is the deliberate choice to train supervised-only on the corrections alone (it forgets
+        more: docs/retraining.md); by default the scans behind the reviewed cases are the unlabelled pool."""
         if self.busy:
             raise IdealError("a training run is already going on")
         p = self.p
         run_dir = Path(run_root) / time.strftime("run-%Y%m%d-%H%M%S")
-        run = prepare_run(corrections_dir, run_dir)
+        run = prepare_run(corrections_dir, run_dir, pool=pool)
         plan = training_plan(
             run, encoder=p.encoderStart.plan_name, encoder_path=p.pretrainedEncoder if p.encoderStart == EncoderStart.REUSE else None,
             pretrain_iterations=p.pretrainIterations, iterations=p.iterations, label_budget=p.labelBudget, device=device, old_model=old,
