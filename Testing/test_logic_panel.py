@@ -193,6 +193,14 @@ def test_a_segmentation_of_another_image_is_refused_and_a_pair_is_measured_and_r
     after = panel.recompute_measurements()
     assert panel.p.measurementsTable is table and after["lv_esv_ml"] == 0.0
     assert table_measurements(table)["lv_esv_ml"] == 0.0 and first["lv_edv_ml"] == after["lv_edv_ml"]
+    # Issue 31: the ES phase was edited (its LV erased: only the LV is taught), and both phases are one patient.
+    folder = tmp_path / "pair"
+    assert "Left ventricle blood pool on slice(s)" in panel.review_preview(end_systole=True)
+    panel.mark_reviewed(folder, "dr test", structures=["LV"])
+    panel.mark_reviewed(folder, "dr test", end_systole=True)
+    cases = {case["case_id"]: case for case in read_manifest(folder) if case["kind"] == "labeled"}
+    assert cases["ES"]["reviewed_rule"] == "edited structures on the edited slices" and list(cases["ES"]["reviewed"]) == ["LV"]
+    assert cases["ED"]["patient_id"] == cases["ES"]["patient_id"]
 
 
 def _ed_segmentation(scene, ed):
