@@ -326,12 +326,17 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reviewer = self.ui.reviewerLineEdit.text.strip()
         added = []
         with slicer.util.tryWithErrorDisplay("The case could not be added to the training set.", waitCursor=True):
-            for endSystole in [False] + ([True] if p.esSegmentation is not None and p.esVolume is not None else []):
+            phases = [False] + ([True] if p.esSegmentation is not None and p.esVolume is not None else [])
+            structures, slices = self.reviewControls.structures(), self.reviewControls.slices()
+            taught = "\n".join(self.panel.review_preview(endSystole, structures, slices) for endSystole in phases)
+            if not slicer.util.confirmOkCancelDisplay(f"Retraining will learn:\n{taught}", windowTitle="IDEALSegment"):
+                return
+            for endSystole in phases:
                 existing = self.panel.existing_case(folder, endSystole)
                 question = f"{existing} is already in the training set. Replace it with this segmentation?"
                 if existing is not None and not slicer.util.confirmYesNoDisplay(question, windowTitle="IDEALSegment"):
                     continue
-                added.append(self.panel.mark_reviewed(folder, reviewer, endSystole, existing is not None, self.reviewControls.structures()))
+                added.append(self.panel.mark_reviewed(folder, reviewer, endSystole, existing is not None, structures, slices))
         if added:
             slicer.util.infoDisplay(
                 "Added to the training set:\n" + "\n".join(map(str, added)) + "\n\nTrain an updated model in the IDEALTrainer module.",

@@ -1,5 +1,6 @@
-"""Old vs new model on held-out reviewed cases (IDEALSegmentLib.comparison): scored only where reviewed,
-a patient-level verdict that says "too few cases to tell" below its threshold, and the table.
+"""Old vs new model (IDEALSegmentLib.comparison): held-out patients scored only where reviewed, a non-site
+reference and agreement where nobody reviewed (forgetting decides first), "too few patients to tell" below
+the threshold, and the table.
 
 Corrections data sets are exported from real MRML nodes (slicer-core); models are tiny bundles.
 """
@@ -17,8 +18,10 @@ slicer = import_slicer_core()
 
 from IDEALSegmentLib.cancel import Cancelled, CancelToken  # noqa: E402
 from IDEALSegmentLib.comparison import (  # noqa: E402
-    MIN_CASES_FOR_VERDICT,
+    MIN_AGREEMENT,
+    MIN_PATIENTS_FOR_VERDICT,
     ModelComparison,
+    ReferenceScore,
     compare_models,
     comparison_from_table,
     comparison_table,
@@ -70,7 +73,7 @@ def test_compare_models_scores_only_the_reviewed_structures_and_slices(compariso
     run, first, second = comparison_setup
     assert run.held_out_cases == ("p1_ed", "p1_es", "p3_ed", "p3_es")  # whole patients: 2nd and 4th of five
     fractions = []
-    comparison = compare_models(first, second, run.held_out_dir, device="cpu", progress=fractions.append)
+    comparison = compare_models(first, second, run.held_out_dir, device="cpu", progress=fractions.append, references={})
     assert comparison.cases == run.held_out_cases and comparison.patients == 2
     assert list(comparison.old_dice) == ["LV", "LV_Myocardium"] == list(comparison.new_dice)  # RV was never reviewed
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0) and fractions[0] < 0.5
@@ -89,8 +92,12 @@ def test_compare_models_scores_only_the_reviewed_structures_and_slices(compariso
             assert scores[name] == pytest.approx(np.mean(per_case))
         assert mean == pytest.approx(np.mean(list(scores.values())))
     assert comparison.old_dice != comparison.new_dice
-    assert not comparison.enough_cases and not comparison.new_is_better()  # 4 cases: below the threshold
-    assert "too few cases to tell" in comparison.summary() and "4 held-out case(s) of 2 patient(s)" in comparison.summary()
+    assert not comparison.enough_patients and not comparison.new_is_better()  # 2 patients: below the threshold
+    assert comparison.agreement is not None and comparison.agreement < 1  # the RV nobody reviewed: new vs old labels
+    text = comparison.summary()
+    assert "2 held-out patient(s) (4 case(s))" in text
+    # Two unrelated models disagree on the RV nobody reviewed: that decides first, before "too few patients to tell".
+    assert comparison.verdict() == "not better" and "with the old model where nobody reviewed" in text
 
 
 def test_an_unreviewed_structure_never_decides(tmp_path):
@@ -107,9 +114,11 @@ def test_a_model_compared_with_itself_is_not_better(comparison_setup, tmp_path):
     run, first, _ = comparison_setup
     old = ModelEntry("tiny-test", "0.0.1", first, "user", read_card(first))
     copy = shutil.copytree(first, tmp_path / "copy")
-    comparison = compare_models(old, copy, run.held_out_dir, device="cpu")
+    comparison = compare_models(old, copy, run.held_out_dir, device="cpu")  # with the default reference: the shipped sample
     assert comparison.old_dice == comparison.new_dice and comparison.old_mean == comparison.new_mean
-    assert not comparison.new_is_better()
+    [reference] = comparison.references
+    assert reference.name == "the shipped sample SCD0000101" and reference.cases == 2 and reference.old == reference.new
+    assert comparison.agreement == 1.0 and not comparison.new_is_better()
 
 
 def test_compare_models_cancels_and_needs_held_out_cases(comparison_setup):
@@ -118,12 +127,15 @@ def test_compare_models_cancels_and_needs_held_out_cases(comparison_setup):
     token.cancel()
     with pytest.raises(Cancelled):
         compare_models(first, second, run.held_out_dir, device="cpu", cancel=token)
-    with pytest.raises(IdealError, match="too few cases to tell.*review at least 3 patients"):
-        compare_models(first, second, None, device="cpu")
+    # No held-out patients (fewer than 3 reviewed): the references and agreement are still scored.
+    alone = compare_models(first, second, None, device="cpu", references={"the phantom": f"folder:{run.held_out_dir}"})
+    assert alone.cases == () and alone.patients == 0 and alone.references[0].cases == 4
+    assert alone.verdict() in ("not better", "too few patients to tell") and "Site: no held-out patients" in alone.summary()
 
 
-def comparison(old: dict, new: dict, cases: tuple = SIX) -> ModelComparison:
-    return ModelComparison(cases, old, new, float(np.mean(list(old.values()))), float(np.mean(list(new.values()))), 3)
+def comparison(old: dict, new: dict, patients: int = 6, **more) -> ModelComparison:
+    cases = tuple(f"{p}_{phase}" for p in SIX[:patients] for phase in ("ed", "es"))
+    return ModelComparison(cases, old, new, float(np.mean(list(old.values()))), float(np.mean(list(new.values()))), patients, **more)
 
 
 OLD = {"RV": 0.70, "LV_Myocardium": 0.80, "LV": 0.90}
@@ -146,22 +158,59 @@ def test_new_is_better_rule(new, margin, better):
     assert comparison(OLD, new).new_is_better(margin) is better
 
 
-def test_too_few_cases_to_tell():
-    """Below MIN_CASES_FOR_VERDICT cases even a large gain gets no verdict, and the text says on how many it rests."""
+def test_too_few_patients_to_tell():
+    """Below MIN_PATIENTS_FOR_VERDICT held-out patients even a large gain gets no verdict; the text says what to do."""
     gain = {"RV": 0.90, "LV_Myocardium": 0.95, "LV": 0.99}
-    assert MIN_CASES_FOR_VERDICT == 5 and 0.5**MIN_CASES_FOR_VERDICT < 0.05 <= 0.5 ** (MIN_CASES_FOR_VERDICT - 1)
-    few = comparison(OLD, gain, SIX[:4])
-    assert not few.enough_cases and not few.new_is_better()
-    assert "Verdict: too few cases to tell — it rests on 4 case(s); at least 5 are needed" in few.summary()
-    enough = comparison(OLD, gain, SIX[:5])
-    assert enough.new_is_better() and enough.summary().endswith("Verdict (on 5 cases): the new model is better.")
+    assert MIN_PATIENTS_FOR_VERDICT == 5 and 0.5**MIN_PATIENTS_FOR_VERDICT < 0.05 <= 0.5 ** (MIN_PATIENTS_FOR_VERDICT - 1)
+    few = comparison(OLD, gain, 4)  # 8 cases, but 4 patients
+    assert not few.enough_patients and not few.new_is_better() and few.verdict() == "too few patients to tell"
+    assert "Verdict: too few patients to tell — 4 held-out patient(s), at least 5 are needed" in few.summary()
+    assert "Review more patients" in few.summary()
+    enough = comparison(OLD, gain, 5)
+    assert enough.new_is_better() and enough.summary().endswith("Verdict (on 5 held-out patients): the new model is better.")
+
+
+@pytest.mark.parametrize("patients", [0, 2, 6])
+def test_forgetting_is_never_better_whatever_the_site_says(patients):
+    """A model that loses on the non-site reference, or changes what nobody reviewed, is not better (with 0 held-out
+    patients too), even when the site gain is large."""
+    gain = {"RV": 0.90, "LV_Myocardium": 0.95, "LV": 0.99}
+    kept = (ReferenceScore("ACDC", 20, 0.889, 0.886),)
+    assert comparison(OLD, gain, 6, references=kept, agreement=0.97).new_is_better()
+    lost = comparison(OLD, gain, patients, references=(ReferenceScore("ACDC", 20, 0.889, 0.876),), agreement=0.97)
+    assert lost.verdict() == "not better" and "loses 0.013 Dice on ACDC (more than 0.01)" in lost.summary()
+    drifted = comparison(OLD, gain, patients, references=kept, agreement=MIN_AGREEMENT - 0.01)
+    assert drifted.verdict() == "not better" and "agrees only 0.890 with the old model where nobody reviewed" in drifted.summary()
+
+
+def test_agreement_is_scored_where_nobody_reviewed():
+    """score_models: site Dice on the reviewed slices, agreement (new vs old labels) on every unreviewed structure and slice."""
+    from types import SimpleNamespace
+
+    from IDEALSegmentLib.comparison import score_models
+
+    from IDEALTrain.io.image import Image
+
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[:, 1:3, 1:3] = 3
+    image = Image(np.zeros((2, 4, 4), np.float32), (1.0, 1.0, 1.0))
+    case = SimpleNamespace(name="c", image=image, label=image.with_array(truth))
+    old = truth.copy()
+    old[:, 0, :] = 1  # the old model's RV on both slices
+    new = old.copy()
+    new[1, 0, :] = 0  # the new model dropped the RV on slice 1, which nobody reviewed
+    labels = {"old": old, "new": new}
+    result = score_models([case], {"c": {"LV": [0, 1]}}, 1, {}, lambda tag, _set, _i, _case: labels[tag])
+    assert result.old_dice == result.new_dice == {"LV": 1.0}
+    # RV: slice 0 agrees (1.0), slice 1 lost -> Dice over both slices 2*4/(8+4) = 0.667; myocardium absent in both: 1.0.
+    assert result.agreement == pytest.approx(np.mean([2 * 4 / 12, 1.0]))
 
 
 def test_summary_says_why_and_negative_margins_are_refused():
     worse = comparison(OLD, {"RV": 0.95, "LV_Myocardium": 0.70, "LV": 0.90})
     text = worse.summary()
     assert "old 0.800, new 0.850 (+0.050)" in text and "LV_Myocardium 0.800 -> 0.700" in text
-    assert "6 held-out case(s) of 3 patient(s)" in text
+    assert "6 held-out patient(s) (12 case(s))" in text
     assert "not better: LV_Myocardium drops by 0.100 (more than 0.05)" in text
     with pytest.raises(IdealError, match="margin"):
         worse.new_is_better(-0.1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from helpers import import_slicer_core, varied_bundle
 
 slicer = import_slicer_core()
@@ -14,7 +13,6 @@ from IDEALSegmentLib.registry import ModelRegistry  # noqa: E402
 from IDEALSegmentLib.retraining import prepare_run  # noqa: E402
 from test_logic_comparison import export_cases  # noqa: E402
 
-from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 
 
@@ -48,9 +46,15 @@ def test_no_held_out_cases_and_cancel(tmp_path):
     bundle.model_id, bundle.version = "old-model", "1.0.0"
     save_bundle(bundle, tmp_path / "user" / "old-model-1.0.0")
     old = ModelRegistry(tmp_path / "user", tmp_path / "none").find("old-model")
-    with pytest.raises(IdealError, match="no held-out cases"):
-        ComparisonJob(old, old.path, None)
     data = export_cases(tmp_path / "corrections", {"p0": ["p0_ed"], "p1": ["p1_ed"]})
+    # No held-out patients (fewer than 3 reviewed): the non-site reference and the agreement are still compared.
+    alone = ComparisonJob(old, old.path, None, device="cpu", references={"phantoms": f"folder:{data}"})
+    alone.start(tmp_path)
+    assert wait(alone) == "done", alone.error
+    result = alone.result()
+    assert result.cases == () and result.references[0].cases == 2 and result.references[0].old == result.references[0].new
+    assert result.agreement is None  # the phantoms hold every structure: nothing there that nobody reviewed
+    assert result.verdict() == "too few patients to tell"
     job = ComparisonJob(old, old.path, data, device="cpu")
     job.start(tmp_path)
     job.cancel()

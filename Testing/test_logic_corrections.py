@@ -41,6 +41,11 @@ PROVENANCE = Provenance("idealsegment-acdc", "1.2.0", "2026-01-02T03:04:05+00:00
 VOLUME_NAME = "Patient 7 / cine (ED)"
 
 
+def labeled(folder):
+    """The manifest's reviewed cases (the scans behind them join the pool as unlabelled entries)."""
+    return [entry for entry in read_manifest(folder) if entry["kind"] == "labeled"]
+
+
 @pytest.fixture(scope="module")
 def pair():
     """Oblique, anisotropic (1.5 x 1.4 x 8 mm), non-zero-origin phantom frames with labels."""
@@ -83,7 +88,7 @@ def test_exported_case_reads_back_voxel_exact(case, tmp_path):
     assert loaded.image.same_grid(image) and loaded.label.same_grid(image)
     assert not np.allclose(image.direction, np.eye(3), atol=0.1) and len(set(image.spacing)) == 3
     assert np.array_equal(loaded.label.array, corrected.array)
-    assert sorted(p.name for p in dataset.iterdir()) == ["images", "labels", "manifest.json"]  # no staging left
+    assert sorted(p.name for p in dataset.iterdir()) == ["images", "labels", "manifest.json", "unlabeled"]  # no staging left; the scan joined the pool
 
 
 def test_manifest_records_source_model_reviewer_and_counts(case, tmp_path):
@@ -92,7 +97,7 @@ def test_manifest_records_source_model_reviewer_and_counts(case, tmp_path):
     volume.GetStorageNode().SetFileName("/data/study/p7_cine_ed.nrrd")
     start = datetime.now(timezone.utc).replace(microsecond=0)
     export_correction(tmp_path, volume, segmentation, case_id="p7-ed", reviewer="dr.a", reviewed_slices=[3, 2, 2])
-    [entry] = read_manifest(tmp_path)
+    [entry] = labeled(tmp_path)
     assert entry["case_id"] == "p7-ed" and entry["kind"] == "labeled"
     assert entry["files"] == {"image": "images/p7-ed.nii.gz", "label": "labels/p7-ed.nii.gz"}
     assert entry["source"] == {
@@ -118,7 +123,7 @@ def test_hand_drawn_segmentation_has_no_model(pair, tmp_path):
     volume = volume_from_image(pair.es_image, scene, "es")
     drawn = segmentation_from_labels(pair.es_label, volume)  # no provenance: drawn by hand
     export_correction(tmp_path, volume, drawn)
-    [entry] = read_manifest(tmp_path)
+    [entry] = labeled(tmp_path)
     assert entry["model"] is None and entry["reviewer"] == ""
     # No record of a model's output: every structure counts as reviewed, on every slice where it is drawn.
     present = {name: [k for k in range(6) if (pair.es_label.array[k] == value).any()] for value, name in ((1, "RV"), (2, "LV_Myocardium"), (3, "LV"))}
@@ -137,7 +142,7 @@ def test_an_existing_case_is_never_replaced_silently(case, tmp_path):
     assert file_state(tmp_path) == before
     time.sleep(1.0)  # a later export time
     export_correction(tmp_path, volume, segmentation, reviewer="dr.b", overwrite=True)
-    [entry] = read_manifest(tmp_path)
+    [entry] = labeled(tmp_path)
     assert entry["reviewer"] == "dr.b" and entry["label_voxels"]["LV"] == 0
     [replaced] = entry["replaced"]
     assert replaced["reviewer"] == "dr.a" and replaced["exported_at"] < entry["exported_at"]
@@ -153,14 +158,16 @@ def test_unlabeled_volumes_and_summary(case, pair, tmp_path):
     export_correction(tmp_path, volume, segmentation, reviewed_slices=[1, 2, 3])
     drawn = segmentation_from_labels(pair.es_label, es_volume)
     export_correction(tmp_path, es_volume, drawn, case_id="p7-es-drawn", reviewed_slices=range(6))
-    [unlabeled] = load_cases(f"folder:{tmp_path / 'unlabeled'}")
+    # The scans behind the reviewed cases joined the pool, each once: the ED volume; the ES one was already there.
+    unlabeled, ed_scan = load_cases(f"folder:{tmp_path / 'unlabeled'}")
+    assert ed_scan.name == "Patient_7_cine_ED_scan" and np.array_equal(ed_scan.image.array, image_from_volume(volume).array)
     assert unlabeled.name == "Patient_7_ES" and unlabeled.label is None
     assert np.array_equal(unlabeled.image.array, pair.es_image.array) and unlabeled.image.same_grid(pair.es_image)
     assert [c.name for c in load_cases(f"folder:{tmp_path}", require_labels=True)] == ["Patient_7_cine_ED", "p7-es-drawn"]
     assert dataset_summary(tmp_path) == {
         "cases": 2,
         "reviewed_slices": 9,
-        "unlabeled_volumes": 1,
+        "unlabeled_volumes": 2,
         "patients": 2,
         "models": {"idealsegment-acdc 1.2.0": 1, "drawn by hand": 1},
         "reviewers": [],
@@ -276,9 +283,9 @@ def test_by_default_the_edited_structures_are_the_reviewed_ones(pair, tmp_path):
     edited[3, 18:22, 18:22] = 3
     replace_segments(segmentation, pair.ed_label.with_array(edited), volume, ["LV"])
     export_correction(tmp_path, volume, segmentation)
-    [entry] = read_manifest(tmp_path)
-    assert entry["reviewed_rule"] == "edited structures"
-    assert entry["reviewed"] == {"LV": [k for k in range(6) if (edited[k] == 3).any()]}  # not the untouched RV or myocardium
+    [entry] = labeled(tmp_path)
+    assert entry["reviewed_rule"] == "edited structures on the edited slices"
+    assert entry["reviewed"] == {"LV": [3]}  # not the untouched RV or myocardium, and only the slice edited
 
 
 def test_add_to_pool_takes_every_frame_of_a_cine_and_only_when_asked(pair, tmp_path):

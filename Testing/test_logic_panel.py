@@ -155,12 +155,21 @@ def test_mark_ed_and_es_frames_of_a_cine_reviewed_makes_two_cases(models, pair, 
     for frame in (cine.ed_index, cine.es_index):
         browser.SetSelectedItemNumber(frame)
         assert panel.existing_case(folder) is None
-        paths.append(panel.mark_reviewed(folder, "dr test"))
-    ids = sorted(case["case_id"] for case in read_manifest(folder))
+        with pytest.raises(IdealError, match="nothing reviewed"):  # the model's output is recorded per frame: nothing edited
+            panel.mark_reviewed(folder, "dr test")
+        paths.append(panel.mark_reviewed(folder, "dr test", structures=["LV"]))
+    cases = read_manifest(folder)
+    ids = sorted(case["case_id"] for case in cases if case["kind"] == "labeled")
     assert ids == sorted([f"Patient_7_cine_frame{cine.ed_index:02d}", f"Patient_7_cine_frame{cine.es_index:02d}"])
+    # One patient for every frame of the cine (no DICOM id here: the cine's name), and its whole cine in the pool once.
+    assert {case["patient_id"] for case in cases} == {"Patient_7_cine"}
+    pooled = sorted(case["case_id"] for case in cases if case["kind"] == "unlabeled")
+    assert pooled == [f"Patient_7_cine_scan_frame{k:02d}" for k in range(sequence.GetNumberOfDataNodes())]
     assert paths[0] != paths[1]
     browser.SetSelectedItemNumber(cine.ed_index)
     assert panel.existing_case(folder) == paths[0]  # the widget asks before replacing
+    assert panel.review_preview().startswith(f"Patient_7_cine_frame{cine.ed_index:02d}: nothing")
+    assert "Left ventricle blood pool on slice(s) " in panel.review_preview(structures=["LV"])
 
 
 def test_a_segmentation_of_another_image_is_refused_and_a_pair_is_measured_and_recomputed(models, pair, tmp_path):
@@ -190,6 +199,14 @@ def test_a_segmentation_of_another_image_is_refused_and_a_pair_is_measured_and_r
     # the QC flags beside the table follow the numbers: no ES blood pool at all is an implausible EF
     assert panel.report is not None and "lv_ef_percent_out_of_range" in panel.state().quality
     assert "QC flag" in panel.p.statusText
+    # Issue 31: the ES phase was edited (its LV erased: only the LV is taught), and both phases are one patient.
+    folder = tmp_path / "pair"
+    assert "Left ventricle blood pool on slice(s)" in panel.review_preview(end_systole=True)
+    panel.mark_reviewed(folder, "dr test", structures=["LV"])
+    panel.mark_reviewed(folder, "dr test", end_systole=True)
+    cases = {case["case_id"]: case for case in read_manifest(folder) if case["kind"] == "labeled"}
+    assert cases["ES"]["reviewed_rule"] == "edited structures on the edited slices" and list(cases["ES"]["reviewed"]) == ["LV"]
+    assert cases["ED"]["patient_id"] == cases["ES"]["patient_id"]
 
 
 def test_flagged_slices_lead_the_slices_to_review_and_the_flags_are_shown(tmp_path):

@@ -115,7 +115,10 @@ def test_prepare_run_copies_the_split_and_leaves_the_dataset_untouched(correctio
     run = prepare_run(corrections, tmp_path / "run")
     assert run.train_cases == ("case0", "case1", "case2", "case3", "case5")
     assert run.held_out_cases == ("case4",)
-    assert run.unlabeled_dir == corrections / "unlabeled"
+    # The run's pool: the data set's pool (the scans behind the reviewed cases joined it at export) less the held-out patient's.
+    assert run.unlabeled_dir == tmp_path / "run" / "unlabeled"
+    pooled = sorted(p.name for p in (run.unlabeled_dir / "images").iterdir())
+    assert pooled == sorted([f"{case}_scan.nii.gz" for case in run.train_cases] + ["pool0.nii.gz"])
     assert run.held_out_dir == tmp_path / "run" / "held_out" and run.train_dir == tmp_path / "run" / "train"
     for folder, ids in ((run.train_dir, run.train_cases), (run.held_out_dir, run.held_out_cases)):
         for kind in ("images", "labels"):
@@ -171,7 +174,64 @@ def test_prepare_run_with_few_cases_holds_nothing_out(tmp_path):
     data = write_corrections(tmp_path / "two", ["a", "b"], pool=0)
     run = prepare_run(data, tmp_path / "run")
     assert run.train_cases == ("a", "b") and run.held_out_cases == () and run.held_out_dir is None
-    assert run.unlabeled_dir is None and not (tmp_path / "run" / "held_out").exists()
+    assert not (tmp_path / "run" / "held_out").exists()
+    # Never supervised-only on the corrections alone unless chosen: the reviewed scans are the pool.
+    assert sorted(p.name for p in (run.unlabeled_dir / "images").iterdir()) == ["a_scan.nii.gz", "b_scan.nii.gz"]
+    [(_, arguments)] = training_plan(run, encoder="none", iterations=5)
+    assert arguments[arguments.index("--unlabeled") + 1] == f"folder:{run.unlabeled_dir}"
+    alone = prepare_run(data, tmp_path / "alone", pool=False)
+    assert alone.unlabeled_dir is None and "--supervised-only" in training_plan(alone, encoder="none", iterations=5)[0][1]
+
+
+def test_scans_of_old_data_sets_join_the_run_pool_too(tmp_path):
+    """A data set exported without the automatic pool (older IDEALSegment): prepare_run adds the reviewed images themselves."""
+    scene = slicer.vtkMRMLScene()
+    image, label = make_phantom(3, size=(32, 32, 3), spacing=(2.5, 2.5, 8.0))
+    volume = volume_from_image(image, scene, "old")
+    export_correction(tmp_path / "data", volume, segmentation_from_labels(label, volume), pool=False)
+    run = prepare_run(tmp_path / "data", tmp_path / "run")
+    assert [p.name for p in (run.unlabeled_dir / "images").iterdir()] == ["reviewed_old.nii.gz"]
+
+
+def test_patients_come_from_the_subject_hierarchy_and_never_straddle_the_split(tmp_path):
+    """Issue 31: SCD0000201_ED trained while SCD0000201_ES was held out. Patients now come from the subject hierarchy
+    (where Slicer's DICOM import puts DICOM.PatientID), the frames of a cine share one patient without any id,
+    their scans stay with their patient, and no patient is on both sides."""
+    from IDEALSegmentLib.cine import sequence_from_images
+
+    scene = slicer.vtkMRMLScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    data = tmp_path / "data"
+    for number, patient in enumerate(("SCD0000101", "SCD0000201", "SCD0000301", "SCD0000401")):
+        patient_item = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), f"Patient {number}")
+        hierarchy.SetItemAttribute(patient_item, "DICOM.PatientID", patient)
+        study = hierarchy.CreateStudyItem(patient_item, "cine study")
+        for phase in ("ED", "ES"):
+            image, label = make_phantom(10 * number + len(phase), size=(32, 32, 3), spacing=(2.5, 2.5, 8.0))
+            volume = volume_from_image(image, scene, f"{patient}_{phase}")  # named like the frames, no patient attribute
+            item = hierarchy.GetItemByDataNode(volume)  # Slicer makes the item itself; slicer-core does not
+            hierarchy.SetItemParent(item, study) if item else hierarchy.CreateItem(study, volume)
+            export_correction(data, volume, segmentation_from_labels(label, volume), reviewed_structures=["LV"])
+    # A cine without any patient id: its frames are one patient (the cine's), and its scans join the pool once.
+    base, base_label = make_phantom(50, size=(32, 32, 3), spacing=(2.5, 2.5, 8.0))
+    frames = [(base.with_array(base.array + k), base_label) for k in range(3)]
+    cine = sequence_from_images(scene, [image for image, _ in frames], "anonymous cine")
+    for k in (0, 2):
+        volume = volume_from_image(frames[k][0], scene, f"anonymous frame {k}")
+        export_correction(data, volume, segmentation_from_labels(frames[k][1], volume), scans=cine, reviewed_structures=["LV"])
+    entries = {e["case_id"]: e for e in retraining.read_manifest(data)}
+    assert entries["SCD0000201_ES"]["patient_id"] == entries["SCD0000201_ED"]["patient_id"] == "SCD0000201"
+    assert entries["anonymous_frame_0"]["patient_id"] == entries["anonymous_frame_2"]["patient_id"] == "anonymous_cine"
+    assert sorted(c for c, e in entries.items() if e["kind"] == "unlabeled" and e["patient_id"] == "anonymous_cine") == [
+        f"anonymous_cine_scan_frame{k:02d}" for k in range(3)]  # the whole cine, once
+    run = prepare_run(data, tmp_path / "run", hold_out_every=2)
+    patient = {c: entries[c]["patient_id"] for c in run.train_cases + run.held_out_cases}
+    held = {patient[c] for c in run.held_out_cases}
+    assert held == {"SCD0000201", "SCD0000401"} and not held & {patient[c] for c in run.train_cases}
+    assert sorted(run.held_out_cases) == ["SCD0000201_ED", "SCD0000201_ES", "SCD0000401_ED", "SCD0000401_ES"]
+    pooled = {p.name for p in (run.unlabeled_dir / "images").iterdir()}
+    assert not any(name.startswith(("SCD0000201", "SCD0000401")) for name in pooled)  # held-out scans never train
+    assert {"SCD0000101_ED_scan.nii.gz", "anonymous_cine_scan_frame01.nii.gz"} <= pooled
 
 
 def test_prepare_run_refuses_a_folder_with_content(corrections, tmp_path):

@@ -81,3 +81,35 @@ def test_a_failing_run_is_reported_and_cancel_stops_it(setup):
     panel.cancel()
     result = until_finished(panel, 60)
     assert result.error is None and "cancelled" in panel.p.statusText
+
+
+class ScriptedChain:
+    """A JobChain stand-in that hands out prepared progress events, one batch per poll (the controller's timer ticks)."""
+
+    state, step, fraction, error = "running", 0, 0.5, None
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def poll(self):
+        return self.batches.pop(0) if self.batches else []
+
+
+def test_the_progress_line_keeps_the_last_event_and_the_time_left_is_measured():
+    """Issue 31: the line no longer flickers back to "starting..." between events; the estimate comes from this run's speed."""
+    from IDEALSegmentLib.trainer_panel import SpeedMeter
+
+    def event(iteration):
+        return {"event": "progress", "phase": "finetune", "iteration": iteration, "total": 200, "loss": 0.5, "eta_s": 9999.0}
+
+    panel = TrainerPanelController(TrainerParameters(), None, None)
+    panel.phases = ["Finetuning"]
+    panel.chain = ScriptedChain([[], [event(1)], [], [event(6)], []])
+    times = [100.0, 110.0]  # iteration 1 at 100 s, iteration 6 at 110 s: 2 s per iteration
+    panel.speed = SpeedMeter(clock=lambda: times.pop(0))
+    lines = [panel.poll().line for _ in range(5)]
+    assert lines[0] == "Finetuning: starting..."
+    assert "iteration 1/200" in lines[1] and "measuring the speed" in lines[1] and "166 min" not in lines[1]
+    assert lines[2] == lines[1]  # no new event: the last one stays
+    assert "iteration 6/200" in lines[3] and "about 6 min left at the measured 2.0 s per iteration" in lines[3]  # 194 x 2 s
+    assert lines[4] == lines[3]

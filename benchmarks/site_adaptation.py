@@ -18,6 +18,17 @@ and the wall-clock time of the retraining job.
 
     IDEAL_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/site_adaptation.py \
         --splits 3 --corrected 2 1 --out benchmarks/results/site_adaptation.json
+
+``--workflows`` (issue 31) compares how the module is used, the corrected patients' own cines being the
+only pool (no manual pool step): ``corrections_only`` (explicit marks, no pool: supervised-only),
+``automatic_pool`` (explicit marks; the cine of each reviewed frame joins the pool at export),
+``panel_default`` (the panel's default marking: the structures edited, where edited; automatic pool) and
+``forgetting`` (lr 0.01, no distillation, no mixing, nothing frozen, no pool). Each reports the site's
+held-out patients, ACDC val, and the module's verdict with its non-site reference (the first
+``--reference-cases`` ACDC val volumes: the shipped sample is a site patient here):
+
+    IDEAL_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/site_adaptation.py --only-split 0 --corrected 2 \
+        --workflows panel_default automatic_pool corrections_only forgetting --out benchmarks/results/site_adaptation_workflows.json
 """
 from __future__ import annotations
 
@@ -50,7 +61,17 @@ def model_entry(path: Path):
     return ModelEntry(card["id"], card["version"], Path(path), "shipped", card)
 
 
-def correct_and_export(scene, dataset: Path, phase, entry) -> None:
+#: The workflows --workflows runs: how cases are marked reviewed, whether the scans join the pool, extra finetune flags.
+WORKFLOWS = {
+    "corrections_only": {"marking": "explicit", "pool": False, "extra": []},
+    "automatic_pool": {"marking": "explicit", "pool": True, "extra": []},
+    "panel_default": {"marking": "default", "pool": True, "extra": []},
+    # A deliberately forgetting plan (no distillation, no mixing, no frozen levels, lr 0.01, no pool): the verdict must see it.
+    "forgetting": {"marking": "explicit", "pool": False, "extra": ["--lr", "0.01", "--distill", "0", "--keep-old", "0", "--frozen-levels", "0"]},
+}
+
+
+def correct_and_export(scene, dataset: Path, phase, entry, marking: str = "explicit", cine=None, pool: bool = True) -> None:
     """Segment one phase with the model via the Logic, correct LV (and myocardium) from the expert, export it."""
     from IDEALSegmentLib.corrections import export_correction
     from IDEALSegmentLib.inference import segment_volume
@@ -78,7 +99,7 @@ def correct_and_export(scene, dataset: Path, phase, entry) -> None:
     reviewed = {"LV": slices} | ({"LV_Myocardium": myo_slices} if myo_slices else {})
     export_correction(
         dataset, volume, segmentation, case_id=f"{phase.patient}_{phase.phase}", reviewer=REVIEWER,
-        reviewed_structures=reviewed, patient_id=phase.patient,
+        reviewed_structures=reviewed if marking == "explicit" else None, patient_id=phase.patient, scans=cine, pool=pool,
     )
 
 
@@ -139,12 +160,12 @@ def evaluate(model: Path, phases_by_patient: dict, acdc: Path | None) -> dict:
     return result
 
 
-def retrain(work: Path, corrections: Path, entry, iterations: int | None, extra: list[str]) -> tuple[Path, float, str]:
+def retrain(work: Path, corrections: Path, entry, iterations: int | None, extra: list[str], pool: bool = True) -> tuple[Path, float, str]:
     """prepare_run -> training_plan (continue the current model) -> TrainingJob; (bundle, seconds, estimate)."""
     from IDEALSegmentLib.jobs import TrainingJob
     from IDEALSegmentLib.retraining import estimate_text, prepare_run, training_plan
 
-    run = prepare_run(corrections, work / "run")
+    run = prepare_run(corrections, work / "run", pool=pool)
     plan = training_plan(run, encoder="model", iterations=iterations, device="cpu", old_model=entry, extra=extra)
     pool = len(list((run.unlabeled_dir / "images").iterdir())) if run.unlabeled_dir else 0
     estimate = estimate_text(len(run.train_cases), pool, iterations)
@@ -169,6 +190,11 @@ def main() -> None:
     parser.add_argument("--self-test", action="store_true",
                         help="a ceiling: split i corrects patient i alone and tests on that same patient (use --corrected 1)")
     parser.add_argument("--no-acdc", action="store_true", help="skip ACDC val (forgetting) to save time")
+    parser.add_argument("--workflows", nargs="+", choices=sorted(WORKFLOWS),
+                        help="issue 31: run these workflows on the splits (the corrected patients' own cines are the only pool) "
+                        "instead of the old protocol (every patient's cine in the pool)")
+    parser.add_argument("--reference-cases", type=int, default=5,
+                        help="with --workflows: the first N ACDC val volumes are the module's non-site reference")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_adaptation.json")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     args = parser.parse_args()
@@ -176,6 +202,12 @@ def main() -> None:
         parser.error("--self-test corrects one patient per split: use --corrected 1")
     if args.combine:
         parts = [json.loads(path.read_text()) for path in args.combine]
+        if parts[0].get("benchmark") == "site_adaptation_workflows":
+            merged = parts[0] | {"runs": [run for part in parts for run in part["runs"]], "parts": [str(p) for p in args.combine]}
+            merged["summary"] = summarise_workflows(merged["runs"])
+            args.out.write_text(json.dumps(merged, indent=2))
+            print(json.dumps(merged["summary"], indent=2))
+            return
         merged = parts[0] | {"runs": [run for part in parts for run in part["runs"]], "parts": [str(p) for p in args.combine]}
         merged["old"] = {k: v for part in parts for k, v in part["old"].items()}
         merged["summary"] = summarise(merged["runs"])
@@ -198,6 +230,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="site-adaptation-"))
     scene = slicer.vtkMRMLScene()
     started = time.perf_counter()
+    if args.workflows:
+        run_workflows(args, scene, root, patients, phases, entry, work, acdc)
+        return
     pool_frames = build_pool(scene, root, patients, work / "pool")
     result = {
         "benchmark": "site_adaptation", "command": " ".join(sys.argv), "model": entry.display_name,
@@ -248,6 +283,107 @@ def main() -> None:
     result["summary"] = summarise(result["runs"])
     save()
     print(json.dumps(result["summary"], indent=2))
+
+
+def reference_folder(acdc: Path, count: int, folder: Path) -> Path:
+    """The first ``count`` ACDC val volumes as a folder data set: the module's non-site reference in this benchmark
+    (the shipped sample is Sunnybrook SCD0000101, a site patient here)."""
+    from IDEALTrain.io.datasets import load_cases
+    from IDEALTrain.io.volume_files import write_image
+
+    for case in load_cases(f"ssl4mis:{acdc}", default_list="val.list")[:count]:
+        write_image(case.image, folder / "images" / f"{case.name}.nii.gz")
+        write_image(case.label, folder / "labels" / f"{case.name}.nii.gz")
+    return folder
+
+
+def run_workflows(args, scene, root: Path, patients: list[str], phases: dict, entry, work: Path, acdc: Path | None) -> None:
+    """Issue 31: each workflow on each split, through the module's code path; the module's verdict with a non-site reference."""
+    import slicer  # noqa: F401  (MRML through slicer-core)
+    from IDEALSegmentLib.cine import sequence_from_images
+    from IDEALSegmentLib.comparison import compare_models
+
+    from IDEALTrain.io.atomic import atomic_path
+    from IDEALTrain.io.dicom_series import read_dicom_frames
+
+    reference = {"ACDC val (first volumes)": f"folder:{reference_folder(acdc, args.reference_cases, work / 'reference')}"} if acdc else None
+    result = {"benchmark": "site_adaptation_workflows", "command": " ".join(sys.argv), "model": entry.display_name,
+              "workflows": {name: WORKFLOWS[name] for name in args.workflows}, "runs": [],
+              "machine": {"cpu_count": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version()}}
+    result["old_acdc"] = evaluate(DEFAULT_MODEL, {}, acdc)["acdc"] if acdc else None
+    cines = {}
+    for split in [args.only_split] if args.only_split is not None else range(args.splits):
+        pair = [patients[split % len(patients)], patients[(split + 1) % len(patients)]][: args.corrected[0]]
+        test = [p for p in patients if p not in pair]
+        held_out = {p: phases[p] for p in test}
+        test_dir = work / f"split{split}" / "test"
+        for patient in test:
+            for phase in phases[patient]:
+                correct_and_export(scene, test_dir, phase, entry, pool=False)
+        old = evaluate(DEFAULT_MODEL, held_out, None)
+        for name in args.workflows:
+            flow = WORKFLOWS[name]
+            folder = work / f"split{split}" / name
+            dataset = folder / "corrections"
+            for patient in pair:
+                if flow["pool"] and patient not in cines:
+                    cines[patient] = sequence_from_images(scene, read_dicom_frames(root / "cine" / patient), f"{patient}_cine")
+                for phase in phases[patient]:
+                    correct_and_export(scene, dataset, phase, entry, flow["marking"], cines.get(patient) if flow["pool"] else None, flow["pool"])
+            extra = flow["extra"] + args.extra.split()
+            bundle, seconds, estimate = retrain(folder, dataset, entry, args.iterations, extra, pool=flow["pool"])
+            new = evaluate(bundle, held_out, acdc)
+            comparison = compare_models(entry, bundle, test_dir, device="cpu", references=reference)
+            manifest = json.loads((dataset / "manifest.json").read_text())
+            result["runs"].append({
+                "workflow": name, "split": split, "corrected": pair, "test": test, "train_seconds": seconds, "estimate": estimate,
+                "pool_volumes": sum(c["kind"] == "unlabeled" for c in manifest["cases"]),
+                "reviewed": {c["case_id"]: c["reviewed"] for c in manifest["cases"] if c["kind"] == "labeled"},
+                "old": old | {"acdc": result["old_acdc"]}, "new": new, "comparison": comparison.to_json(),
+                "module_verdict": comparison.summary(), "verdict": comparison.verdict(),
+            })
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(args.out) as temp:
+                temp.write_text(json.dumps(result, indent=2))
+            run = result["runs"][-1]
+            print(json.dumps({"workflow": name, "split": split, "seconds": round(seconds), "verdict": run["verdict"],
+                              "lv": [old["lv_dice"], new["lv_dice"]], "myo": [old["myo_dice"], new["myo_dice"]],
+                              "acdc": [(result["old_acdc"] or {}).get("mean"), (new.get("acdc") or {}).get("mean")]}), flush=True)
+
+
+def summarise_workflows(runs: list[dict]) -> dict:
+    """Per workflow: mean before/after/change over the splits run, the verdicts, and issue 31's floors for the panel's default."""
+    summary = {}
+    for name in dict.fromkeys(run["workflow"] for run in runs):
+        chosen = [run for run in runs if run["workflow"] == name]
+
+        def change(get, chosen=chosen) -> dict:
+            before, after = (float(np.mean([get(run, side) for run in chosen])) for side in ("old", "new"))
+            return {"before": before, "after": after, "change": after - before}
+
+        row = {
+            "splits": [run["split"] for run in chosen],
+            "lv_dice": change(lambda run, side: run[side]["lv_dice"]),
+            "myo_dice": change(lambda run, side: run[side]["myo_dice"]),
+            "ef_abs_error": change(lambda run, side: run[side]["ef_abs_error"]),
+            "acdc": change(lambda run, side: run[side]["acdc"]["mean"]),
+            "reference": change(lambda run, side: run["comparison"]["references"][0][side]),
+            "agreement": float(np.mean([run["comparison"]["agreement"] for run in chosen])),
+            "train_seconds": [round(run["train_seconds"]) for run in chosen],
+            "verdicts": [run["verdict"] for run in chosen],
+        }
+        kept = [run["new"]["acdc"]["mean"] - run["old"]["acdc"]["mean"] >= -0.005 and run["new"]["myo_dice"] >= run["old"]["myo_dice"]
+                for run in chosen]
+        # Consistent: a run that kept ACDC and the held-out myocardium is not called "not better", one that lost is not "better".
+        row["verdict_consistent"] = all((run["verdict"] != "not better") if ok else (run["verdict"] != "better") for run, ok in zip(chosen, kept))
+        if name == "panel_default":
+            row["floors"] = {
+                "acdc_drop_at_most_0.005": all(run["new"]["acdc"]["mean"] - run["old"]["acdc"]["mean"] >= -0.005 for run in chosen),
+                "myo_not_down": all(run["new"]["myo_dice"] >= run["old"]["myo_dice"] for run in chosen),
+                "verdict_consistent": row["verdict_consistent"],
+            }
+        summary[name] = row
+    return summary
 
 
 def summarise(runs: list[dict]) -> dict:

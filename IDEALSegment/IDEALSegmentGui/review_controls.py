@@ -1,5 +1,5 @@
-"""The IDEALSegment panel's review controls of issue 20 (Qt): per-structure *reviewed* ticks for Mark reviewed,
-and *Add to unlabelled pool* with the pool's size. Every decision is in the Qt-free controller
+"""The IDEALSegment panel's review controls of issues 20 and 31 (Qt): per-structure *reviewed* ticks and the reviewed
+slices for Mark reviewed (shown before export), and *Add to unlabelled pool* with the pool's size. Every decision is in the Qt-free controller
 (``SegmentPanelController.mark_reviewed`` / ``add_to_pool``); this only builds and binds widgets."""
 from __future__ import annotations
 
@@ -23,9 +23,16 @@ class ReviewControls:
         self.checks = {}
         for label in CARDIAC_LABELS:
             box = qt.QCheckBox(label.name)
-            box.toolTip = f"Tick if you checked the {label.name} on every slice where it is drawn (none ticked: the structures you edited)"
+            box.toolTip = f"Tick if you checked the {label.name} on the reviewed slices (none ticked: the structures you edited)"
             row.addWidget(box)
             self.checks[label.segment_id] = box
+        self.slicesEdit = qt.QLineEdit()
+        self.slicesEdit.placeholderText = "slices: where edited"
+        self.slicesEdit.toolTip = (
+            "Reviewed slices, e.g. 2-7,9 (empty: each structure on the slices where you edited it). "
+            "Mark reviewed shows what will be taught before it exports."
+        )
+        row.addWidget(self.slicesEdit)
         self.poolButton = qt.QPushButton("Add to unlabelled pool")
         self.poolButton.toolTip = "Copy the selected image (every frame of a cine) into the unlabelled pool that retraining uses"
         self.poolButton.connect("clicked(bool)", lambda _checked: self.onAddToPool())
@@ -38,6 +45,13 @@ class ReviewControls:
     def structures(self) -> list | None:
         """The ticked segment IDs; None when none is ticked (then the edited structures count as reviewed)."""
         return [name for name, box in self.checks.items() if box.checked] or None
+
+    def slices(self) -> list | None:
+        """The reviewed slices typed in (IdealError for bad text); None when empty (then the edited slices count)."""
+        from IDEALTrain.io.reviewed import parse_slices
+
+        text = self.slicesEdit.text.strip()
+        return parse_slices(text) if text else None
 
     def folder(self) -> Path:
         return Path(self.widget.ui.correctionsFolderPathLineEdit.currentPath or common.correctionsFolder())

@@ -6,7 +6,7 @@ import signal
 import sys
 
 from ..errors import IdealError, TrainingStopped
-from . import bundle, data, demo, refine, refiner, segment, train
+from . import bundle, corrections, data, demo, refine, refiner, segment, train
 
 TRAINING_COMMANDS = ("train", "pretrain", "finetune")
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parsers(commands)
     segment.add_segment_parsers(commands)
     train.add_parsers(commands)
+    corrections.add_parsers(commands)
     segment.add_score_parser(commands)
     segment.add_measure_parser(commands)
     refine.add_parsers(commands)
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; user errors print one line and exit 2, a stopped training run exits 3, and
     SIGTERM stops any other command as Ctrl-C does: its unfinished outputs are removed (exit 128 + signal)."""
     from ..io.output_guard import exit_status, sigterm_as_interrupt
+    from ..training.presets import expand_preset
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(expand_preset(sys.argv[1:] if argv is None else argv))
     try:
         with sigterm_as_interrupt():
             args.func(args)

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 from ..errors import IdealError
+from ..model.card import REFINEMENT_FOLDER, companion_files
 from .common import DEVICE_HELP, add_card_text_arguments, add_postprocessing_argument, postprocessing_from_args
+
+DEFAULT_ID, DEFAULT_VERSION = "idealsegment-model", "0.1.0"
 
 
 def _check_output(args: argparse.Namespace) -> Path:
@@ -67,7 +70,9 @@ def network_and_plan(args: argparse.Namespace, pretrained=None):
     return network, plan
 
 
-def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, companions_from: Path | None = None) -> None:
+def _save_trained(
+    bundle, args: argparse.Namespace, output: Path, data: dict, companions_from: Path | None = None, files_from: str | None = None
+) -> None:
     from ..model.bundle import save_bundle
 
     if bundle is None:  # not rank 0 of a multi-process run
@@ -75,7 +80,8 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, co
     bundle.model_id, bundle.version = args.id, args.version
     bundle.licence, bundle.description = args.licence, args.description
     bundle.training.update(data)
-    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite, companions_from=companions_from)
+    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite,
+                companions_from=companions_from, files_from=files_from)
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
 
 
@@ -140,6 +146,34 @@ def carried_refinement(init_from: str | None, output: Path) -> Path | None:
     except IdealError as error:
         raise IdealError(f"{error} (or remove {Path(init_from) / REFINEMENT_FOLDER} to retrain without it)") from None
     return Path(init_from) if found is not None else None
+
+
+def retrained_identity(args: argparse.Namespace, initial) -> None:
+    """A model retrained from --init-from is a new version of it, with its own description: unless --id / --version /
+    --description are given, the old id, the next patch version, and a description saying what it was retrained from."""
+    if initial is None:
+        return
+    if args.id == DEFAULT_ID:
+        args.id = initial.model_id
+    if args.version == DEFAULT_VERSION:
+        from ..model.registry import next_patch_version
+
+        args.version = next_patch_version(str(initial.version))
+    if args.description == initial.description:  # carried over, not given: say what this model is
+        what = f"--preset {args.preset} " if getattr(args, "preset", None) else ""
+        args.description = (
+            f"Retrained from {initial.model_id} {initial.version} on {args.labeled} ({what}idealtrain finetune --init-from); "
+            f"the model it started from: {initial.description}"
+        )
+
+
+def _corrections_folder(spec: str) -> Path | None:
+    """The folder of a ``folder:DIR`` spec that is a corrections data set (export-corrections, Mark reviewed), else None."""
+    from ..io.corrections import is_corrections_dataset
+    from ..io.datasets import parse_spec
+
+    kind, path, _ = parse_spec(spec)
+    return path if kind == "folder" and is_corrections_dataset(path) else None
 
 
 def _provenance(path: str | None) -> dict:
@@ -210,19 +244,39 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if initial is not None and initial.kind != "segmentation":
         raise IdealError(f"{args.init_from} is a {initial.kind} bundle; --init-from takes a segmentation model (for an encoder use --pretrained)")
     companions_from = carried_refinement(args.init_from, output)
+    if getattr(args, "preset", None) == "continue" and initial is None:
+        raise IdealError("--preset continue continues a model: give it with --init-from BUNDLE (e.g. the shipped idealsegment-acdc bundle)")
     config = _train_config(args, pretrained or initial, **_finetune_options(args))
     carry_over_card(args, initial)
+    retrained_identity(args, initial)
     selection = selection_from_args(args)
+    corrections = _corrections_folder(args.labeled)
+    if corrections is not None and args.unlabeled is None and not args.supervised_only and (corrections / "unlabeled" / "images").is_dir():
+        args.unlabeled = f"folder:{corrections / 'unlabeled'}"  # the scans behind the reviewed cases (export-corrections)
     labeled, unlabeled = select_training_cases(
         args.labeled, args.unlabeled, selection, require_unlabeled=not args.supervised_only,
         keep_labeled=args.unlabeled_includes_labeled,
     )
+    if corrections is not None:  # a corrections data set: learn only what was reviewed (structures and slices)
+        from ..io.corrections import apply_reviewed
+
+        labeled = apply_reviewed(labeled, corrections)
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
+    if initial is not None:
+        data["retrained_from"] = {"id": initial.model_id, "version": initial.version, "bundle": str(args.init_from),
+                                  "preset": getattr(args, "preset", None)}
     data.update(_provenance(args.provenance))
+    if corrections is not None and "corrections" not in data:
+        from ..io.corrections import LABELED, corrections_provenance, read_manifest
+
+        data["corrections"] = corrections_provenance([e for e in read_manifest(corrections) if e["kind"] == LABELED])
     if companions_from is not None:
         data["refinement_network"] = f"carried over from {initial.model_id} {initial.version}"
-    _save_trained(bundle, args, output, data, companions_from)
+    carried = sorted(companion_files(args.init_from)) + ([REFINEMENT_FOLDER] if companions_from is not None else [])
+    if carried:
+        data["carried_files"] = carried
+    _save_trained(bundle, args, output, data, companions_from, files_from=args.init_from)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -267,8 +321,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float
     p.add_argument("--base-channels", type=int, help="encoder width (default 16, or the pretrained bundle's)")
     p.add_argument("--depth", type=int, help="encoder levels (default 5, or the pretrained bundle's)")
     p.add_argument("--half", action="store_true", help="store float16 weights in the bundle")
-    p.add_argument("--id", default="idealsegment-model", help="model id written to the card")
-    p.add_argument("--version", default="0.1.0", help="model version written to the card")
+    p.add_argument("--id", default=DEFAULT_ID, help="model id written to the card (with --init-from: that model's id)")
+    p.add_argument("--version", default=DEFAULT_VERSION, help="model version written to the card (with --init-from: its next patch version)")
     add_card_text_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out bundle")
 
@@ -332,6 +386,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--init-from", metavar="BUNDLE",
         help="start from this segmentation model's encoder and decoders (a second training cycle, or retraining on new cases); "
         "its architecture and preprocessing are kept",
+    )
+    p.add_argument(
+        "--preset", choices=("continue",),
+        help="continue: the Slicer module's retraining plan (needs --init-from; --iterations 200 and the flags of "
+        "IDEALTrain.training.presets.CONTINUE); flags given explicitly override it",
     )
     p.add_argument("--supervised-only", action="store_true", help="the baseline: same network and code path, no unlabelled term")
     p.add_argument(

@@ -1,5 +1,5 @@
-"""Data specifications (``folder:DIR``, ``ssl4mis:DIR[:LIST]``, ``sunnybrook:DIR``, ``dicom:DIR``)
-as lists of cases.
+"""Data specifications (``folder:DIR``, ``ssl4mis:DIR[:LIST]``, ``sunnybrook:DIR``, ``dicom:DIR``,
+``sample:DIR``: the shipped sample with its expert labels) as lists of cases.
 
 A case is one volume (or one SSL4MIS slice) with its optional label, both carrying geometry. The
 spec strings are part of the command-line contract.
@@ -13,7 +13,7 @@ from ..errors import IdealError
 from .image import Image
 from .volume_files import VOLUME_SUFFIXES, has_volume_suffix, read_image, read_label, strip_volume_suffix
 
-SPEC_KINDS = ("folder", "ssl4mis", "sunnybrook", "dicom")
+SPEC_KINDS = ("folder", "ssl4mis", "sunnybrook", "dicom", "sample")
 
 
 @dataclass
@@ -29,7 +29,7 @@ def parse_spec(spec: str) -> tuple[str, Path, str | None]:
     """Split ``KIND:DIR[:LIST]`` into its parts, checking the kind and that DIR exists."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in SPEC_KINDS:
-        raise IdealError(f"invalid data spec {spec!r}; use folder:DIR, ssl4mis:DIR[:LIST], sunnybrook:DIR or dicom:DIR")
+        raise IdealError(f"invalid data spec {spec!r}; use folder:DIR, ssl4mis:DIR[:LIST], sunnybrook:DIR, dicom:DIR or sample:DIR")
     path_text, _, list_name = rest.partition(":") if kind == "ssl4mis" else (rest, "", "")
     path = Path(path_text)
     if not path.is_dir():
@@ -76,6 +76,16 @@ def load_sunnybrook_cases(root: Path) -> list[Case]:
     return cases
 
 
+def load_sample_cases(root: Path) -> list[Case]:
+    """The shipped sample's ED and ES volumes on the slices the expert drew, with the expert's labels (no contour
+    rasterising: works in Slicer)."""
+    from .sample_data import load_sample, read_sample_labels, read_sample_phase
+
+    sample = load_sample(root)
+    return [Case(f"{sample.patient}_{phase}", read_sample_phase(sample, phase, contoured_only=True), read_sample_labels(sample, phase))
+            for phase in ("ED", "ES")]
+
+
 def load_dicom_cases(root: Path) -> list[Case]:
     """Every frame of every DICOM series under ``root``, unlabelled (e.g. for pretraining)."""
     from .dicom_series import list_series, read_dicom_frames
@@ -98,6 +108,8 @@ def load_cases(spec: str, *, default_list: str = "val.list", require_labels: boo
         cases = load_ssl4mis_cases(path, list_name or default_list)
     elif kind == "sunnybrook":
         cases = load_sunnybrook_cases(path)
+    elif kind == "sample":
+        cases = load_sample_cases(path)
     else:
         cases = load_dicom_cases(path)
     if require_labels:

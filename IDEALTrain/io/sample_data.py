@@ -8,9 +8,10 @@ the ``IDEALTrain`` package) and ``pip install .`` (the wheel's data files, ``<pr
 The sample (``SampleData/``) is one patient of the Sunnybrook Cardiac Data (CC0, Radau et al. 2009) in
 the Sunnybrook layout that :func:`IDEALTrain.io.sunnybrook.read_sunnybrook_patient` reads: the DICOM
 images that carry expert contours (end-diastole and end-systole, 9 short-axis slices each) and the
-contour files. ``sample.json`` names each phase's DICOM files and the expert's LV figures, so the
-phases can be loaded without rasterising contours (Slicer has no scikit-image); a test checks it
-against the contours.
+contour files. ``sample.json`` names each phase's DICOM files and the expert's LV figures, and
+``labels/<patient>_<phase>.nrrd`` hold the expert's contours as label maps, so the phases and their
+reference labels load without rasterising contours (Slicer has no scikit-image); tests check both
+against the contours. The sample with its labels is the retraining comparison's non-site reference.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .image import Image
 
 SAMPLE_FOLDER = "SampleData"
 SAMPLE_MANIFEST = "sample.json"
+SAMPLE_LABELS = "labels"  # <patient>_<phase>.nrrd: the expert contours as label maps (LV 3, myocardium 2 where drawn)
 DEFAULT_MODEL_PREFIX = "idealsegment-acdc-"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the IDEALTrain package
 
@@ -101,11 +103,26 @@ def load_sample(root: str | Path | None = None) -> Sample:
     return Sample(root, patient, description, phases, expert, cine_frames)
 
 
-def read_sample_phase(sample: Sample, phase: str) -> Image:
-    """One phase ("ED" or "ES") of the sample as a volume with its DICOM geometry."""
+def read_sample_phase(sample: Sample, phase: str, contoured_only: bool = False) -> Image:
+    """One phase ("ED" or "ES") of the sample as a volume with its DICOM geometry: the whole stack, or with
+    ``contoured_only`` the slices the expert drew (the grid of :func:`read_sample_labels`)."""
     if phase not in sample.phase_files:
         raise IdealError(f"the sample has phases ED and ES, not {phase!r}")
-    headers = [read_header(path) for path in sample.phase_files[phase]]
+    files = sample.phase_files[phase]
+    if contoured_only:
+        contours = list((sample.root / "contourfiles").glob("*/i-contours"))
+        files = [p for p in files if any((c / f"IM-0001-{int(p.stem):04d}-icontour-manual.txt").is_file() for c in contours)]
+    headers = [read_header(path) for path in files]
     if any(header is None for header in headers):
         raise IdealError(f"the sample's {phase} files in {sample.dicom_dir} are not all readable DICOM images")
     return read_slices(headers)
+
+
+def read_sample_labels(sample: Sample, phase: str) -> Image:
+    """The expert's labels of one phase, on the phase's grid (shipped label maps of the contours)."""
+    from .volume_files import read_label
+
+    path = sample.root / SAMPLE_LABELS / f"{sample.patient}_{phase}.nrrd"
+    if not path.is_file():
+        raise IdealError(f"the sample in {sample.root} has no expert labels {path.name}: reinstall IDEALSegment")
+    return read_label(path)

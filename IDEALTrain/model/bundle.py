@@ -32,6 +32,7 @@ from .card import (
     FORMAT_VERSION,
     REFINEMENT_FOLDER,
     WEIGHTS_NAME,
+    companion_files,
     copy_companion,
     read_card,
     read_verified,
@@ -131,11 +132,14 @@ def save_bundle(
     half_precision: bool = False,
     overwrite: bool = False,
     companions_from: str | Path | None = None,
+    files_from: str | Path | None = None,
 ) -> Path:
     """Write ``bundle`` as a folder, or a .zip when ``path`` ends in .zip; atomically.
 
     ``companions_from``: a model folder whose ``refinement/`` network is copied, verified
-    (:func:`~.card.copy_companion`), into the new folder bundle in the same atomic step."""
+    (:func:`~.card.copy_companion`), into the new folder bundle in the same atomic step. ``files_from``: a bundle
+    folder whose plain files (``LICENSE.txt``, notes: :func:`~.card.companion_files`) travel with the new bundle,
+    a .zip included."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise IdealError(f"{path} already exists; choose another output or pass --overwrite")
@@ -143,6 +147,7 @@ def save_bundle(
         raise IdealError(f"{path} exists and is not a model bundle; it is not replaced: choose another output")
     if companions_from is not None and path.suffix.lower() == ".zip":
         raise IdealError(f"{path}: a .zip bundle cannot hold the {REFINEMENT_FOLDER}/ network of {companions_from}; save it as a folder")
+    files = companion_files(files_from)
     weights = {name: t.detach().cpu().contiguous() for name, t in bundle.weights.items()}
     if half_precision:
         weights = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
@@ -153,6 +158,8 @@ def save_bundle(
         with atomic_path(path) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(CARD_NAME, card_text)
             archive.writestr(WEIGHTS_NAME, data)
+            for name, source in files.items():
+                archive.write(source, name)
         return path
     staging = None
     try:
@@ -161,6 +168,8 @@ def save_bundle(
         staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
         (staging / CARD_NAME).write_text(card_text)
         (staging / WEIGHTS_NAME).write_bytes(data)
+        for name, source in files.items():
+            shutil.copy2(source, staging / name)
         if companions_from is not None:
             copy_companion(companions_from, staging)
         with signals_held():

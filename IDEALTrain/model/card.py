@@ -24,6 +24,9 @@ CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 #: Folder, inside a segmentation bundle folder, of the refinement bundle trained on that model's probabilities.
 REFINEMENT_FOLDER = "refinement"
+#: Bundle entries every save writes anew; every other entry of a bundle folder (LICENSE.txt, refinement/, a README)
+#: is a companion that a retrained or registered copy carries over (:func:`companion_entries`).
+OWN_ENTRIES = ("card.json", "model.safetensors")
 BUNDLE_FORMAT = "idealsegment-bundle"
 #: 2 added the optional ``postprocessing`` section: an older reader would ignore it and predict differently.
 FORMAT_VERSION = 2
@@ -251,3 +254,16 @@ def copy_companion(bundle: str | Path, destination: str | Path, name: str = REFI
     card_text, data = read_bundle_files(destination / name)
     verify_weights(destination / name, parse_card(destination / name, card_text), data)  # the copy is what was verified
     return True
+
+
+def companion_files(folder: str | Path | None) -> dict[str, Path]:
+    """Name -> path of the plain files of a bundle folder besides its card and weights (none for a .zip or None):
+    the licence that derived models must carry, notes. Links, folders (the network goes through
+    :func:`copy_companion`) and pickle-based files are never carried."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    return {
+        entry.name: entry for entry in sorted(Path(folder).iterdir())
+        if entry.name not in OWN_ENTRIES and not entry.name.startswith(".") and entry.is_file() and not entry.is_symlink()
+        and entry.suffix.lower() not in PICKLE_SUFFIXES
+    }

@@ -34,6 +34,7 @@ from .card import (
     CARD_NAME,
     REFINEMENT_FOLDER,
     WEIGHTS_NAME,
+    companion_files,
     copy_companion,
     read_verified,
     verify_companion,
@@ -277,6 +278,8 @@ class ModelRegistry:
             (staging / CARD_NAME).write_text(json.dumps(card, indent=2))
             if source.is_dir():
                 copy_companion(source, staging)  # the model's click-to-fix network comes along, verified again
+                for name, entry in companion_files(source).items():  # LICENSE.txt and notes come along too
+                    shutil.copy2(entry, staging / name)
             read_bundle(staging)  # what was written is what was verified (a full disk can truncate silently)
             os.rename(staging, target)  # the whole folder appears at once, or not at all
         except OSError as error:  # a full disk: nothing half-copied stays behind

@@ -29,6 +29,7 @@ from IDEALTrain.labels import CARDIAC_LABELS
 from .cancel import Cancelled, CancelToken
 from .inference import PREDICTION_SHARE, node_ids, predict_volume, remove_nodes_added_since
 from .measurements import measurements_table
+from .review import mark_model_output
 from .scene_files import register_sequence_browser_class
 from .segmentations import Provenance, segmentation_from_labels
 from .volumes import (
@@ -320,6 +321,7 @@ def _segmentation_sequence(sequence_node: object, frames: list[object], labels: 
         name = frame.GetName() or f"frame {index}"
         reference = volume_from_image(frame_labels, scratch, name)  # the frame's grid (labels lie on it)
         segmentation = segmentation_from_labels(frame_labels, reference, label_map, provenance, name=f"{name} segmentation")
+        mark_model_output(segmentation, frame_labels)  # so Mark reviewed knows what the clinician edits on this frame
         sequence.SetDataNodeAtValue(segmentation, sequence_node.GetNthIndexValue(index))
     scratch.Clear(True)
     return sequence

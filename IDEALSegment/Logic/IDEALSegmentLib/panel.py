@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.reviewed import describe_reviewed
 
-from .corrections import SUFFIX, add_to_pool, export_correction, pool_count, safe_case_id
+from .corrections import SUFFIX, add_to_pool, corrected_case, export_correction, pool_count, reviewed_of, safe_case_id
 from .measurements import cine_report, flags_text, report_from_segmentations, update_measurements_table
 from .registry import ModelEntry, ModelRegistry, entry_key, select_entry
+from .review import patient_of_volume
 from .segment_job import CINE, SegmentationJob, read_inputs
 from .uncertainty import slice_center_ras
 from .volumes import node_label
@@ -256,18 +258,48 @@ class SegmentPanelController:
         path = Path(folder) / "labels" / f"{case_id}{SUFFIX}"
         return path if path.exists() else None
 
+    def scans_and_patient(self) -> tuple[object | None, str]:
+        """(the cine the reviewed frame belongs to, or None; the patient): the subject hierarchy's patient, else the
+        cine's name, else the ED/ES pair's common name, so every frame of one cine or pair is one patient."""
+        p = self.p
+        inputs = read_inputs(p.inputVolume, None, self.sequences_logic) if p.inputVolume is not None else None
+        if inputs is not None and inputs.kind == CINE:
+            sequence = inputs.sequence
+            return sequence, patient_of_volume(sequence) or patient_of_volume(p.inputVolume) or safe_case_id(sequence.GetName())
+        found = patient_of_volume(p.inputVolume) or patient_of_volume(p.esVolume)
+        if found:
+            return None, found
+        name = safe_case_id(p.inputVolume.GetName()) if p.inputVolume is not None else "case"
+        for suffix in ("_ED", "_ed", "_ES", "_es"):  # SCD0000101_ED / SCD0000101_ES: the pair naming of measurements
+            if p.esVolume is not None and name.endswith(suffix):
+                return None, name[: -len(suffix)]
+        return None, name
+
+    def review_preview(self, end_systole: bool = False, structures: list[str] | None = None, slices: list[int] | None = None) -> str:
+        """What Mark reviewed will teach for one case, shown before export: structures and slices, and how they were chosen."""
+        volume, segmentation, case_id = self.review_pair(end_systole)
+        _, labels = corrected_case(volume, segmentation)
+        reviewed, rule = reviewed_of(segmentation, labels, structures, slices)
+        return f"{case_id}: {describe_reviewed(reviewed)} ({rule})"
+
     def mark_reviewed(
         self, folder: Path, reviewer: str, end_systole: bool = False, overwrite: bool = False, structures: list[str] | None = None,
+        slices: list[int] | None = None,
     ) -> Path:
         """Add the (corrected) image and segmentation to the corrections data set as one case.
 
         ``structures``: the segment IDs the clinician ticked as reviewed; None: the ones they edited.
+        ``slices``: the reviewed slices as adjusted in the panel; None: where each structure was edited.
+        The patient comes from :meth:`scans_and_patient`; the scans behind the case (the whole cine of a
+        frame, else the volume) join the unlabelled pool.
         """
         volume, segmentation, case_id = self.review_pair(end_systole)
+        scans, patient = self.scans_and_patient()
         path = export_correction(
             folder, volume, segmentation, case_id=case_id, reviewer=reviewer, overwrite=overwrite, reviewed_structures=structures,
+            reviewed_slices=slices, patient_id=patient, scans=scans,
         )
-        self.p.statusText = f"Added to the training set: {path}"
+        self.p.statusText = f"Added to the training set: {path} (patient {patient})"
         return path
 
     def add_to_pool(self, folder: Path) -> int:

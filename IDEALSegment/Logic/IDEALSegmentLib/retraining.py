@@ -18,6 +18,8 @@ from pathlib import Path
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.atomic import atomic_path
+from IDEALTrain.io.corrections import case_reviewed, corrections_provenance, reviewed_training_labels  # noqa: F401
+from IDEALTrain.training.presets import CONTINUE, ContinueSettings  # noqa: F401  (one definition, also the CLI's --preset continue)
 
 from .corrections import LABELED, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, read_manifest
 from .jobs import finetune_arguments
@@ -35,46 +37,6 @@ PRETRAIN_PHASE, FINETUNE_PHASE = "Pretraining the encoder", "Finetuning"
 RUN_RECORD = "run.json"
 
 
-@dataclass(frozen=True)
-class ContinueSettings:
-    """The default retraining ("continue the current model"): keeps what the model knew, fits minutes on a CPU.
-
-    Chosen and measured with ``benchmarks/site_adaptation.py`` (README): the finest encoder levels stay
-    frozen, the old model is distilled wherever the labels leave the class open, training runs few
-    iterations of small batches on random crops, with the site's unlabelled scans in IDEAL's
-    two-stream consistency term, and the new weights are the mean of the old and the trained ones.
-    """
-
-    iterations: int = 200
-    batch_size: int = 4
-    unlabeled_batch_size: int = 4
-    crop: int = 128
-    frozen_levels: int = 3
-    frozen_norm: bool = True
-    distill: float = 2.0
-    lr: float = 0.001
-    keep_old: float = 0.5  # final weights: half the old model's, half the trained ones (weight-space ensembling)
-    #: Measured by benchmarks/site_adaptation.py on this project's shared 2-core CPU (one thread, 6-9 busy processes):
-    #: 200 iterations with 104 volumes took 149-157 s with bf16 autocast (the CPU has AVX-512 BF16), 352 s in fp32.
-    seconds_per_iteration: float = 0.6
-    seconds_per_iteration_fp32: float = 1.6
-    seconds_per_volume: float = 0.3  # reading and resampling one training or pool volume
-
-    def flags(self) -> list[str]:
-        """The idealtrain finetune flags of these settings (the iteration count is passed separately)."""
-        return [
-            "--batch-size", str(self.batch_size), "--unlabeled-batch-size", str(self.unlabeled_batch_size),
-            "--crop", str(self.crop), "--frozen-levels", str(self.frozen_levels), "--distill", str(self.distill),
-            "--lr", str(self.lr), "--keep-old", str(self.keep_old), *(["--frozen-norm"] if self.frozen_norm else []),
-        ]
-
-    def estimate_seconds(self, volumes: int, iterations: int | None = None, bf16: bool = True) -> float:
-        """Honest wall-clock estimate of a retraining on ``volumes`` training and pool volumes."""
-        per_iteration = self.seconds_per_iteration if bf16 else self.seconds_per_iteration_fp32
-        return (iterations or self.iterations) * per_iteration + volumes * self.seconds_per_volume + 30.0
-
-
-CONTINUE = ContinueSettings()
 
 
 def estimate_text(reviewed: int, unlabelled: int, iterations: int | None = None, settings: ContinueSettings = CONTINUE) -> str:
@@ -93,13 +55,13 @@ def estimate_text(reviewed: int, unlabelled: int, iterations: int | None = None,
 # -- preparing a run --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RetrainingRun:
-    """The folders of one retraining run (all under ``run_dir`` except the unlabelled pool)."""
+    """The folders of one retraining run (all under ``run_dir``)."""
 
     run_dir: Path
     corrections_dir: Path
     train_cases: tuple[str, ...]
     held_out_cases: tuple[str, ...]
-    unlabeled_dir: Path | None  # the data set's own pool, read (never written) by training
+    unlabeled_dir: Path | None  # run_dir/unlabeled: the pool (less held-out patients) and the reviewed scans; None: supervised only
 
     @property
     def train_dir(self) -> Path:
@@ -120,6 +82,11 @@ class RetrainingRun:
     def bundle(self) -> Path:
         """Where finetuning writes the new model bundle."""
         return self.run_dir / "model"
+
+    def patients(self) -> dict[str, str]:
+        """Case -> patient of this run's cases, as recorded at preparation (``run.json``)."""
+        record = json.loads((self.run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+        return {case: patient or case for case, patient in (record.get("patients") or {}).items()}
 
     @property
     def log(self) -> Path:
@@ -160,51 +127,36 @@ def _clear(run_dir: Path, existed: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def case_reviewed(entry: dict) -> dict[str, list[int] | None]:
-    """Segment ID -> reviewed slices of a manifest entry; a version-1 entry (no record) was reviewed everywhere."""
-    from IDEALTrain.labels import CARDIAC_LABELS
-
-    reviewed = entry.get("reviewed")
-    if reviewed is None:
-        return {label.segment_id: entry.get("reviewed_slices") for label in CARDIAC_LABELS}
-    return reviewed
-
-
 def _write_training_label(source: Path, target: Path, entry: dict) -> None:
     """The case's labels kept only where reviewed (partial labels, see IDEALTrain.training.partial_labels)."""
     from IDEALTrain.io.volume_files import read_image, write_image
-    from IDEALTrain.labels import CARDIAC_LABELS
-    from IDEALTrain.training.partial_labels import reviewed_labels
 
-    label = read_image(source)
-    values = {item.segment_id: item.value for item in CARDIAC_LABELS}
-    every = list(range(label.array.shape[label.slice_axis]))
-    reviewed = {values[name]: every if slices is None else slices for name, slices in case_reviewed(entry).items()}
-    partial = reviewed_labels(label.array, reviewed, label.slice_axis, len(CARDIAC_LABELS) + 1)
-    write_image(label.with_array(partial), target)
+    write_image(reviewed_training_labels(read_image(source), entry), target)
 
 
-def corrections_provenance(entries: Sequence[dict]) -> dict:
-    """What a new model's card records about the corrections it learnt from: cases, patients, reviewers, structures."""
-    return {
-        "cases": [
-            {"case_id": e["case_id"], "patient_id": e.get("patient_id"), "reviewer": e.get("reviewer") or None,
-             "structures": sorted(name for name, slices in case_reviewed(e).items() if slices != []),
-             "source_sha256": (e.get("source") or {}).get("image_sha256")}
-            for e in entries
-        ],
-        "reviewers": sorted({e.get("reviewer") for e in entries if e.get("reviewer")}),
-        "patients": len({e.get("patient_id") or e["case_id"] for e in entries}),
-    }
+def _pool_files(corrections: Path, held_out_patients: set[str]) -> list[Path]:
+    """The data set's unlabelled images, except the scans of held-out patients (their frames never reach training)."""
+    from IDEALTrain.io.corrections import UNLABELED
+
+    return [
+        corrections / entry["files"]["image"] for entry in read_manifest(corrections)
+        if entry["kind"] == UNLABELED and not (entry.get("patient_id") and entry["patient_id"] in held_out_patients)
+    ]
 
 
-def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every: int = HOLD_OUT_EVERY) -> RetrainingRun:
+def prepare_run(
+    corrections_dir: str | Path, run_dir: str | Path, hold_out_every: int = HOLD_OUT_EVERY, *, pool: bool = True,
+) -> RetrainingRun:
     """Copy the reviewed cases into ``run_dir/train`` and ``run_dir/held_out`` (see :func:`split_cases`).
 
     Training labels keep only what was reviewed (elsewhere they are partial or unlabelled); held-out
-    labels are copied as they are, with a manifest of what was reviewed for the comparison. The
-    corrections data set is only read. ``run_dir`` must be new or empty; if copying fails it is left
-    as it was. The split is recorded in ``run_dir/run.json``, the corrections in ``corrections.json``.
+    labels are copied as they are, with a manifest of what was reviewed for the comparison. With
+    ``pool`` (the default) ``run_dir/unlabeled`` gets the data set's unlabelled pool (less the
+    held-out patients' scans) and the training cases' own images: retraining then never runs
+    supervised-only on the corrections alone, which is what made it forget (README). ``pool=False``
+    is that choice. The corrections data set is only read. ``run_dir`` must be new or empty; if
+    copying fails it is left as it was. The split is recorded in ``run_dir/run.json``, the
+    corrections in ``corrections.json``.
     """
     corrections, run_dir = Path(corrections_dir), Path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -214,11 +166,14 @@ def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every
     cases = {case["case_id"]: case for case in read_manifest(corrections) if case["kind"] == LABELED}
     if not cases:
         raise IdealError(f"no reviewed cases in {corrections}: mark cases as reviewed in IDEALSegment first")
-    patients = {case_id: entry.get("patient_id") for case_id, entry in cases.items()}
+    patients = {case_id: entry.get("patient_id") or case_id for case_id, entry in cases.items()}
     train, held_out = split_cases(list(cases), hold_out_every, patients)
-    pool = corrections / "unlabeled"
-    has_pool = (pool / "images").is_dir() and any(p.is_file() for p in (pool / "images").iterdir())
-    run = RetrainingRun(run_dir, corrections, tuple(train), tuple(held_out), pool if has_pool else None)
+    held_patients = {patients[c] for c in held_out}
+    leaked = held_patients & {patients[c] for c in train}
+    if leaked:  # split_cases keeps patients together; this guards the rule itself
+        raise IdealError(f"patient(s) {sorted(leaked)} would be on both sides of the hold-out split")
+    pool_files = _pool_files(corrections, held_patients) if pool else []
+    run = RetrainingRun(run_dir, corrections, tuple(train), tuple(held_out), run_dir / "unlabeled" if pool else None)
     existed = run_dir.exists()
     try:
         for folder, ids in ((run.train_dir, train), (run.run_dir / "held_out", held_out)):
@@ -231,6 +186,16 @@ def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every
                         _write_training_label(corrections / files[kind], target, cases[case_id])
                     else:
                         shutil.copy2(corrections / files[kind], target)
+        if pool:
+            pool_dir = run.unlabeled_dir / "images"
+            pool_dir.mkdir(parents=True, exist_ok=True)
+            for path in pool_files:
+                shutil.copy2(path, pool_dir / path.name)
+            scans = {(e.get("source") or {}).get("image_sha256") for e in read_manifest(corrections) if e["kind"] != LABELED}
+            for case_id in train:  # the reviewed volumes themselves, when their scans are not in the pool yet
+                digest = (cases[case_id].get("source") or {}).get("image_sha256")
+                if digest is None or digest not in scans:
+                    shutil.copy2(corrections / cases[case_id]["files"]["image"], pool_dir / f"reviewed_{Path(cases[case_id]['files']['image']).name}")
         if held_out:
             manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "cases": [cases[c] for c in held_out]}
             with atomic_path(run.run_dir / "held_out" / MANIFEST_NAME) as temp:
@@ -240,6 +205,7 @@ def prepare_run(corrections_dir: str | Path, run_dir: str | Path, hold_out_every
         record = {
             "corrections_dir": str(corrections), "hold_out_every": hold_out_every, "train_cases": train,
             "held_out_cases": held_out, "unlabeled_dir": str(run.unlabeled_dir) if run.unlabeled_dir else None,
+            "unlabeled_volumes": len(list((run.unlabeled_dir / "images").iterdir())) if pool else 0,
             "patients": patients,
         }
         with atomic_path(run_dir / RUN_RECORD) as temp:

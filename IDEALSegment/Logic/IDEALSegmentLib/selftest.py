@@ -150,7 +150,9 @@ def _export_correction(scene: object, volume: object, result: object, truth: obj
     review = [r.slice_index for r in result.review[:2]]
     correction = export_correction(corrections, volume, result.segmentation, reviewer="selftest", reviewed_slices=review)
     manifest = read_manifest(corrections)
-    _check([case["case_id"] for case in manifest] == [correction.name.split(".")[0]], f"manifest cases {manifest}")
+    case_id = correction.name.split(".")[0]
+    _check([(case["case_id"], case["kind"]) for case in manifest] == [(case_id, "labeled"), (f"{case_id}_scan", "unlabeled")],
+           f"manifest cases (the reviewed case, and its scan in the pool) {manifest}")
     exported = read_image(correction)
     _check(exported.same_grid(truth) and (exported.array == truth.array).all(), "the exported labels are not the corrected ones")
     add_unlabeled_volume(corrections, selftest_phantom_volume(scene, seed=8, name="IDEALSegment selftest unlabelled"))

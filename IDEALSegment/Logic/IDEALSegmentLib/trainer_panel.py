@@ -14,7 +14,7 @@ from pathlib import Path
 
 from IDEALTrain.errors import IdealError
 
-from .comparison import comparison_from_table, comparison_table
+from .comparison import BETTER, MIN_PATIENTS_FOR_VERDICT, TOO_FEW, comparison_from_table, comparison_table
 from .comparison_job import ComparisonJob
 from .jobs import JobChain
 from .registry import ModelEntry, ModelRegistry
@@ -62,16 +62,55 @@ class TrainerPoll:
     error: str | None = None  # shown in an error dialog
 
 
-def progress_line(phase: str, event: dict) -> str:
-    """One training progress event as the live line: phase, iteration, losses, time left."""
+#: Iterations whose measured speed gives the time estimate (the first ones include start-up; fewer say too little).
+SPEED_ITERATIONS = 5
+
+
+class SpeedMeter:
+    """Time left from the measured speed of this run's iterations (not from a table measured elsewhere).
+
+    The first progress event of a phase starts the clock; from :data:`SPEED_ITERATIONS` iterations
+    after it, seconds per iteration = elapsed / iterations done since then.
+    """
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.start: tuple[str, int, float] | None = None  # (phase, iteration, time) of the first event
+
+    def eta_seconds(self, phase: str, iteration: int, total: int) -> float | None:
+        now = self.clock()
+        if self.start is None or self.start[0] != phase or iteration < self.start[1]:
+            self.start = (phase, iteration, now)
+            return None
+        done = iteration - self.start[1]
+        if done < SPEED_ITERATIONS:
+            return None
+        return (now - self.start[2]) / done * max(total - iteration, 0)
+
+
+def progress_line(phase: str, event: dict, eta: float | None = None) -> str:
+    """One training progress event as the live line: phase, iteration, losses, time left (measured, when known)."""
     iteration, total = event.get("iteration", 0), event.get("total") or 1
     losses = ", ".join(f"{key} {value:.3f}" for key, value in event.items() if "loss" in key and isinstance(value, (int, float)))
-    eta = event.get("eta_s")
-    return (
-        f"{phase} ({event.get('phase', '')}): iteration {iteration}/{total}"
-        + (f"; {losses}" if losses else "")
-        + (f"; about {eta / 60:.0f} min left" if isinstance(eta, (int, float)) else "")
-    )
+    if eta is None:
+        left = f"; measuring the speed (time left after {SPEED_ITERATIONS} iterations)"
+    else:
+        left = f"; about {max(1, round(eta / 60))} min left at the measured {eta / max(total - iteration, 1):.1f} s per iteration" if eta >= 60 \
+            else "; less than a minute left"
+    return f"{phase} ({event.get('phase', '')}): iteration {iteration}/{total}" + (f"; {losses}" if losses else "") + left
+
+
+COMPARING = "Comparing the old and the new model (held-out patients, the non-site reference, unreviewed structures)..."
+
+
+def advice(comparison) -> str:
+    """What the user can do after a verdict (the same words in the status, the job message and Use this model)."""
+    verdict = comparison.verdict()
+    if verdict == BETTER:
+        return "Use this model registers it as a new version."
+    if verdict == TOO_FEW:
+        return "Use this model anyway only if you checked its segmentations yourself; otherwise keep the current model and review more patients."
+    return "Keeping the current model is advised."
 
 
 class TrainerPanelController:
@@ -85,6 +124,8 @@ class TrainerPanelController:
         self.run = None
         self.old: ModelEntry | None = None
         self.device = "auto"
+        self.line = ""  # the live progress line: kept until a new event arrives
+        self.speed = SpeedMeter()
 
     @property
     def busy(self) -> bool:
@@ -104,13 +145,16 @@ class TrainerPanelController:
             use_model_text="Use this model" if better or not p.newBundle else "Use this model anyway...",
         )
 
-    def start(self, corrections_dir: Path, run_root: Path, old: ModelEntry | None, device: str = "auto") -> None:
-        """Train Click: copy the reviewed cases into a new run folder and start the first training process."""
+    def start(self, corrections_dir: Path, run_root: Path, old: ModelEntry | None, device: str = "auto", pool: bool = True) -> None:
+        """Train Click: copy the reviewed cases into a new run folder and start the first training process.
+
+        ``pool`` False is the deliberate choice to train supervised-only on the corrections alone (it forgets
+        more: docs/retraining.md); by default the scans behind the reviewed cases are the unlabelled pool."""
         if self.busy:
             raise IdealError("a training run is already going on")
         p = self.p
         run_dir = Path(run_root) / time.strftime("run-%Y%m%d-%H%M%S")
-        run = prepare_run(corrections_dir, run_dir)
+        run = prepare_run(corrections_dir, run_dir, pool=pool)
         plan = training_plan(
             run, encoder=p.encoderStart.plan_name, encoder_path=p.pretrainedEncoder if p.encoderStart == EncoderStart.REUSE else None,
             pretrain_iterations=p.pretrainIterations, iterations=p.iterations, label_budget=p.labelBudget, device=device, old_model=old,
@@ -119,7 +163,14 @@ class TrainerPanelController:
         self.chain = JobChain([arguments for _, arguments in plan], log_path=run_dir / "training.log")
         self.run, self.old, self.device = run, old, device
         p.runFolder, p.newBundle, p.comparisonTable = str(run_dir), "", None
-        p.statusText = f"Training in {run_dir} ({len(run.train_cases)} training case(s), {len(run.held_out_cases)} held out)"
+        patients = run.patients()
+        held = {patients[c] for c in run.held_out_cases}
+        p.statusText = (
+            f"Training in {run_dir} on {len(set(patients.values()) - held)} patient(s) ({len(run.train_cases)} case(s)); "
+            f"{len(held)} patient(s) held out for the comparison"
+            + (f" (below {MIN_PATIENTS_FOR_VERDICT}: {TOO_FEW} whether it is better; the comparison still checks that it does not forget)"
+               if len(held) < MIN_PATIENTS_FOR_VERDICT else "")
+        )
         if p.encoderStart.plan_name == "model":  # the estimate is measured for the default "continue the current model" plan
             pool = len(list((run.unlabeled_dir / "images").iterdir())) if run.unlabeled_dir else 0
             p.statusText += ". " + estimate_text(len(run.train_cases), pool, p.iterations)
@@ -133,10 +184,14 @@ class TrainerPanelController:
         if chain is None:
             return TrainerPoll(0.0, finished=True)
         phase = self.phases[max(chain.step, 0)]
-        result = TrainerPoll(chain.fraction, f"{phase}: starting...")
+        if not self.line.startswith(phase):
+            self.line = f"{phase}: starting..."
+        result = TrainerPoll(chain.fraction, self.line)
         for event in chain.poll():
             if event.get("event") == "progress":
-                result.line = progress_line(phase, event)
+                iteration, total = int(event.get("iteration", 0) or 0), int(event.get("total") or 1)
+                eta = self.speed.eta_seconds(f"{phase}/{event.get('phase', '')}", iteration, total)
+                self.line = result.line = progress_line(phase, event, eta)
             elif event.get("event") == "validation" and isinstance(event.get("dice"), (int, float)):
                 result.validation = f"Validation Dice on the held-out cases: {event['dice']:.3f} (iteration {event.get('iteration', '?')})"
         result.fraction = chain.fraction
@@ -155,18 +210,17 @@ class TrainerPanelController:
     def _trained(self) -> TrainerPoll:
         p = self.p
         p.newBundle = str(self.run.bundle)
-        if not self.run.held_out_cases or self.old is None:
-            why = "no earlier model is installed to compare with" if self.run.held_out_cases else "review at least 3 cases to get a held-out comparison"
-            p.statusText = f"New model trained: {p.newBundle} ({why})."
+        if self.old is None:
+            p.statusText = f"New model trained: {p.newBundle} (no earlier model is installed to compare with)."
             return TrainerPoll(1.0, "Training done.", finished=True)
         self.comparison = ComparisonJob(self.old, self.run.bundle, self.run.held_out_dir, self.device)
         self.comparison.start()
-        return TrainerPoll(0.0, "Comparing the old and the new model on the held-out cases...")
+        return TrainerPoll(0.0, COMPARING)
 
     def _poll_comparison(self) -> TrainerPoll:
         job, p = self.comparison, self.p
         if job.poll() == "running":
-            return TrainerPoll(job.fraction, "Comparing the old and the new model on the held-out cases...")
+            return TrainerPoll(job.fraction, COMPARING)
         self.comparison = None
         if job.state != "done":
             p.statusText = f"New model trained ({p.newBundle}), but the comparison {'was cancelled' if job.state == 'cancelled' else f'failed: {job.error}'}"
@@ -177,8 +231,7 @@ class TrainerPanelController:
             p.statusText = f"New model trained ({p.newBundle}), but the comparison failed: {error}"
             return TrainerPoll(0.0, finished=True)
         p.comparisonTable = comparison_table(self.scene, result, self.old.display_name)
-        advice = "Use this model registers it as a new version." if result.new_is_better() else "Keeping the current model is advised."
-        p.statusText = f"{result.summary()} {advice}"
+        p.statusText = f"{result.summary()}\n{advice(result)}"
         return TrainerPoll(1.0, finished=True)
 
     def cancel(self) -> None:
@@ -200,8 +253,8 @@ class TrainerPanelController:
         """What to ask before registering the new model; None when it beat the old one on held-out cases."""
         comparison = self.comparison_result()
         if comparison is None:
-            return "The new model was not compared with the current one on held-out reviewed cases, so it is not known to be better."
-        return None if comparison.new_is_better() else comparison.summary()
+            return "The new model was not compared with the current one, so it is not known to be better."
+        return None if comparison.new_is_better() else f"{comparison.summary()}\n{advice(comparison)}"
 
     def register(self) -> ModelEntry:
         """Register the new bundle as a new version (never replacing one)."""
