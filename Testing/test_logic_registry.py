@@ -135,6 +135,7 @@ def test_register_brings_the_models_refinement_network_along(folders, tmp_path):
 
 def test_default_locations():
     assert SHIPPED_MODELS_DIR.parts[-3:] == ("IDEALSegment", "Resources", "Models")
+    assert ModelRegistry(shipped_dir=SHIPPED_MODELS_DIR).find(DEFAULT_MODEL_ID).source == "shipped"  # the model ships there
     assert default_user_dir().parts[-2:] == ("IDEALSegment", "Models")
 
 
@@ -222,7 +223,7 @@ def test_listing_the_shipped_models_never_imports_torch():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {"PYTHONPATH": f"{root / 'IDEALSegment'}:{root}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{root / 'IDEALSegment' / 'Logic'}:{root}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [DEFAULT_MODEL_ID, "False"]

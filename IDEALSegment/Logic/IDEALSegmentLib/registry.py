@@ -25,7 +25,7 @@ from IDEALTrain.labels import LabelInfo, check_label_map
 from IDEALTrain.model.card import CARD_NAME, REFINEMENT_FOLDER, WEIGHTS_NAME, read_verified
 
 #: Bundles shipped with the extension (the default model lands in idealsegment-acdc-<version>/).
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"  # IDEALSegment/Resources/Models
 DEFAULT_MODEL_ID = "idealsegment-acdc"
 #: Environment variable overriding the per-user model folder.
 USER_DIR_VARIABLE = "IDEALSEGMENT_MODELS_DIR"
