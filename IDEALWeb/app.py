@@ -74,6 +74,7 @@ class IDEALWebApp:
         self._poller: asyncio.Task | None = None
         self._init_state()
         self._build_ui()
+        self.editor_logic.set_ui(self.editor_ui)
         self._bind()
 
     # -- state ------------------------------------------------------------------------------------
@@ -177,10 +178,9 @@ class IDEALWebApp:
         with html.Div(classes="pa-2"):
             html.Div("Click to fix", classes="text-subtitle-2")
             v.VSelect(label="Structure", items=("structures",), v_model=("click_structure",), density="compact", hide_details=True, id="click-structure")
-            v.VBtnToggle(
-                v_model=("click_positive",), mandatory=True, density="compact", classes="my-1",
-                children=[v.VBtn("Positive (add)", value=True, id="click-positive"), v.VBtn("Negative (remove)", value=False, id="click-negative")],
-            )
+            with v.VBtnToggle(v_model=("click_positive",), mandatory=True, density="compact", classes="my-1"):
+                v.VBtn("Positive (add)", value=(True,), id="click-positive")
+                v.VBtn("Negative (remove)", value=(False,), id="click-negative")
             with html.Div(classes="d-flex"):
                 v.VBtn("{{ click_mode ? 'Stop clicking' : 'Place clicks' }}", click="click_mode = !click_mode", disabled=("!can_click",), id="click-mode-button", classes="mr-2", size="small")
                 v.VBtn("Undo last click", click=self.undo_click, disabled=("!can_undo_click",), id="undo-click-button", size="small")
@@ -194,8 +194,8 @@ class IDEALWebApp:
         with html.Div(style="height: 560px;"):
             self.editor_ui = SegmentEditorUI()
         with html.Div(classes="d-flex pa-2"):
-            v.VBtn("Undo edit", click=self.editor_ui.undo_clicked, disabled=("!segment_editor.can_undo",), id="undo-edit-button", size="small", classes="mr-2")
-            v.VBtn("Redo edit", click=self.editor_ui.redo_clicked, disabled=("!segment_editor.can_redo",), id="redo-edit-button", size="small")
+            v.VBtn("Undo edit", click=self.editor_ui.undo_clicked, disabled=(f"!{self.editor_logic.name.can_undo}",), id="undo-edit-button", size="small", classes="mr-2")
+            v.VBtn("Redo edit", click=self.editor_ui.redo_clicked, disabled=(f"!{self.editor_logic.name.can_redo}",), id="redo-edit-button", size="small")
 
     def _retrain_tab(self, html, v) -> None:
         with html.Div(classes="pa-2"):
@@ -249,6 +249,7 @@ class IDEALWebApp:
 
             def onConnect(self, request, client_id):
                 self.clients.add(client_id)
+                app.session.panel.warm_up()
 
             def onClose(self, client_id):
                 self.clients.discard(client_id)
