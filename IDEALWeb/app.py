@@ -23,11 +23,6 @@ from .security import DataFolder, OutputFolder, serve_policy
 TOKEN_VARIABLE = "IDEALSEGMENT_WEB_TOKEN"
 POLL_SECONDS = 0.2
 STRUCTURES = [{"value": 3, "title": "LV blood pool"}, {"value": 2, "title": "LV myocardium"}, {"value": 1, "title": "RV"}]
-ENCODERS = [
-    {"value": "model", "title": "Continue training the current model (quickest)"},
-    {"value": "none", "title": "No pretraining (random start)"},
-    {"value": "pretrain", "title": "Pretrain on the reviewed cases and the pool first (IDEAL)"},
-]
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +88,11 @@ class IDEALWebApp:
         s.study_id = None
         s.models = self.session.models()
         s.model_key = self.session.panel.p.modelKey
-        s.structures, s.encoders = STRUCTURES, ENCODERS
+        from IDEALSegmentLib.trainer_panel import EncoderStart
+
+        s.structures = STRUCTURES
+        # Reusing a pretrained encoder bundle needs a file chooser: the Slicer panel offers it.
+        s.encoders = [{"value": e.value, "title": e.label()} for e in EncoderStart if e is not EncoderStart.REUSE]
         s.update({
             "status": "Open a study from the data folder.", "error": "", "busy": False, "fraction": 0.0,
             "can_segment": False, "can_review": False, "can_uncertainty": False, "can_next_review": False,
