@@ -2,8 +2,11 @@
 
 The widget only binds Qt signals to the panel controller (IDEALSegmentLib.panel), which makes every
 decision; the network runs in a child process, so torch never enters Slicer's process. Slicer
-imports this file at start-up: nothing here imports torch.
+imports this file at start-up: nothing here imports torch. On Slicer 5.6/5.8 (Python 3.9) the file
+still imports and the panel shows one line saying which Slicer it needs (IDEALSegmentLib.slicer_support).
 """
+from __future__ import annotations
+
 import logging
 import time
 from pathlib import Path
@@ -49,6 +52,11 @@ See the <a href="https://github.com/idealsegment/IDEALSegment#readme">documentat
 Method: Basak et al., "Pseudo-label guided contrastive learning for semi-supervised medical image
 segmentation" (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
+        problem = common.unsupportedSlicer("IDEALSegment")
+        if problem:
+            logging.warning(problem)
+            self.parent.helpText = problem
+            return
         slicer.app.connect("startupCompleted()", common.loadTerminology)
 
 
@@ -90,6 +98,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.registry = ModelRegistry(user_dir=common.modelsFolder())
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self.refineSection = None
         self._timer = qt.QTimer()
         self._timer.setInterval(common.POLL_MILLISECONDS)
         self._timer.timeout.connect(self._poll)
@@ -101,6 +110,10 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = common.unsupportedSlicer("IDEALSegment")
+        if problem:
+            common.showUnsupported(self.layout, problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/IDEALSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -130,17 +143,25 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsFolderPathLineEdit.currentPath = str(common.modelsFolder())
         self.ui.correctionsFolderPathLineEdit.currentPath = str(common.correctionsFolder())
         self.ui.reviewerLineEdit.text = common.settingsValue(common.REVIEWER_KEY)
-        common.fillDeviceComboBox(self.ui.deviceComboBox, common.DEVICE_KEY)
+        self.fillDevices()
         self.initializeParameterNode()
         self.refineSection = refine.RefineSection.attach(self)  # click to fix (issue 19)
 
     def cleanup(self) -> None:
+        """The widget goes away (Slicer exits, or Reload): stop every timer, observer and child process it started."""
         if self.panel is not None:
             self.panel.scene_closing()  # cancels a running job; nothing will be added
+        if self.refineSection is not None:
+            self.refineSection.cleanup()  # its timer, its scene observer and its refinement job
+            self.refineSection = None
         self._timer.stop()
+        self._folderTimer.stop()
         self.removeObservers()
+        common.stopWorkers()
 
     def enter(self) -> None:
+        if self.panel is None:  # an unsupported Slicer: setup() showed why and built nothing
+            return
         self.initializeParameterNode()
         if not common.missingPackages():
             self.panel.warm_up()  # a worker process imports torch now, not on the first Segment click
@@ -213,6 +234,10 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             f"Version {entry.version} ({entry.source})" + (f"; validation Dice {dice:.3f}" if dice is not None else "") + f"\n{entry.training_summary}"
         )
 
+    def fillDevices(self) -> None:
+        """The device list (again after torch is installed: the probe then finds the GPUs)."""
+        common.fillDeviceComboBox(self.ui.deviceComboBox, common.DEVICE_KEY)
+
     def onDeviceChanged(self, index: int) -> None:
         common.setSettingsValue(common.DEVICE_KEY, common.comboData(self.ui.deviceComboBox))
 
@@ -229,6 +254,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None or self.panel is None:
             return
         state = self.panel.state()
+        self.ui.statusLabel.text = p.statusText  # set here: Slicer 5.6's parameterNodeWrapper cannot bind a QLabel
         self.ui.segmentButton.enabled = state.segment
         self.ui.segmentButton.toolTip = state.segment_tip
         self.ui.progressBar.visible = self.ui.cancelButton.visible = state.busy
@@ -245,7 +271,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- segmenting -----------------------------------------------------------------------------
     def onSegment(self) -> None:
         """Start the segmentation in a child process; the timer polls it and adds the results when done."""
-        if not common.ensureDependencies(self.parent):
+        if not common.ensureDependencies(self.parent, onInstalled=self.fillDevices):
             return
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
             self.panel.start(common.comboData(self.ui.deviceComboBox))
@@ -313,7 +339,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- measurements ---------------------------------------------------------------------------
     def onCopyMeasurements(self) -> None:
         qt.QApplication.clipboard().setText(table_text(self._parameterNode.measurementsTable))
-        self.ui.statusLabel.text = "Measurements copied (tab-separated; paste into a spreadsheet or report)."
+        self._parameterNode.statusText = "Measurements copied (tab-separated; paste into a spreadsheet or report)."
 
     def onSaveMeasurements(self) -> None:
         table = self._parameterNode.measurementsTable
@@ -325,7 +351,7 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Saving the measurements failed.", waitCursor=True):
             if not slicer.util.saveNode(table, path):
                 raise RuntimeError(f"Slicer could not write {path}")
-            self.ui.statusLabel.text = f"Measurements saved to {path}"
+            self._parameterNode.statusText = f"Measurements saved to {path}"
 
     def onRecomputeMeasurements(self) -> None:
         with slicer.util.tryWithErrorDisplay("The measurements could not be recomputed.", waitCursor=True):
@@ -343,12 +369,13 @@ class IDEALSegmentTest(ScriptedLoadableModuleTest):
     """Runs in Slicer's --testing mode: the self-test scenario, then the panel segmenting in a child process."""
 
     def setUp(self):
+        # Here, not in runTest: CTest's runner (slicer.testing.runUnitTest) calls each test_* method directly.
+        reason = common.selfTestSkipReason("IDEALSegment")
+        if reason:
+            self.skipTest(reason)
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        missing = common.missingPackages()
-        if missing:  # never installed in testing mode
-            self.skipTest(f"IDEALSegment self-test skipped: Python package(s) {', '.join(missing)} not installed")
         self.setUp()
         self.test_scenario()
         self.setUp()

@@ -2,8 +2,11 @@
 
 Training and the old-vs-new comparison run as separate processes; the widget only binds Qt signals
 to the trainer controller (IDEALSegmentLib.trainer_panel) and polls it from a timer. Slicer imports
-this file at start-up: nothing here imports torch.
+this file at start-up: nothing here imports torch. On Slicer 5.6/5.8 (Python 3.9) the file still
+imports and the panel shows one line saying which Slicer it needs (IDEALSegmentLib.slicer_support).
 """
+from __future__ import annotations
+
 import logging
 import time
 from pathlib import Path
@@ -46,6 +49,11 @@ A new model is only used when you register it, as a new version; the old one sta
         self.parent.acknowledgementText = """
 Method: Basak et al. (IDEAL), ICASSP 2023. Built on 3D Slicer's scripted module template.
 """
+        problem = common.unsupportedSlicer("IDEALTrainer")
+        if problem:
+            logging.warning(problem)
+            self.parent.helpText = problem
+            return
         # The extension's real-scan sample, offered in Sample Data > Cardiac MRI (IDEALSegment).
         slicer.app.connect("startupCompleted()", sample_data.registerSampleData)
 
@@ -88,6 +96,10 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = common.unsupportedSlicer("IDEALTrainer")
+        if problem:
+            common.showUnsupported(self.layout, problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/IDEALTrainer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -101,7 +113,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelTrainingButton.connect("clicked(bool)", lambda _checked: self.onCancel())
         self.ui.useModelButton.connect("clicked(bool)", lambda _checked: self.onUseModel())
         self.ui.trainingDeviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
-        common.fillDeviceComboBox(self.ui.trainingDeviceComboBox, common.TRAINING_DEVICE_KEY, "CPU (slow: use small budgets)")
+        self.fillDevices()
         self.refreshDataset()
         self.initializeParameterNode()
 
@@ -112,6 +124,8 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.panel is None:  # an unsupported Slicer: setup() showed why and built nothing
+            return
         self.initializeParameterNode()
         self.refreshDataset()
 
@@ -141,6 +155,10 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
             self._updateGui()
+
+    def fillDevices(self) -> None:
+        """The device list (again after torch is installed: the probe then finds the GPUs)."""
+        common.fillDeviceComboBox(self.ui.trainingDeviceComboBox, common.TRAINING_DEVICE_KEY, "CPU (slow: use small budgets)")
 
     def onDeviceChanged(self, index: int) -> None:
         common.setSettingsValue(common.TRAINING_DEVICE_KEY, common.comboData(self.ui.trainingDeviceComboBox))
@@ -176,6 +194,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         state = self.panel.state()
+        self.ui.statusLabel.text = p.statusText  # set here: Slicer 5.6's parameterNodeWrapper cannot bind a QLabel
         self.ui.trainButton.enabled = state.train
         self.ui.pretrainedEncoderPathLineEdit.enabled = state.encoder_path
         self.ui.pretrainIterationsSpinBox.enabled = state.pretrain_iterations
@@ -187,7 +206,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- training -------------------------------------------------------------------------------
     def onTrain(self) -> None:
-        if not common.ensureDependencies(self.parent):
+        if not common.ensureDependencies(self.parent, onInstalled=self.fillDevices):
             return
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             old = self.logic.currentModel(self.panel.registry)
@@ -248,12 +267,13 @@ class IDEALTrainerTest(ScriptedLoadableModuleTest):
     """Runs in Slicer's --testing mode: a tiny training job through the Logic, then the new model loads."""
 
     def setUp(self):
+        # Here, not in runTest: CTest's runner (slicer.testing.runUnitTest) calls each test_* method directly.
+        reason = common.selfTestSkipReason("IDEALTrainer")
+        if reason:
+            self.skipTest(reason)
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        missing = common.missingPackages()
-        if missing:  # never installed in testing mode
-            self.skipTest(f"IDEALTrainer self-test skipped: Python package(s) {', '.join(missing)} not installed")
         self.setUp()
         self.test_tiny_training_and_new_version()
 

@@ -10,6 +10,7 @@ import importlib.util
 import sys
 import tempfile
 import time
+import types
 import typing
 from pathlib import Path
 from unittest import mock
@@ -35,11 +36,19 @@ def load_wrapper(folder: Path, slicer) -> object:
 
 
 def module_class(filename: str, classname: str, namespace: dict) -> type:
-    """The class ``classname`` of a module file, executed alone in ``namespace`` (the file imports qt and slicer.app)."""
+    """The class ``classname`` of a module file, executed alone with ``namespace`` (the file imports qt and slicer.app).
+
+    With the file's ``from __future__ import annotations`` (its annotations are then strings, which the wrapper's
+    typing.get_type_hints evaluates in the module's globals) in a module registered in sys.modules, as Slicer loads it.
+    """
     tree = ast.parse((ROOT / "IDEALSegment" / filename).read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == classname)
-    exec(compile(ast.Module([cls], []), filename, "exec"), namespace)
-    return namespace[classname]
+    future = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    module = types.ModuleType(f"wrapper_check_{filename[:-3]}")
+    module.__dict__.update(namespace)
+    sys.modules[module.__name__] = module
+    exec(compile(ast.Module([*future, cls], []), filename, "exec"), module.__dict__)
+    return module.__dict__[classname]
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""IDEALSegment/batch.py as a program: MRML batch output equals ``idealtrain segment`` voxel for voxel."""
+"""IDEALSegment/IDEALSegmentBatch/batch.py as a program: MRML batch output equals ``idealtrain segment`` voxel for voxel."""
 from __future__ import annotations
 
 import csv
@@ -23,7 +23,7 @@ from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 from IDEALTrain.io.volume_files import write_image  # noqa: E402
 from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 
-BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
+BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "IDEALSegmentBatch" / "batch.py"
 
 
 

@@ -4,6 +4,9 @@ the Sequences API as Slicer's sources define it."""
 from __future__ import annotations
 
 import ast
+import time
+import types
+import unittest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +50,36 @@ def test_dependencies_are_never_installed_in_testing_mode():
         assert guard < source.index(install), f"{install} can run before the testing-mode check"
 
 
-def test_self_tests_skip_with_a_message_when_torch_is_missing():
+class _NoSlicer:
+    """Any use means a self-test body ran although it should have been skipped."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test body ran (slicer.{name}) instead of being skipped")
+
+
+def ctest_run(filename: str, test_class: str, reason: str | None) -> unittest.TestResult:
+    """The module's Test class run as CTest runs it: slicer.testing.runUnitTest loads the module's TestCases with
+    unittest.TestLoader and calls every test_* method directly (runTest is never called)."""
+    cls = next(n for n in tree(filename).body if isinstance(n, ast.ClassDef) and n.name == test_class)
+    module = types.ModuleType(filename[:-3])
+    module.__dict__.update(ScriptedLoadableModuleTest=unittest.TestCase, slicer=_NoSlicer(), Path=Path, time=time,
+                           common=types.SimpleNamespace(selfTestSkipReason=lambda name: reason))
+    exec(compile(ast.Module([cls], []), filename, "exec"), module.__dict__)
+    result = unittest.TestResult()
+    unittest.TestLoader().loadTestsFromModule(module).run(result)
+    return result
+
+
+def test_self_tests_skip_under_ctest_when_torch_is_missing_or_slicer_is_too_old():
     for name, test_class in (("IDEALSegment.py", "IDEALSegmentTest"), ("IDEALTrainer.py", "IDEALTrainerTest")):
+        result = ctest_run(name, test_class, "IDEALSegment self-test skipped: Python package(s) torch not installed")
+        assert result.testsRun >= 1 and not result.errors and not result.failures, (result.errors, result.failures)
+        assert len(result.skipped) == result.testsRun, f"{test_class}: a test_* method ran without torch"
+        assert {why for _, why in result.skipped} == {"IDEALSegment self-test skipped: Python package(s) torch not installed"}
         cls = next(n for n in tree(name).body if isinstance(n, ast.ClassDef) and n.name == test_class)
-        run = ast.unparse(next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "runTest"))
-        assert "common.missingPackages()" in run and "self.skipTest(" in run
-        assert run.index("self.skipTest(") < run.index("self.setUp()")
         assert "ensureDependencies" not in ast.unparse(cls)
+    ran = ctest_run("IDEALSegment.py", "IDEALSegmentTest", None)  # nothing to skip: the bodies run (and meet _NoSlicer)
+    assert not ran.skipped and ran.testsRun == len(ran.failures) + len(ran.errors)
 
 
 def test_cine_code_uses_the_sequences_api_of_slicers_sources():

@@ -173,7 +173,7 @@ TORCH_FREE_LOGIC = [
     "IDEALSegmentLib.jobs", "IDEALSegmentLib.selftest", "IDEALSegmentLib.retraining",
     "IDEALSegmentLib.sample_data", "IDEALSegmentLib.refinement", "IDEALSegmentLib.panel", "IDEALSegmentLib.segment_job",
     "IDEALSegmentLib.trainer_panel", "IDEALSegmentLib.comparison_job", "IDEALSegmentLib.comparison", "IDEALSegmentLib.devices",
-    "IDEALSegmentLib.review",
+    "IDEALSegmentLib.review", "IDEALSegmentLib.slicer_support", "IDEALSegmentLib.worker",
 ]
 
 

@@ -17,12 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "IDEALSegment"
 MODULES = ("IDEALSegment", "IDEALTrainer")
 
-# Parameter types -> widget classes the parameterNodeWrapper can bind them to.
+# Parameter types -> widget classes the parameterNodeWrapper can bind them to. Not QLabel: Slicer 5.6's wrapper has
+# no QLabel connector (setParameterNode raises and the panel never enables), so a status label is set in code.
 BINDABLE = {
     "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "ctkCheckablePushButton"},
     "int": {"QSpinBox", "QSlider", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "QComboBox"},
     "float": {"QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "ctkDoubleSlider", "QComboBox"},
-    "str": {"QLineEdit", "QLabel", "QTextEdit", "QComboBox"},
+    "str": {"QLineEdit", "QTextEdit", "QComboBox"},
     "Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
     "enum": {"QComboBox", "ctkComboBox"},
     "node": {"qMRMLNodeComboBox"},
@@ -71,7 +72,7 @@ def parameter_types(source: str) -> dict[str, str]:
     enums = _enum_names(tree)
     for node in tree.body:  # enums the module imports from its Logic package (e.g. the trainer controller's EncoderStart)
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("IDEALSegmentLib."):
-            logic = MODULE_DIR.joinpath(*node.module.split(".")).with_suffix(".py")
+            logic = (MODULE_DIR / "Logic").joinpath(*node.module.split(".")).with_suffix(".py")
             enums |= _enum_names(ast.parse(logic.read_text())) & {alias.name for alias in node.names}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
@@ -197,3 +198,17 @@ def test_the_checks_catch_a_mismatch(tmp_path):
     assert fields == {"label": "str", "count": "int"}
     parameter, cls, _ = bound_widgets(ui_widgets(ui))["countSpinBox"]
     assert cls not in BINDABLE[fields[parameter]], "a QSpinBox bound to a str must be reported"
+
+
+def test_the_refine_section_sits_after_the_review_section_above_the_closing_spacer():
+    """refine.py inserts its section after ANCHOR in the .ui's main layout (appended to the module's layout it
+    landed below the collapsed Settings and the spacer). Where it really shows needs a Slicer GUI."""
+    tree = ast.parse((MODULE_DIR / "IDEALSegmentGui" / "refine.py").read_text())
+    anchor = next(node.value.value for node in tree.body if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "ANCHOR")
+    assert "insertWidget" in ast.unparse(tree) and "addWidget(box)" not in ast.unparse(tree)
+    main = ElementTree.parse(_module_ui("IDEALSegment")).getroot().find("widget/layout")
+    items = [(child.tag, child.get("name"), child.get("class")) for item in main.findall("item") for child in item]
+    names = [name for _, name, _ in items]
+    assert anchor in names, f"{anchor} is not a top-level item of IDEALSegment.ui's main layout"
+    spacer = next(i for i, (tag, _, _) in enumerate(items) if tag == "spacer")
+    assert names.index(anchor) < names.index("settingsCollapsibleButton") < spacer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import sysconfig
@@ -56,7 +57,8 @@ def test_slicer_style_import_without_pip(tmp_path):
         """
     )
     result = subprocess.run(
-        [sys.executable, "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PATH": os.environ.get("PATH", "")},  # no PYTHONPATH: a developer's (the repository root) would model nothing
     )
     assert result.returncode == 0, result.stderr[-3000:]
     logic_file, train_file = result.stdout.split()

@@ -126,7 +126,7 @@ def test_batch_clicks_file_matches_idealtrain_refine(bundle_path, tmp_path):
     lps = [image.index_to_physical @ np.array([i, j, k, 1.0]) for k, j, i in [(2, 20, 24), (3, 10, 10)]]
     clicks = [Click(tuple(lps[0][:3]), 3, True), Click(tuple(lps[1][:3]), 1, True)]
     (tmp_path / "clicks" / "heart.clicks.json").write_text(json.dumps(clicks_document(clicks)))
-    batch = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
+    batch = Path(__file__).resolve().parents[1] / "IDEALSegment" / "IDEALSegmentBatch" / "batch.py"
     run = subprocess.run(
         [
             sys.executable,

@@ -22,17 +22,19 @@ from IDEALSegmentLib.volumes import image_from_volume, world_ijk_to_ras  # noqa:
 
 from IDEALTrain.io.sample_data import load_sample, read_sample_phase  # noqa: E402
 
-# The keyword parameters of SampleData.SampleDataLogic.registerCustomSampleDataSource (Slicer 5.x,
-# Modules/Scripted/SampleData/SampleData.py); Sample Data itself does not run on slicer-core.
+# The keyword parameters of SampleData.SampleDataLogic.registerCustomSampleDataSource (Slicer 5.10,
+# Modules/Scripted/SampleData/SampleData.py); Sample Data itself does not run on slicer-core. There is no
+# sampleDescription: the button shows the sampleName.
 REGISTER_PARAMETERS = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader", "thumbnailFileName",
-                       "loadFileType", "loadFiles", "loadFileProperties", "checksums"}
+                       "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"}
 
 
 def test_the_sample_data_source_names_existing_files_in_equal_lists():
     source = sample_data_source()
-    assert set(source) <= REGISTER_PARAMETERS and "customDownloader" not in source
+    assert set(source) <= REGISTER_PARAMETERS - {"loadFileType"} and "customDownloader" not in source  # loadFileType: deprecated
+    assert source["sampleName"] == "Cine MRI ED/ES (Sunnybrook)"  # the button's text (was "IDEALSegmentCardiacCine")
     assert source["category"] == SAMPLE_CATEGORY == "Cardiac MRI (IDEALSegment)"
-    lists = ("uris", "fileNames", "nodeNames", "loadFiles", "loadFileType")
+    lists = ("uris", "fileNames", "nodeNames", "loadFiles", "loadFileTypes")
     assert {len(source[key]) for key in lists} == {2}
     assert source["nodeNames"] == ["SCD0000101_ED", "SCD0000101_ES"] and source["loadFiles"] == [False, False]
     assert all(Path(urlparse(uri).path).is_file() for uri in source["uris"])

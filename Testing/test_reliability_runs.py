@@ -26,7 +26,7 @@ from IDEALTrain.io.volume_files import write_image  # noqa: E402
 from IDEALTrain.model.bundle import save_bundle  # noqa: E402
 from IDEALTrain.training.checkpoint import CheckpointLock  # noqa: E402
 
-BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "batch.py"
+BATCH = Path(__file__).resolve().parents[1] / "IDEALSegment" / "IDEALSegmentBatch" / "batch.py"
 ITERATIONS = 8
 
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import qt
 import slicer
+from IDEALSegmentLib import worker
 from IDEALSegmentLib.devices import DeviceProbe
+from IDEALSegmentLib.jobs import python_executable
 from IDEALSegmentLib.registry import default_user_dir
+from IDEALSegmentLib.slicer_support import unsupported_slicer
 
 #: QSettings keys: choices that belong to the user, not to a scene.
 MODELS_FOLDER_KEY = "IDEALSegment/ModelsFolder"
@@ -99,11 +102,12 @@ def missingPackages() -> list:
     return [name for name in ("torch", *EXTRA_REQUIREMENTS) if importlib.util.find_spec(name) is None]
 
 
-def ensureDependencies(parent=None) -> bool:
-    """Install torch (through PyTorchUtils when available) and the small extras after asking; True when ready.
+def ensureDependencies(parent=None, onInstalled=None) -> bool:
+    """Install torch (as the PyTorch extension does, when it is there) and the small extras after asking; True when ready.
 
     Called on the first Segment / Train click, never at import or module load, and never in
     ``--testing`` mode (the self-tests skip instead). Slicer's own numpy and SimpleITK are left alone.
+    ``onInstalled`` runs after a successful installation (the widgets refill their device lists).
     """
     missing = missingPackages()
     if not missing:
@@ -114,9 +118,9 @@ def ensureDependencies(parent=None) -> bool:
     torchUtils = None
     if "torch" in missing:
         try:
-            import PyTorchUtils
+            import PyTorchUtils  # only to know the PyTorch extension is there: see installTorchLikePyTorchUtils
 
-            torchUtils = PyTorchUtils.PyTorchUtilsLogic()
+            torchUtils = PyTorchUtils.PyTorchUtilsLogic
         except ImportError:
             torchUtils = None
     extras = [name for name in missing if name != "torch"]
@@ -139,8 +143,7 @@ def ensureDependencies(parent=None) -> bool:
     with slicer.util.tryWithErrorDisplay("Installing the packages failed; see the Python console for pip's message.", waitCursor=True):
         if "torch" in missing:
             if torchUtils is not None:
-                if torchUtils.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                    return False
+                installTorchLikePyTorchUtils()
             else:
                 slicer.util.pip_install(f"torch{TORCH_REQUIREMENT}")
         if extras:
@@ -150,7 +153,50 @@ def ensureDependencies(parent=None) -> bool:
     if still:
         slicer.util.errorDisplay(f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again.")
         return False
+    if onInstalled is not None:
+        onInstalled()
     return True
+
+
+def installTorchLikePyTorchUtils() -> None:
+    """Install the torch build that matches the GPU with light-the-torch, as the PyTorch extension does, in a child.
+
+    Not ``PyTorchUtilsLogic.installTorch``: it ends with ``import torch`` in Slicer's process (seconds, and
+    torch's libraries loaded for good), which the extension avoids everywhere; the network runs in children.
+    """
+    if importlib.util.find_spec("light_the_torch") is None:
+        slicer.util.pip_install("light-the-torch>=0.5")
+    command = [str(python_executable()), "-m", "light_the_torch", "install", f"torch{TORCH_REQUIREMENT}"]
+    slicer.util.logProcessOutput(slicer.util.launchConsoleProcess(command, useStartupEnvironment=False))
+
+
+def unsupportedSlicer(module: str) -> str | None:
+    """The line ``module`` shows instead of its panel on a Slicer older than it supports, else None."""
+    return unsupported_slicer(module, (slicer.app.majorVersion, slicer.app.minorVersion))
+
+
+def selfTestSkipReason(module: str) -> str | None:
+    """Why ``module``'s self-test cannot run here (an unsupported Slicer, or torch not installed), else None."""
+    problem = unsupportedSlicer(module)
+    if problem:
+        return problem
+    missing = missingPackages()
+    if missing:  # never installed in testing mode
+        return f"{module} self-test skipped: Python package(s) {', '.join(missing)} not installed"
+    return None
+
+
+def showUnsupported(layout, text: str) -> None:
+    """The whole panel on an unsupported Slicer: one line saying which Slicer the module needs."""
+    label = qt.QLabel(text)
+    label.wordWrap = True
+    layout.addWidget(label)
+    layout.addStretch(1)
+
+
+def stopWorkers() -> None:
+    """Stop the idle warm workers (a widget's cleanup: Slicer exits or the module is reloaded)."""
+    worker.shutdown()
 
 
 def loadTerminology() -> None:

@@ -8,7 +8,11 @@ The IDEALSegment widget adds it at the end of ``setup()`` with one line (the sec
 widget's parameter node, chosen model and device, and cleans up when the scene closes)::
 
     self.refineSection = refine.RefineSection.attach(self)  # IDEALSegment.py, end of setup()
+
+``cleanup()`` stops its timer, removes its scene and point-list observers and cancels a refinement in
+flight; the widget's ``cleanup()`` calls it (Slicer exits, or the module is reloaded).
 """
+from __future__ import annotations
 
 import ctk
 import qt
@@ -18,11 +22,15 @@ from IDEALSegmentLib.registry import entry_key
 
 from IDEALSegmentGui import common
 
+#: The section of IDEALSegment.ui that the Refine section follows (in the .ui's own layout, above its closing spacer).
+ANCHOR = "resultsCollapsibleButton"
+
 
 class RefineSection:
     """Widgets and bindings of the Refine section; ``inputs()`` gives (volume, segmentation, model, device)."""
 
-    def __init__(self, parentLayout, inputs) -> None:
+    def __init__(self, parentLayout, inputs, index: int = -1) -> None:
+        """Build the section into ``parentLayout`` at ``index`` (-1: at the end)."""
         self.inputs = inputs
         self.controller = RefineController()
         self._observed = None
@@ -31,7 +39,7 @@ class RefineSection:
         box = ctk.ctkCollapsibleButton()
         box.text = "Refine (click to fix)"
         box.collapsed = True
-        parentLayout.addWidget(box)
+        parentLayout.insertWidget(index, box)
         form = qt.QFormLayout(box)
         self.structureComboBox = qt.QComboBox()
         for value, name in self.controller.structures():
@@ -64,8 +72,12 @@ class RefineSection:
         self.timer.start()
 
     @classmethod
-    def attach(cls, widget) -> "RefineSection":
-        """The section under an IDEALSegment module widget, fed from its parameter node and model choice."""
+    def attach(cls, widget) -> RefineSection:
+        """The section of an IDEALSegment module widget, fed from its parameter node and model choice.
+
+        It goes right after the review section (:data:`ANCHOR`) in the .ui's layout: added to the
+        module's layout instead, it would land below Settings and the .ui's closing spacer.
+        """
 
         def inputs():
             p = widget._parameterNode
@@ -74,7 +86,9 @@ class RefineSection:
             model = str(entry.path) if entry is not None else None
             return volume, segmentation, model, common.comboData(widget.ui.deviceComboBox)
 
-        section = cls(widget.layout, inputs)
+        anchor = getattr(widget.ui, ANCHOR)
+        layout = anchor.parentWidget().layout()
+        section = cls(layout, inputs, layout.indexOf(anchor) + 1)
         section._sceneObserver = slicer.mrmlScene.AddObserver(
             slicer.mrmlScene.StartCloseEvent, lambda _caller, _event: section.controller.close()
         )

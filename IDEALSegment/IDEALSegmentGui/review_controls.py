@@ -1,6 +1,8 @@
 """The IDEALSegment panel's review controls of issue 20 (Qt): per-structure *reviewed* ticks for Mark reviewed,
 and *Add to unlabelled pool* with the pool's size. Every decision is in the Qt-free controller
 (``SegmentPanelController.mark_reviewed`` / ``add_to_pool``); this only builds and binds widgets."""
+from __future__ import annotations
+
 from pathlib import Path
 
 import qt

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from IDEALTrain.io.atomic import atomic_path
 
-from .jobs import _child_environment, python_executable
+from .jobs import _child_environment, no_console_window, python_executable
 
 #: Prints [["cuda:0", "NVIDIA ..."], ...] (empty without CUDA, or without torch: exit status 1).
 PROBE_CODE = (
@@ -44,7 +44,7 @@ class DeviceProbe:
         if self._process is None:
             self._process = subprocess.Popen(
                 [str(python_executable()), "-c", PROBE_CODE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True, env=_child_environment(),
+                stderr=subprocess.DEVNULL, text=True, env=_child_environment(), **no_console_window(),
             )
 
     @property
@@ -52,16 +52,22 @@ class DeviceProbe:
         return self._process is not None and self._process.poll() is None
 
     def poll(self) -> list[tuple[str, str]] | None:
-        """The devices once the probe has ended (and cached them), None while it runs or when it was not started."""
+        """The devices once the probe has ended, None while it runs or when it was not started.
+
+        Only an answer is cached: a probe that failed (torch not installed yet) gives [] and leaves the
+        cache alone, so the device list is probed again once torch is installed in the same session.
+        """
         if self._process is None or self._process.poll() is None:
             return None
         output, _ = self._process.communicate()
         ok = self._process.returncode == 0
         self._process = None
         try:
-            devices = [(str(d), str(n)) for d, n in json.loads(output.strip().splitlines()[-1])] if ok else []
+            devices = [(str(d), str(n)) for d, n in json.loads(output.strip().splitlines()[-1])] if ok else None
         except (ValueError, IndexError, TypeError):
-            devices = []
+            devices = None
+        if devices is None:
+            return []
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.cache_file) as temp:
             temp.write_text(json.dumps({"python": str(python_executable()), "devices": [list(d) for d in devices]}))

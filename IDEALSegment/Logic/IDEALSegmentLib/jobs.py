@@ -3,7 +3,9 @@
 a Cancel that ends the whole process tree.
 
 The child runs in its own process group (a new session on POSIX, a new process group on Windows)
-so that cancelling also reaches processes it started (``torchrun`` workers). Two reader threads
+so that cancelling also reaches processes it started (``torchrun`` workers). On Windows every child
+starts with ``CREATE_NO_WINDOW``: PythonSlicer is a console program, and without it each child would
+open a console window whose closing kills the job (Slicer's own ``launchConsoleProcess`` does the same). Two reader threads
 only move its output lines into a queue (no model work runs in this process); nothing here
 touches Qt or MRML, and nothing a GUI calls blocks: it polls :meth:`TrainingJob.poll` and
 :attr:`TrainingJob.finished` from a timer and cancels with :meth:`TrainingJob.request_cancel`.
@@ -30,6 +32,10 @@ PROGRESS_FLAG = "--progress-json"
 _WINDOWS = sys.platform == "win32"
 #: Seconds a cancelled process tree gets to end after SIGTERM before :meth:`TrainingJob.poll` kills it.
 CANCEL_GRACE_SECONDS = 10.0
+#: Windows process-creation flags and console event (the subprocess and signal modules name them only on Windows).
+CREATE_NEW_PROCESS_GROUP = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+CTRL_BREAK_EVENT = getattr(signal, "CTRL_BREAK_EVENT", 1)
 
 
 def python_executable() -> Path:
@@ -170,8 +176,8 @@ class TrainingJob:
             self.cancelled = self._process is not None or self.cancelled
             return
         self.cancelled = True
+        self._kill_at = time.monotonic() + grace  # armed first: the tree is killed even if the signal goes nowhere
         self._signal_group(terminate=True)
-        self._kill_at = time.monotonic() + grace
 
     @property
     def running(self) -> bool:
@@ -255,17 +261,33 @@ class TrainingJob:
 
 
 def new_process_group() -> dict:
-    """Popen keyword arguments that start a child in its own process group (so a cancel reaches its children)."""
-    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS else {"start_new_session": True}
+    """Popen keyword arguments that start a child in its own process group (so a cancel reaches its children).
+
+    On Windows also without a console window (see the module docstring).
+    """
+    return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW} if _WINDOWS else {"start_new_session": True}
+
+
+def no_console_window() -> dict:
+    """Popen / run keyword arguments for a short-lived child: on Windows, no console window opens for it."""
+    return {"creationflags": CREATE_NO_WINDOW} if _WINDOWS else {}
 
 
 def signal_process_group(process: subprocess.Popen, terminate: bool) -> None:
-    """SIGTERM (``terminate``) or SIGKILL to a child's whole process group (Windows: CTRL_BREAK, taskkill /T)."""
+    """SIGTERM (``terminate``) or SIGKILL to a child's whole process group (Windows: CTRL_BREAK, taskkill /T).
+
+    Never raises for a tree that is still running: on Windows, Slicer has no console to send CTRL_BREAK
+    from (``os.kill`` raises OSError), and then the tree is ended at once with taskkill instead.
+    """
     if _WINDOWS:
         if terminate:
-            process.send_signal(signal.CTRL_BREAK_EVENT)
-        else:  # taskkill /T ends the process and every process it started
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+            try:
+                process.send_signal(CTRL_BREAK_EVENT)
+                return
+            except OSError:
+                pass  # no console to send it from: nothing graceful can reach the child, so end the tree now
+        # taskkill /T ends the process and every process it started
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, **no_console_window())
         return
     try:
         os.killpg(process.pid, signal.SIGTERM if terminate else signal.SIGKILL)

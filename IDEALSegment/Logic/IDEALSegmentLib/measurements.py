@@ -7,12 +7,12 @@ nodes and puts the results into a table node that Slicer shows and saves.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import vtk
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.evaluation.function import find_ed_es  # noqa: F401  (one definition; re-exported for the Logic)
 from IDEALTrain.evaluation.metrics import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function, label_volume_ml
 from IDEALTrain.io.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
@@ -37,29 +37,6 @@ MEASUREMENTS: dict[str, tuple[str, str]] = {
 }
 
 _VALID_LABELS = [0] + [label.value for label in CARDIAC_LABELS]
-
-
-def find_ed_es(lv_volumes_ml: Sequence[float]) -> tuple[int, int]:
-    """(ED, ES) frame indices: the largest and the smallest LV blood-pool volume (first on ties)."""
-    curve = np.asarray(list(lv_volumes_ml), dtype=np.float64)
-    if curve.ndim != 1 or curve.size < 2:
-        raise IdealError(
-            f"finding end-diastole and end-systole needs the LV volume of at least 2 frames, got {curve.size}: "
-            "segment a cine with several frames, or choose the ED and ES frames yourself"
-        )
-    if not np.all(np.isfinite(curve)) or np.any(curve < 0):
-        raise IdealError(f"LV volumes must be finite and >= 0 ml, got {curve.tolist()}")
-    if curve.max() <= 0:
-        raise IdealError(
-            f"no LV blood pool was found in any of the {curve.size} frames: check that the cine is a "
-            "short-axis stack through the ventricles and that the model suits it"
-        )
-    if curve.max() == curve.min():
-        raise IdealError(
-            f"the LV volume is {curve[0]:.3g} ml in every frame: end-diastole and end-systole cannot be told "
-            "apart; check the cine has frames across the whole heart cycle"
-        )
-    return int(np.argmax(curve)), int(np.argmin(curve))
 
 
 def _check_labels(labels: Image, what: str) -> None:

@@ -89,6 +89,7 @@ class RefinementSession:
             )
             self.draft.SetAttribute(DRAFT_ATTRIBUTE, self.segmentation.GetID())
             self.draft.SetHideFromEditors(True)
+            self.draft.AddDefaultStorageNode()  # hidden, so no save dialog offers it: a .mrml + files save needs this
 
     def clicks(self) -> list[Click]:
         """The clicks of the point list, oldest first (points in world LPS mm)."""
@@ -343,8 +344,17 @@ class RefineController:
         return session.markups
 
     def point_placed(self, index: int) -> None:
-        """The user placed point ``index``: give it the chosen structure and sign and refine."""
-        if self.session is None or self.placing is None:
+        """The user placed point ``index``: give it the chosen structure and sign and refine.
+
+        A point placed on the clicks list some other way (the Markups toolbar) has no structure or sign:
+        it is removed, else every later refinement would stop at it.
+        """
+        if self.session is None:
+            return
+        if self.placing is None:
+            if self.session.markups is not None and 0 <= index < self.session.markups.GetNumberOfControlPoints():
+                self.session.markups.RemoveNthControlPoint(index)
+                self.session.last_message = "Place clicks with Add positive / Add negative (a point needs a structure and a sign)"
             return
         label, positive = self.placing
         self.placing = None

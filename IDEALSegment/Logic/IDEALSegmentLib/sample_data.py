@@ -19,8 +19,8 @@ from IDEALTrain.io.sample_data import SAMPLE_FOLDER, Sample, load_sample, read_s
 from .volumes import volume_from_image
 
 SAMPLE_CATEGORY = "Cardiac MRI (IDEALSegment)"
-SAMPLE_NAME = "IDEALSegmentCardiacCine"
-SAMPLE_DESCRIPTION = "Cine MRI ED/ES\n(Sunnybrook)"
+#: The sample's button text: registerCustomSampleDataSource takes no sampleDescription, so Sample Data shows the name.
+SAMPLE_NAME = "Cine MRI ED/ES (Sunnybrook)"
 THUMBNAIL = "Icons/IDEALSegmentSample.png"
 EXPERT_ATTRIBUTE = "IDEALSegment.ExpertFigures"  # JSON: the expert's LV EDV, ESV, EF, mass
 PHASES = ("ED", "ES")
@@ -41,7 +41,7 @@ def sample_data_source(resources: Path | None = None) -> dict:
         "fileNames": [f"{sample.patient}_{phase}.dcm" for phase in PHASES],
         "nodeNames": [phase_node_name(sample, phase) for phase in PHASES],
         "loadFiles": [False] * len(PHASES),
-        "loadFileType": ["VolumeFile"] * len(PHASES),
+        "loadFileTypes": ["VolumeFile"] * len(PHASES),
         "thumbnailFileName": str(resources / THUMBNAIL),
     }
 

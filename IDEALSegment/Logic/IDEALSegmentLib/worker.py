@@ -188,5 +188,5 @@ class WorkerJob:
         if self.worker is None or self._exit is not None:
             return
         self.cancelled = True
+        self._kill_at = time.monotonic() + grace  # armed first: the worker is killed even if the signal goes nowhere
         self.worker.stop()
-        self._kill_at = time.monotonic() + grace

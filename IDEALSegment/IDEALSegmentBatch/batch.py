@@ -2,8 +2,8 @@
 
 Run it inside Slicer or in plain Python with slicer-core installed::
 
-    Slicer --no-main-window --python-script IDEALSegment/batch.py --model BUNDLE --input IN --output OUT
-    python IDEALSegment/batch.py --model BUNDLE --input IN --output OUT
+    Slicer --no-main-window --python-script IDEALSegment/IDEALSegmentBatch/batch.py --model BUNDLE --input IN --output OUT
+    python IDEALSegment/IDEALSegmentBatch/batch.py --model BUNDLE --input IN --output OUT
 
 IN is a volume file, a DICOM folder, or a folder of volume files (or of DICOM sub-folders). Each
 case is loaded into a fresh scene, segmented with IDEALSegmentLib.inference.segment_volume and
@@ -31,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-# Slicer's --python-script may not set __file__ or put this folder on sys.path. Installed, this file
-# sits one folder below the modules (qt-scripted-modules/IDEALSegmentBatch/), in the source tree beside them.
-_here = Path(globals().get("__file__") or sys.argv[0]).resolve().parent
-sys.path.insert(0, str(next((d for d in (_here, _here.parent) if (d / "IDEALSegmentPackages").is_dir()), _here)))
+# Slicer's --python-script may not set __file__ or put this folder on sys.path. This file sits one folder
+# below the modules, where Slicer does not look for modules: IDEALSegment/IDEALSegmentBatch/ in the source
+# tree, qt-scripted-modules/IDEALSegmentBatch/ installed; IDEALSegmentPackages is one folder up in both.
+sys.path.insert(0, str(Path(globals().get("__file__") or sys.argv[0]).resolve().parents[1]))
 import IDEALSegmentPackages  # noqa: E402,F401  registers IDEALTrain and IDEALSegmentLib by name
 
 from IDEALTrain.errors import IdealError  # noqa: E402
