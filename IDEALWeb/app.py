@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.labels import CARDIAC_LABELS
 
 from .security import DataFolder, OutputFolder, serve_policy
 
@@ -91,6 +92,7 @@ class IDEALWebApp:
         from IDEALSegmentLib.trainer_panel import EncoderStart
 
         s.structures = STRUCTURES
+        s.reviewable = [{"value": info.segment_id, "title": info.name} for info in CARDIAC_LABELS]
         # Reusing a pretrained encoder bundle needs a file chooser: the Slicer panel offers it.
         s.encoders = [{"value": e.value, "title": e.label()} for e in EncoderStart if e is not EncoderStart.REUSE]
         s.update({
@@ -165,6 +167,10 @@ class IDEALWebApp:
                     html.Td("{{ row.shown }}", style="text-align: right;")
                     html.Td("{{ row.Unit }}", style="padding-left: 6px;")
             html.Div("{{ expert }}", v_if=("expert",), classes="text-caption")
+            v.VSelect(
+                label="Reviewed structures (none ticked: the edited ones)", items=("reviewable",), v_model=("reviewed", []), multiple=True,
+                chips=True, density="compact", hide_details=True, id="reviewed-select", classes="mt-2",
+            )
             with html.Div(classes="d-flex flex-wrap"):
                 v.VBtn("Recompute", click=self.recompute, disabled=("!can_recompute",), id="recompute-button", size="small", classes="ma-1")
                 v.VBtn("Mark reviewed", click=self.mark_reviewed, disabled=("!can_review",), id="mark-reviewed-button", size="small", classes="ma-1")
@@ -301,7 +307,7 @@ class IDEALWebApp:
         self._guard(self.session.recompute)
 
     def mark_reviewed(self) -> None:
-        self._guard(self.session.mark_reviewed)
+        self._guard(self.session.mark_reviewed, list(self.state.reviewed or []))
         self._refresh_dataset()
 
     def add_to_pool(self) -> None:

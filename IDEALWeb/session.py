@@ -163,7 +163,8 @@ class WebSession:
             value = exact.get(key)
             row["key"] = key
             row["exact"] = "" if value is None else repr(float(value))
-            row["shown"] = "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+            # A row the measurements table knows is shown to one decimal; any other row (e.g. a QC flag) as the table has it.
+            row["shown"] = f"{value:.1f}" if value is not None and not math.isnan(value) else ("" if key else row.get("Value", ""))
             result.append(row)
         return result
 
@@ -189,8 +190,11 @@ class WebSession:
         self.showing_es = False
         return self.panel.next_review_slice()
 
-    def mark_reviewed(self) -> Path:
-        return self.panel.mark_reviewed(self.output.corrections, self.reviewer, end_systole=self.showing_es and self.panel.p.esSegmentation is not None)
+    def mark_reviewed(self, structures: list[str] | None = None) -> Path:
+        """Add the shown image and segmentation as one reviewed case; ``structures``: the segment IDs ticked as
+        reviewed (None or empty: the ones edited since the model drew them)."""
+        end_systole = self.showing_es and self.panel.p.esSegmentation is not None
+        return self.panel.mark_reviewed(self.output.corrections, self.reviewer, end_systole=end_systole, structures=list(structures) if structures else None)
 
     def add_to_pool(self) -> int:
         return self.panel.add_to_pool(self.output.corrections)
