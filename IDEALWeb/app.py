@@ -106,7 +106,7 @@ class IDEALWebApp:
             "train_encoder": "model", "train_iterations": 200, "train_budget": 0, "training": False,
             "train_fraction": 0.0, "train_line": "", "train_validation": "", "train_status": "", "comparison": [],
             "can_use_model": False, "use_model_text": "Use this model", "use_model_question": "", "ask_use_model": False,
-            "dataset_text": "",
+            "dataset_text": "", "train_plan": "",
         })
         self._refresh_dataset()
 
@@ -212,6 +212,7 @@ class IDEALWebApp:
                 v.VBtn("Train", click=self.train, disabled=("training || busy",), id="train-button", color="primary", classes="mr-2")
                 v.VBtn("Cancel training", click=self.cancel_training, disabled=("!training",), id="cancel-train-button")
             v.VProgressLinear(v_if=("training",), model_value=("train_fraction * 100",), height=6, color="green", id="train-progress")
+            html.Div("Plan: {{ train_plan }}", v_if=("train_plan",), id="train-plan", classes="text-caption")
             html.Div("{{ train_line }}", id="train-line", classes="text-caption")
             html.Div("{{ train_validation }}", id="train-validation", classes="text-caption")
             html.Div("{{ train_status }}", id="train-status", classes="text-caption", style="white-space: pre-wrap;")
@@ -486,6 +487,7 @@ class IDEALWebApp:
         s.training = trainer.busy
         s.train_fraction, s.train_line, s.train_validation = session.training_fraction, session.training_line, session.validation_line
         s.train_status = session.trainer.p.statusText
+        s.train_plan = " then ".join(session.trainer.phases)
         s.comparison = session.comparison()
         s.can_use_model, s.use_model_text = trainer.use_model, trainer.use_model_text
         self._refresh_voxels()

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
-from helpers import import_slicer_core, tiny_bundle
+from helpers import import_slicer_core
 
 slicer = import_slicer_core()
 
@@ -19,6 +18,7 @@ from IDEALSegmentLib.corrections import read_manifest  # noqa: E402
 from IDEALSegmentLib.measurements import table_measurements  # noqa: E402
 from IDEALSegmentLib.registry import ModelRegistry  # noqa: E402
 from IDEALSegmentLib.segmentations import labels_from_segmentation, register_converter_rules  # noqa: E402
+from test_logic_cine import responsive_bundle  # noqa: E402
 
 from IDEALTrain.errors import IdealError  # noqa: E402
 from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
@@ -34,12 +34,7 @@ from IDEALWeb.studies import list_studies  # noqa: E402
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A models folder with one small model whose labels follow the image (so ED and ES differ)."""
-    bundle = tiny_bundle(0)
-    for key in list(bundle.weights):
-        if key.endswith("classifier.bias"):
-            bundle.weights[key] = torch.zeros_like(bundle.weights[key])
-        elif key.endswith("classifier.weight"):
-            bundle.weights[key] = bundle.weights[key] * 50.0
+    bundle = responsive_bundle()
     bundle.model_id, bundle.version = "web-test", "1.0.0"
     root = tmp_path_factory.mktemp("models")
     save_bundle(bundle, root / "user" / "web-test-1.0.0")
