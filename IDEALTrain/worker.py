@@ -16,6 +16,7 @@ import sys
 
 from .cli import build_parser
 from .errors import IdealError
+from .io.output_guard import exit_status, sigterm_as_interrupt
 
 WORKER_COMMANDS = ("segment", "evaluate", "refine")
 
@@ -29,7 +30,8 @@ def run(arguments: list[str]) -> tuple[int, str | None]:
     if args.command not in WORKER_COMMANDS:
         return 2, f"the worker runs only {', '.join(WORKER_COMMANDS)}, not {args.command}"
     try:
-        args.func(args)
+        with sigterm_as_interrupt():  # a Cancel (SIGTERM) unwinds the command, so its temporary files are removed
+            args.func(args)
     except IdealError as error:
         return 2, str(error)
     except Exception as error:  # reported to the panel; the worker stays up for the next command
@@ -53,7 +55,10 @@ def main() -> None:
         except (ValueError, KeyError, TypeError):
             print(json.dumps({"event": "exit", "returncode": 2, "error": f"not a worker request: {line.strip()[:200]}"}), flush=True)
             continue
-        code, error = run(arguments)
+        try:
+            code, error = run(arguments)
+        except KeyboardInterrupt as interruption:  # cancelled: the command has cleaned up; the worker ends
+            sys.exit(exit_status(interruption))
         sys.stdout.flush()
         print(json.dumps({"event": "exit", "returncode": code, "error": error}), flush=True)
 

@@ -126,3 +126,22 @@ def test_not_a_bundle(tmp_path):
         load_bundle(tmp_path / "empty")
     with pytest.raises(IdealError, match="no such model bundle"):
         load_bundle(tmp_path / "absent")
+
+
+def test_bundle_edit_keeps_the_click_to_fix_network(tmp_path, capsys):
+    """An edited copy of a model lost its refinement/ network; now it comes along verified (a .zip says it cannot)."""
+    from helpers import tiny_refinement_bundle
+
+    from IDEALTrain.cli import main
+    from IDEALTrain.model.card import REFINEMENT_FOLDER, read_card
+
+    model = save_bundle(tiny_bundle(), tmp_path / "model")
+    save_bundle(tiny_refinement_bundle(tiny_bundle()), model / REFINEMENT_FOLDER)
+    assert main(["bundle", "edit", str(model), "--out", str(tmp_path / "edited"), "--version", "2.0.0"]) == 0
+    assert read_card(tmp_path / "edited" / REFINEMENT_FOLDER) == read_card(model / REFINEMENT_FOLDER)
+    capsys.readouterr()
+    assert main(["bundle", "edit", str(model), "--out", str(tmp_path / "edited.zip")]) == 0
+    assert "cannot hold refinement/" in capsys.readouterr().err
+    (model / REFINEMENT_FOLDER / "model.pt").write_bytes(b"\x80\x04 a pickle")
+    assert main(["bundle", "edit", str(model), "--out", str(tmp_path / "again")]) == 2
+    assert "pickle" in capsys.readouterr().err and not (tmp_path / "again").exists()

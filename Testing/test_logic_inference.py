@@ -220,3 +220,24 @@ def test_bad_input_is_one_clear_message_and_the_scene_is_unchanged(bundle_path, 
         with pytest.raises(IdealError, match=message):
             segment_volume(volume, bundle_path if model == "model" else model, device="cpu")
         assert node_ids(scene) == before, message
+
+
+def test_a_bundle_changed_in_place_is_never_used_from_memory(tmp_path):
+    """The predictor cache was keyed on the folder's time, which files rewritten in place do not change."""
+    import os
+
+    from IDEALTrain.model.card import WEIGHTS_NAME
+
+    path = save_bundle(varied_bundle(), tmp_path / "model")
+    first = load_predictor(path, "cpu")
+    assert load_predictor(path, "cpu") is first
+    folder_time = os.stat(path).st_mtime_ns
+    other = save_bundle(varied_bundle(seed=3), tmp_path / "other")
+    for name in ("card.json", WEIGHTS_NAME):
+        (path / name).write_bytes((other / name).read_bytes())
+    assert os.stat(path).st_mtime_ns == folder_time
+    assert load_predictor(path, "cpu") is not first
+    weights = path / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(IdealError, match="checksum"):
+        load_predictor(path, "cpu")

@@ -249,3 +249,30 @@ def test_the_engine_selector_reaches_the_worker(tmp_path):
             assert f"refined with {clicks} click(s)" in status and f"({name})" in status, status
     finally:
         controller.close()
+
+
+def test_a_click_outside_the_image_is_refused_and_never_joins_the_list(bundle_path):
+    """A click outside the image stayed in the click list, so every later click failed until Undo."""
+    from IDEALSegmentLib.refinement import RefineController
+
+    scene = slicer.vtkMRMLScene()
+    image = oblique_image(shape=(4, 28, 30))
+    volume = volume_from_image(image, scene, "v")
+    segmentation = segmentation_from_labels(image.with_array(np.zeros(image.array.shape, np.uint8)), volume)
+    controller = RefineController()
+    outside = ras_of(image, 2, 14, 300)
+    try:
+        markups = controller.start_placing(volume, segmentation, bundle_path, "cpu", 3, True)
+        index = markups.AddControlPointWorld(*outside)  # the user clicked beside the image in a view
+        with pytest.raises(IdealError, match="outside the image"):
+            controller.point_placed(index)
+        session = controller.session
+        assert markups.GetNumberOfControlPoints() == 0 and not session.busy and session.undo_stack == []
+        with pytest.raises(IdealError, match="outside the image"):
+            session.add_click(outside, 3, False)
+        assert session.clicks() == [] and not session.busy
+        session.add_click(ras_of(image, 2, 14, 15), 3, True)  # the next click works
+        assert "refined with 1 click" in session.wait()
+        assert labels_from_segmentation(segmentation, volume).array[2, 14, 15] == 3
+    finally:
+        controller.close()

@@ -256,3 +256,155 @@ def test_listing_again_reverifies_nothing_until_a_bundle_changes(folders, monkey
     registry.entries()
     registry.entries()
     assert len(calls) == 1
+
+
+# -- issue 27: companion networks, ids and versions, a full disk -----------------------------------------------------
+def _model_with_refinement(folder, name="my-model"):
+    """A model folder carrying a valid refinement network, as the shipped model does."""
+    trained = write_bundle(folder, name, "0.1.0")
+    save_bundle(tiny_refinement_bundle(load_bundle(trained)), trained / REFINEMENT_FOLDER)
+    return trained
+
+
+def _break_refinement(model, how, tmp_path):
+    refinement = model / REFINEMENT_FOLDER
+    if how == "pickle only":  # a torch.save checkpoint where the network should be
+        import shutil
+
+        shutil.rmtree(refinement)
+        refinement.mkdir()
+        (refinement / "model.pt").write_bytes(b"\x80\x04\x95 pickle that would run code")
+    elif how == "pickle beside":
+        (refinement / "model.pt").write_bytes(b"\x80\x04\x95 pickle that would run code")
+    elif how == "link out":
+        secret = tmp_path / "secret.txt"
+        secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+        (refinement / "notes.txt").symlink_to(secret)
+    elif how == "link loop":
+        (refinement / "loop").symlink_to(refinement / "loop")
+    elif how == "file":
+        import shutil
+
+        shutil.rmtree(refinement)
+        refinement.write_text("not a network")
+    elif how == "folder loop":
+        import shutil
+
+        shutil.rmtree(refinement)
+        refinement.symlink_to(refinement)
+    elif how == "corrupt":
+        weights = refinement / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+
+BROKEN_REFINEMENT = {
+    "pickle only": "pickle",
+    "pickle beside": "pickle-based file model.pt",
+    "link out": "symbolic link",
+    "link loop": "looping symbolic link",
+    "file": "is not a folder",
+    "folder loop": "looping symbolic link",
+    "corrupt": "checksum",
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN_REFINEMENT))
+def test_a_broken_or_unsafe_refinement_network_is_never_copied_and_the_listing_says_so(folders, tmp_path, how, capsys):
+    """register copied refinement/ unchecked (a pickle, /etc/passwd through a link); a loop was a traceback; the
+    listing showed nothing wrong and a file or a loop silently fell back to level set."""
+    from IDEALTrain.cli import main
+
+    shipped, user = folders
+    trained = _model_with_refinement(tmp_path)
+    _break_refinement(trained, how, tmp_path)
+    message = BROKEN_REFINEMENT[how]
+    registry = ModelRegistry(user, shipped)
+    with pytest.raises(IdealError, match=f"not registered: .*{message}"):
+        registry.register(trained)
+    assert not user.exists() or list(user.iterdir()) == []  # nothing copied, not even a hidden staging folder
+    # the listing shows the model (it still segments) and says its click-to-fix network is refused
+    import shutil
+
+    shutil.copytree(trained, user / "listed", symlinks=True)
+    entry = registry.entries()[0]
+    assert entry.refinement_problem and message in entry.refinement_problem
+    assert "click-to-fix network unusable" in entry.display_name and "refused" in entry.training_summary
+    assert any("click to fix will refuse it" in p for p in registry.problems)
+    assert main(["bundle", "info", str(trained)]) == 2  # bundle info names it too
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_refinement_network_replaced_in_place_is_verified_again_when_listed(folders):
+    shipped, user = folders
+    model = _model_with_refinement(user)
+    registry = ModelRegistry(user, shipped)
+    assert registry.entries()[0].refinement_problem is None and registry.problems == []
+    _break_refinement(model, "corrupt", None)  # same folder, same names: only the weights changed
+    assert "checksum" in registry.entries()[0].refinement_problem
+
+
+@pytest.mark.parametrize("version", ["../x y", "1.0.0/../../evil", "", "1.0\n"])
+def test_register_refuses_a_version_the_listing_would_hide(folders, tmp_path, version):
+    shipped, user = folders
+    trained = write_bundle(tmp_path, "my-model", "0.1.0")
+    registry = ModelRegistry(user, shipped)
+    with pytest.raises(IdealError, match="is not a version number"):
+        registry.register(trained, version=version)
+    assert not user.exists() or list(user.iterdir()) == []
+    entry = registry.register(trained, version="0.2.0")
+    assert [e.version for e in registry.entries()] == [entry.version]  # what is registered is listed
+
+
+def test_a_model_id_that_is_a_path_is_refused(folders, tmp_path):
+    shipped, user = folders
+    for bad in ("../../etc", "a/b", "x" * 101):
+        trained = write_bundle(tmp_path, "ok", "0.1.0")
+        rewrite_card(trained, id=bad)
+        with pytest.raises(IdealError, match="is not a usable name"):
+            ModelRegistry(user, shipped).register(trained)
+        import shutil
+
+        shutil.rmtree(trained)
+
+
+@pytest.fixture
+def full_user_dir(tmp_path, monkeypatch):
+    """A user model folder on a disk with no space left (a real tmpfs where mounting is allowed)."""
+    import subprocess
+    from pathlib import Path
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    try:
+        if mounted:
+            with open(folder / ".filler", "wb", buffering=0) as handle, pytest.raises(OSError):
+                while True:
+                    handle.write(b"\0" * 1024)
+        else:  # no mount allowed: writes into the folder fail as a full disk would
+            import errno
+
+            real = Path.write_bytes
+
+            def full(self, data):
+                if folder in self.parents:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(self, data)
+
+            monkeypatch.setattr(Path, "write_bytes", full)
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_register_on_a_full_disk_is_one_line_and_copies_nothing(folders, tmp_path, full_user_dir):
+    shipped, _ = folders
+    trained = _model_with_refinement(tmp_path)
+    with pytest.raises(IdealError, match="not registered: .*No space left on device") as caught:
+        ModelRegistry(full_user_dir, shipped).register(trained)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in full_user_dir.iterdir()) in ([".filler"], [])  # nothing half-copied

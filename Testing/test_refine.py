@@ -294,3 +294,54 @@ def test_simulated_clicks_fix_the_shipped_models_worst_acdc_volume(acdc_dir):
     far = (labels != draft.array) & (distance_from_clicks_mm(image, clicks) > 20.0)
     negative = {c.label for c in clicks if not c.positive}  # only whole deleted blobs may reach farther
     assert np.isin(draft.array[far], list(negative)).all() and (labels[far] != draft.array[far]).all()
+
+
+@pytest.mark.parametrize("entry", ["file", "loop", "pickle"])
+def test_a_refinement_entry_that_is_no_network_is_an_error_not_a_silent_level_set(tmp_path, entry):
+    """A refinement entry that was a file or a symlink loop silently fell back to level set."""
+    segmentation = varied_bundle()
+    path = save_bundle(segmentation, tmp_path / "model")
+    if entry == "file":
+        (path / REFINEMENT_FOLDER).write_text("not a network")
+    elif entry == "loop":
+        (path / REFINEMENT_FOLDER).symlink_to(path / REFINEMENT_FOLDER)
+    else:
+        (path / REFINEMENT_FOLDER).mkdir()
+        (path / REFINEMENT_FOLDER / "model.pt").write_bytes(b"\x80\x04\x95 a pickle")
+    message = {"file": "is not a folder", "loop": "looping symbolic link", "pickle": "pickle"}[entry]
+    for engine in ("auto", "guided"):
+        with pytest.raises(IdealError, match=message):
+            Refiner(path, device="cpu", engine=engine)
+    assert Refiner(path, device="cpu", engine="levelset").engine == "levelset"  # asked for level set: no network read
+
+
+def test_the_warm_refine_cache_follows_the_verified_checksum_not_the_folder_time(guided_bundle_path, tmp_path, capsys):
+    """The worker kept a refinement/ network replaced or damaged in place (same folder time) in memory."""
+    import os
+    import shutil
+
+    from IDEALTrain.cli import refine as refine_cli
+
+    model = tmp_path / "model"
+    shutil.copytree(guided_bundle_path, model)
+    image = oblique_image(shape=(5, 32, 36))
+    write_image(image, tmp_path / "image.nrrd")
+    write_image(image.with_array(np.zeros(image.array.shape, np.uint8)), tmp_path / "draft.nrrd")
+    (tmp_path / "clicks.json").write_text(json.dumps(clicks_document([Click(point_of(image, 2, 16, 18), 3, True)])))
+    args = ["refine", "--model", str(model), "--input", str(tmp_path / "image.nrrd"), "--draft", str(tmp_path / "draft.nrrd"),
+            "--clicks", str(tmp_path / "clicks.json"), "--device", "cpu", "--output", str(tmp_path / "out.nrrd"), "--overwrite"]
+    assert main(args) == 0
+    first = refine_cli._last["refiner"]
+    assert main(args) == 0 and refine_cli._last["refiner"] is first  # unchanged: the warm refiner is reused
+    folder_time = os.stat(model).st_mtime_ns
+    other = save_bundle(tiny_refinement_bundle(varied_bundle(), seed=7), tmp_path / "other")
+    for name in ("card.json", "model.safetensors"):  # replaced in place: same names, same model folder
+        (model / REFINEMENT_FOLDER / name).write_bytes((other / name).read_bytes())
+    assert os.stat(model).st_mtime_ns == folder_time
+    assert main(args) == 0 and refine_cli._last["refiner"] is not first  # reloaded
+    weights = model / REFINEMENT_FOLDER / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # damaged in place
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checksum" in err and len(err.splitlines()) == 1

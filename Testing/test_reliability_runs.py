@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,130 @@ def test_a_hand_broken_corrections_manifest_is_called_corrupt(tmp_path):
         manifest.write_text(json.dumps(broken))
         with pytest.raises(IdealError, match="manifest is corrupt"):
             dataset_summary(tmp_path)
+
+
+# -- issue 27: SIGTERM and SIGKILL while segmenting, refining and batching -----------------------------------
+def idealtrain_command(*arguments) -> list[str]:
+    return [sys.executable, "-m", "IDEALTrain", *map(str, arguments)]
+
+
+@pytest.fixture(scope="module")
+def kill_inputs(tmp_path_factory):
+    """An 8-frame cine, a 3D scan with a draft and a click, a folder of two cases, and a tiny model."""
+    import numpy as np
+    import SimpleITK as sitk
+    from helpers import oblique_image
+
+    root = tmp_path_factory.mktemp("kill")
+    frames = [oblique_image().with_array(oblique_image(seed=t).array).to_sitk() for t in range(8)]
+    sitk.WriteImage(sitk.JoinSeries(frames), str(root / "cine.nii.gz"))
+    scan = write_image(oblique_image(), root / "scan.nii.gz")
+    draft = write_image(oblique_image().with_array(np.zeros((7, 40, 48), np.uint8)), root / "draft.nii.gz")
+    (root / "clicks.json").write_text(json.dumps({"clicks": [{"point": list(oblique_image().origin), "label": 3}]}))
+    for n in range(2):
+        write_image(make_phantom(n, size=(40, 36, 6))[0], root / "cases" / f"case{n}.nii.gz")
+    return {"root": root, "cine": root / "cine.nii.gz", "scan": scan, "draft": draft, "clicks": root / "clicks.json",
+            "cases": root / "cases", "model": save_bundle(tiny_bundle(), root / "model")}
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+def test_sigterm_during_all_frames_leaves_no_frame_and_the_rerun_works(kill_inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    command = idealtrain_command("segment", "--model", kill_inputs["model"], "--input", kill_inputs["cine"], "--all-frames",
+                                 "--output", out / "seg.nii.gz", "--uncertainty", out / "u.nii.gz", "--device", "cpu",
+                                 "--progress-json")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    for line in process.stdout:
+        if json.loads(line).get("item", 0) >= 2:  # frames 0 and 1 are done
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == "idealtrain: interrupted (SIGTERM); unfinished outputs were removed", err[-2000:]
+    assert visible(out) == [] and hidden(out) == []
+    capsys.readouterr()
+    assert main(command[3:]) == 0  # not refused by leftovers
+    assert len(visible(out)) == 16 and hidden(out) == []
+
+
+def _kill_command(tool: str, inputs: dict, out: Path) -> list[str]:
+    if tool == "segment":
+        return idealtrain_command("segment", "--model", inputs["model"], "--input", inputs["cine"], "--all-frames",
+                                  "--output", out / "seg.nii.gz", "--uncertainty", out / "u.nii.gz", "--device", "cpu")
+    if tool == "refine":
+        return idealtrain_command("refine", "--model", inputs["model"], "--input", inputs["scan"], "--draft", inputs["draft"],
+                                  "--clicks", inputs["clicks"], "--output", out / "refined.seg.nrrd", "--device", "cpu")
+    return [sys.executable, str(BATCH), "--model", str(inputs["model"]), "--input", str(inputs["cases"]),
+            "--output", str(out), "--mrb", "--device", "cpu"]
+
+
+def _whole_or_nothing(tool: str, out: Path) -> None:
+    """Each output present reads whole, and a run's (a batch case's) outputs are all there or none is."""
+    import zipfile
+
+    from IDEALTrain.io.volume_files import read_image
+
+    names = visible(out)
+    if tool == "segment":
+        assert names in ([], sorted([f"seg_frame{n:02d}.nii.gz" for n in range(8)] + [f"u_frame{n:02d}.nii.gz" for n in range(8)]))
+    elif tool == "refine":
+        assert names in ([], ["refined.seg.nrrd"])
+    else:
+        for case in ("case0", "case1"):
+            assert {n for n in names if n.startswith(f"{case}.")} in (set(), {f"{case}.seg.nrrd", f"{case}.mrb"}), names
+    for name in names:
+        if name.endswith(".mrb"):
+            assert zipfile.is_zipfile(out / name), name
+        else:
+            read_image(out / name)  # refuses a truncated file
+
+
+@pytest.mark.parametrize("tool", ["segment", "refine", "batch"])
+def test_sigkill_at_a_random_point_leaves_whole_outputs_or_nothing(kill_inputs, tmp_path, tool):
+    """Killed at a random moment of a whole run (timed first), the output folder holds nothing new or whole
+    outputs; the next run reports and removes the leftovers and writes everything."""
+    start = time.monotonic()
+    whole = subprocess.run(_kill_command(tool, kill_inputs, tmp_path / "timed"), capture_output=True, text=True,
+                           env=environment(), timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    seconds = time.monotonic() - start
+    at = random.Random().uniform(0.3 * seconds, seconds)  # after the imports, up to the end of the run
+    out = tmp_path / "out"
+    process = subprocess.Popen(_kill_command(tool, kill_inputs, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=environment())
+    try:
+        process.wait(timeout=at)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    process.wait()
+    _whole_or_nothing(tool, out)
+    leftovers = hidden(out)
+    again = subprocess.run(_kill_command(tool, kill_inputs, out) + ["--overwrite"], capture_output=True, text=True,
+                           env=environment(), timeout=300)
+    assert again.returncode == 0, (at, again.stderr[-2000:])
+    assert ("leftover temporary file(s) of an interrupted run" in again.stderr) == bool(leftovers), (at, leftovers, again.stderr)
+    assert hidden(out) == [], at
+    assert visible(out) == visible(tmp_path / "timed")
+    _whole_or_nothing(tool, out)
+
+
+def test_batch_clicks_must_be_a_folder_with_the_cases_clicks(batch, inputs, tmp_path, capsys):
+    root, model = inputs
+    (tmp_path / "file.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "someone-else.clicks.json").write_text('{"clicks": []}')
+    common = ["--model", str(model), "--input", str(root / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"]
+    for clicks, message in ((tmp_path / "missing", "no such folder"), (tmp_path / "file.json", "is a file"),
+                            (tmp_path / "other", "holds none of the cases' clicks files (e.g. heart.clicks.json)")):
+        capsys.readouterr()
+        assert batch.main([*common, "--clicks", str(clicks)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("batch: error: --clicks") and message in err and "\n" not in err, err
+    assert not list((tmp_path / "out").glob("*.seg.nrrd"))

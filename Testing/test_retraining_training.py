@@ -137,4 +137,25 @@ def test_init_from_carries_the_bundle_over(old_model, tmp_path):
     assert card["training"]["refinement_network"] == f"carried over from {old.model_id} {old.version}"
     assert Refiner(out, device="cpu").engine == "guided"  # click-to-fix keeps its network after a retraining
     with pytest.raises(IdealError, match="cannot hold"):
-        save_bundle(old, tmp_path / "new.zip", companions={REFINEMENT_FOLDER: path / REFINEMENT_FOLDER})
+        save_bundle(old, tmp_path / "new.zip", companions_from=path)
+
+
+@pytest.mark.parametrize(("damage", "message"), [("pickle", "pickle-based file model.pt"), ("link", "symbolic link")])
+def test_init_from_refuses_an_unsafe_refinement_network_before_training(old_model, tmp_path, capsys, damage, message):
+    """finetune --init-from copied refinement/ unchecked (a pickle, a link to a file outside); it is verified
+    now, before a single iteration, and nothing is written."""
+    old, _ = old_model
+    path = save_bundle(old, tmp_path / "old")
+    save_bundle(tiny_refinement_bundle(old), path / REFINEMENT_FOLDER)
+    if damage == "pickle":
+        (path / REFINEMENT_FOLDER / "model.pt").write_bytes(b"\x80\x04\x95 a pickle")
+    else:
+        (tmp_path / "passwd").write_text("root:x:0:0\n")
+        (path / REFINEMENT_FOLDER / "notes").symlink_to(tmp_path / "passwd")
+    code = idealtrain([
+        "finetune", "--labeled", f"folder:{tmp_path / 'no-data-needed'}", "--supervised-only", "--init-from", str(path),
+        "--iterations", "1", "--device", "cpu", "--out", str(tmp_path / "new"),
+    ])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "remove" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "new").exists()

@@ -112,29 +112,30 @@ def _progress(total: int):
 def segment_case(path: Path, args: argparse.Namespace, predictor: object) -> dict:
     """Segment one case (a volume or a cine) into its own scene and write its files; a row of the summary.
 
-    Every output file is checked before any is written: existing ones are refused without --overwrite.
-    If a later file of the case fails, the files the case already wrote are removed: a case is
-    written whole or not at all, so a rerun is not refused by its leftovers.
+    The case's files go through IDEALTrain's output guard: checked before any is written (existing ones are
+    refused without --overwrite, none may replace an input), locked while written, and committed together
+    when the case is done: a case is written whole or not at all, whatever stops it (an error, Ctrl-C,
+    SIGTERM; after a SIGKILL the next run removes the hidden leftovers).
     """
     import slicer
 
+    from IDEALTrain.io.output_guard import OutputSet
+
     frames = read_case_frames(path)
     outputs = _outputs(path, args, len(frames) if frames is not None and len(frames) > 1 else 0)
-    written: list[Path] = []
+    paths = [p for value in outputs.values() for p in (value if isinstance(value, list) else [value])]
+    inputs = [path, args.model, args.clicks / f"{case_name(path)}.clicks.json" if args.clicks else None]
     scene = slicer.vtkMRMLScene()
     try:
-        if "frames" in outputs:
-            return _segment_cine(scene, path, frames, args, predictor, outputs, written)
-        return _segment_volume(scene, path, frames, args, predictor, outputs, written)
-    except BaseException:
-        for output in written:
-            output.unlink(missing_ok=True)
-        raise
+        with OutputSet(paths, args.overwrite, inputs=inputs) as run:
+            if "frames" in outputs:
+                return _segment_cine(scene, path, frames, args, predictor, outputs, run)
+            return _segment_volume(scene, path, frames, args, predictor, outputs, run)
     finally:
         scene.Clear(True)
 
 
-def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, written: list) -> dict:
+def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, run) -> dict:
     """One 3D volume: IDEALSegmentLib.inference.segment_volume, as the module's Segment button."""
     from IDEALSegmentLib.inference import segment_volume
     from IDEALSegmentLib.scene_files import save_scene_bundle
@@ -148,9 +149,9 @@ def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, w
 
         refined = refine_with_clicks_file(volume, result.segmentation, args.clicks / f"{case_name(path)}.clicks.json", predictor)
     labels = labels_from_segmentation(result.segmentation, volume, predictor.bundle.labels)
-    written.append(write_segmentation(result.segmentation, labels, outputs["segmentation"], predictor.bundle.labels))
+    write_segmentation(result.segmentation, labels, run.staged(outputs["segmentation"]), predictor.bundle.labels)
     if "mrb" in outputs:
-        written.append(save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite))
+        save_scene_bundle(scene, run.staged(outputs["mrb"]))
     row = {"case": case_name(path), "status": "ok", "seconds": result.seconds,
            "summary": result.summary() + (f"; {refined}" if refined else "")}
     if args.measurements_csv is not None:
@@ -158,7 +159,7 @@ def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, w
     return row
 
 
-def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dict, written: list) -> dict:
+def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dict, run) -> dict:
     """A cine: IDEALSegmentLib.cine.segment_sequence, as the module does, writing one .seg.nrrd per frame.
 
     A cine whose ED/ES cannot be found (no LV in any frame, the same LV volume in all) still gets its
@@ -175,9 +176,9 @@ def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dic
     for index, target in enumerate(outputs["frames"]):
         segmentation = result.segmentation_sequence.GetNthDataNode(index)
         labels = labels_from_segmentation(segmentation, cine.GetNthDataNode(index), predictor.bundle.labels)
-        written.append(write_segmentation(segmentation, labels, target, predictor.bundle.labels))
+        write_segmentation(segmentation, labels, run.staged(target), predictor.bundle.labels)
     if "mrb" in outputs and not result.note:
-        written.append(save_scene_bundle(scene, outputs["mrb"], overwrite=args.overwrite))
+        save_scene_bundle(scene, run.staged(outputs["mrb"]))
     row = {"case": name, "status": "ok", "seconds": time.perf_counter() - start, "frames": len(frames),
            "frame_ml": result.frame_labels_ml}
     if not result.note:
@@ -200,9 +201,7 @@ def write_segmentation(segmentation: object, labels: object, path: Path, label_m
 
 
 def _outputs(path: Path, args: argparse.Namespace, frames: int = 0) -> dict:
-    """Output files of one case (``frames`` > 0: a cine's per-frame files), refused up front when any exists."""
-    from IDEALTrain.io.atomic import check_outputs
-
+    """Output files of one case (``frames`` > 0: a cine's per-frame files)."""
     name = case_name(path)
     if frames:
         outputs = {"frames": [args.output / frame_file_name(name, n) for n in range(frames)]}
@@ -210,7 +209,6 @@ def _outputs(path: Path, args: argparse.Namespace, frames: int = 0) -> dict:
         outputs = {"segmentation": args.output / f"{name}{SEGMENTATION_SUFFIX}"}
     if args.mrb is not None:
         outputs["mrb"] = args.mrb / f"{name}.mrb"
-    check_outputs([p for value in outputs.values() for p in (value if isinstance(value, list) else [value])], args.overwrite)
     return outputs
 
 
@@ -279,7 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Segment every case; the exit status is the number of failed cases (capped at 125; at least 1 when the
     measurements CSV could not be written), 2 for bad arguments (checked before any case is segmented)."""
+    from IDEALTrain.io.output_guard import sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():  # SIGTERM stops the batch as Ctrl-C does: the case being written is dropped whole
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from IDEALTrain.io.output_guard import exit_status
+
     _vtk_messages_to_stderr()
     args.mrb = args.output if args.mrb is True else (Path(args.mrb) if args.mrb else None)
     try:
@@ -299,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in cases:
         try:
             rows.append(segment_case(path, args, predictor))
+        except KeyboardInterrupt as interruption:
+            if bar is not None:
+                bar.close()
+            print(f"batch: interrupted at {path}: {len(rows)} of {len(cases)} case(s) were written whole, "
+                  "the one in progress not at all; no measurements CSV", file=sys.stderr)
+            return exit_status(interruption)
         except Exception as error:  # one bad case must not stop the batch
             message = str(error) if isinstance(error, IdealError) else f"{type(error).__name__}: {error}"
             rows.append({"case": case_name(path), "status": "failed", "error": message})
@@ -350,8 +363,22 @@ def _check_arguments(args: argparse.Namespace) -> list[Path]:
             raise IdealError(os_error_message(folder, error)) from None
         setattr(args, name, folder)
     if args.measurements_csv is not None:
-        args.measurements_csv = check_outputs([args.measurements_csv], args.overwrite)[0]
+        args.measurements_csv = check_outputs([args.measurements_csv], args.overwrite, inputs=cases)[0]
+    if args.clicks is not None:
+        _check_clicks_folder(args.clicks, cases)
     return cases
+
+
+def _check_clicks_folder(folder: Path, cases: list[Path]) -> None:
+    """--clicks must be a folder holding a ``<case>.clicks.json`` for at least one case: a wrong path
+    would otherwise refine nothing and report success."""
+    if not folder.exists():
+        raise IdealError(f"--clicks {folder}: no such folder")
+    if not folder.is_dir():
+        raise IdealError(f"--clicks {folder}: is a file; give the folder of <case>.clicks.json files")
+    names = [f"{case_name(path)}.clicks.json" for path in cases]
+    if not any((folder / name).is_file() for name in names):
+        raise IdealError(f"--clicks {folder}: holds none of the cases' clicks files (e.g. {names[0]}); check the folder")
 
 
 def _vtk_messages_to_stderr() -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..errors import IdealError, TrainingStopped
@@ -26,18 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; user errors print one line and exit 2, a stopped training run exits 3."""
+    """Run one command; user errors print one line and exit 2, a stopped training run exits 3, and
+    SIGTERM stops any other command as Ctrl-C does: its unfinished outputs are removed (exit 128 + signal)."""
+    from ..io.output_guard import exit_status, sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-        if args.command in TRAINING_COMMANDS:
-            from ..training.distributed import finish_distributed
+        with sigterm_as_interrupt():
+            args.func(args)
+            if args.command in TRAINING_COMMANDS:
+                from ..training.distributed import finish_distributed
 
-            finish_distributed()
+                finish_distributed()
     except IdealError as error:
         print(f"idealtrain: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
         print(f"idealtrain: {stopped}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as interruption:
+        status = exit_status(interruption)
+        print(f"idealtrain: interrupted ({signal.Signals(status - 128).name}); unfinished outputs were removed", file=sys.stderr)
+        return status
     return 0

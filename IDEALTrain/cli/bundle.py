@@ -15,7 +15,7 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
     from ..model.bundle import load_bundle, save_bundle
     from ..model.postprocessing import Postprocessing
 
-    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")
+    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite", kind="bundle")
     bundle = load_bundle(args.bundle)
     for option, attribute in (("id", "model_id"), ("version", "version"), ("description", "description"), ("licence", "licence")):
         if getattr(args, option) is not None:
@@ -27,15 +27,31 @@ def cmd_bundle_edit(args: argparse.Namespace) -> None:
         measured_with = Postprocessing.from_json(bundle.validation.get("postprocessing", {}))
         if bundle.validation.get("mean") and measured_with != bundle.postprocessing:
             print(f"note: the card's validation figures were measured with {measured_with}; re-measure them with idealtrain evaluate", file=sys.stderr)
-    save_bundle(bundle, args.out, half_precision=args.half, overwrite=args.overwrite)
+    companions_from = _carried_companion(args.bundle, args.out)
+    save_bundle(bundle, args.out, half_precision=args.half, overwrite=args.overwrite, companions_from=companions_from)
     print(f"wrote model bundle {args.out}")
 
 
+def _carried_companion(source: str, out: str) -> str | None:
+    """The edited model's folder when its (verified) click-to-fix network comes along into a folder ``out``; a
+    .zip cannot hold it, which is said on stderr rather than dropped silently."""
+    from ..model.card import REFINEMENT_FOLDER, verify_companion
+
+    if not Path(source).is_dir() or verify_companion(source) is None:
+        return None
+    if Path(out).suffix.lower() == ".zip":
+        print(f"note: {out} is a .zip, which cannot hold {REFINEMENT_FOLDER}/: click to fix will use levelset", file=sys.stderr)
+        return None
+    return source
+
+
 def cmd_bundle_info(args: argparse.Namespace) -> None:
-    """Verify a bundle, then print its card."""
+    """Verify a bundle and its click-to-fix network (``refinement/``), then print its card."""
     from ..model.bundle import load_bundle, read_card
+    from ..model.card import verify_companion
 
     load_bundle(args.bundle)  # verifies checksum, label map and architecture first
+    verify_companion(args.bundle)  # a broken or unsafe refinement/ is named now, not at the first click
     print(json.dumps(read_card(args.bundle), indent=2))
 
 

@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import IdealError
-from ..io.atomic import check_outputs
+from ..io.output_guard import OutputSet
 from .common import DEVICE_HELP
 
 
@@ -15,18 +14,18 @@ def cmd_refine(args: argparse.Namespace) -> None:
     """Refine ``--draft`` with ``--clicks`` and write the labels on exactly the input's grid."""
     from ..inference.clicks import read_clicks
     from ..inference.refine import Refiner, check_refinement_inputs
-    from ..io.volume_files import read_image, read_label, write_image
+    from ..io.volume_files import check_output_type, read_image, read_label, write_image
 
-    output = check_outputs([args.output], args.overwrite, hint="choose another --output or pass --overwrite")[0]
-    if output in (Path(args.input).absolute(), Path(args.draft).absolute()) and not args.overwrite:
-        raise IdealError(f"{args.output}: the output would replace an input; choose another --output")
-    image = read_image(args.input, args.frame)
-    draft = read_label(args.draft)
-    clicks = read_clicks(args.clicks)
-    refiner = _refiner(Refiner, args)
-    check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
-    result = refiner.refine(image, draft, clicks)
-    write_image(result.labels, output, refiner.predictor.bundle.labels)
+    check_output_type(args.output)
+    inputs = [args.input, args.draft, args.clicks, args.model, args.refinement]
+    with OutputSet([args.output], args.overwrite, "choose another --output or pass --overwrite", inputs=inputs) as run:
+        image = read_image(args.input, args.frame)
+        draft = read_label(args.draft)
+        clicks = read_clicks(args.clicks)
+        refiner = _refiner(Refiner, args)
+        check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
+        result = refiner.refine(image, draft, clicks)
+        write_image(result.labels, run.staged(args.output), refiner.predictor.bundle.labels)
     message = {
         "event": "refined",
         "labels": str(args.output),
@@ -48,11 +47,15 @@ _last: dict = {}
 
 
 def _refiner(refiner_class: type, args: argparse.Namespace):
-    """The refiner of the previous call when model, device and engine match: in the warm worker
-    (``IDEALTrain.worker``) the next click on the same image then reuses the network's prior."""
+    """The refiner of the previous call when the model's and refinement network's verified contents, device and
+    engine match: in the warm worker (``IDEALTrain.worker``) the next click on the same image then reuses the
+    network's prior, and a bundle replaced or damaged in place is reloaded or refused, never used from memory."""
+    from ..model.card import bundle_fingerprint
+
     model = Path(args.model).absolute()
-    stamp = model.stat().st_mtime_ns if model.exists() else 0
-    key = (str(model), stamp, args.device, args.engine, args.radius_mm, args.refinement)
+    refinement = bundle_fingerprint(args.refinement) if args.refinement else None
+    fingerprint = bundle_fingerprint(model, companion=args.engine in ("auto", "guided") and not args.refinement)
+    key = (str(model), fingerprint, args.device, args.engine, args.radius_mm, args.refinement, refinement)
     if _last.get("key") != key:
         _last.clear()
         refiner = refiner_class(

@@ -28,11 +28,8 @@ def _check_arguments(args: argparse.Namespace) -> Path:
     from ..training.refinement_training import check_training_budget
 
     check_training_budget(args.iterations, args.minutes, args.batch, args.lr)
-    output = check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")[0]
-    for name, given in (("--model", args.model), ("--start", args.start), ("--data", args.data)):
-        if given and output == Path(given).absolute():
-            raise IdealError(f"--out {args.out} would replace {name}; choose another --out")
-    return output
+    return check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite",
+                         inputs=[args.model, args.start, args.data], kind="bundle")[0]
 
 
 def _load(path: str, kind: str, flag: str):

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from ..errors import IdealError
 from ..io.atomic import check_outputs
+from ..io.output_guard import OutputSet
 from .common import DEVICE_HELP, write_json
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    """Segment one volume (or every frame of a cine) with a bundle."""
+    """Segment one volume (or every frame of a cine) with a bundle; all outputs are committed together."""
     from ..inference.predictor import Predictor
-    from ..io.volume_files import frame_path, read_frames, read_image, write_image
+    from ..io.volume_files import check_output_type, frame_path, read_frames, read_image, write_image
 
     output = Path(args.output) if args.output else Path(Path(args.input).name.split(".")[0] + ".seg.nrrd")
     if args.all_frames:
@@ -25,23 +26,29 @@ def cmd_segment(args: argparse.Namespace) -> None:
     outputs = [path for path, _ in targets]
     if args.uncertainty:
         outputs += [frame_path(Path(args.uncertainty), n) if args.all_frames else Path(args.uncertainty) for n in range(len(targets))]
-    check_outputs(outputs, args.overwrite, hint="choose another --output or pass --overwrite")
-    predictor = Predictor(args.model, device=args.device)
-    for index, (path, image) in enumerate(targets):
-        prediction = predictor.predict(image, _slice_progress(args, index, len(targets)))
-        write_image(prediction.labels, path, predictor.bundle.labels)
-        source = f"{args.input} frame {index}" if args.all_frames else args.input
-        message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
-        uncertainty_path = None
-        if args.uncertainty and prediction.uncertainty is not None:
-            uncertainty_path = frame_path(Path(args.uncertainty), index) if args.all_frames else Path(args.uncertainty)
-            write_image(prediction.uncertainty, uncertainty_path)
-            message += f"; uncertainty -> {uncertainty_path}"
-        if args.progress_json:
-            message = json.dumps({
-                "event": "segmented", "index": index, "total": len(targets), "labels": str(path), "device": prediction.device,
-                "seconds": prediction.seconds, "uncertainty": str(uncertainty_path) if uncertainty_path else None,
-            })
+    for path in outputs:
+        check_output_type(path)
+    messages = []
+    hint = "choose another --output or pass --overwrite"
+    with OutputSet(outputs, args.overwrite, hint, inputs=[args.input, args.model]) as run:
+        predictor = Predictor(args.model, device=args.device)
+        for index, (path, image) in enumerate(targets):
+            prediction = predictor.predict(image, _slice_progress(args, index, len(targets)))
+            write_image(prediction.labels, run.staged(path), predictor.bundle.labels)
+            source = f"{args.input} frame {index}" if args.all_frames else args.input
+            message = f"segmented {source} -> {path} on {prediction.device} in {prediction.seconds:.2f} s"
+            uncertainty_path = None
+            if args.uncertainty and prediction.uncertainty is not None:
+                uncertainty_path = frame_path(Path(args.uncertainty), index) if args.all_frames else Path(args.uncertainty)
+                write_image(prediction.uncertainty, run.staged(uncertainty_path))
+                message += f"; uncertainty -> {uncertainty_path}"
+            if args.progress_json:
+                message = json.dumps({
+                    "event": "segmented", "index": index, "total": len(targets), "labels": str(path), "device": prediction.device,
+                    "seconds": prediction.seconds, "uncertainty": str(uncertainty_path) if uncertainty_path else None,
+                })
+            messages.append(message)
+    for message in messages:  # once every file is in place
         print(message, flush=True)
 
 

@@ -16,12 +16,26 @@ def _check_output(args: argparse.Namespace) -> Path:
 
     if args.iterations < 1:
         raise IdealError(f"--iterations must be at least 1, got {args.iterations}")
-    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite")
+    inputs = [getattr(args, name, None) for name in ("init_from", "pretrained", "provenance")]
+    inputs += data_paths([getattr(args, name, None) for name in ("data", "labeled", "unlabeled", "val")])
+    check_outputs([args.out], args.overwrite, hint="choose another --out or pass --overwrite", inputs=inputs, kind="bundle")
     if args.checkpoint_dir:
         check_checkpoint_dir(args.checkpoint_dir, args.resume)
     elif args.resume:
         raise IdealError("--resume needs --checkpoint-dir")
     return Path(args.out)
+
+
+def data_paths(specs: list) -> list[str]:
+    """The folders a data SPEC (``folder:DIR``, ``ssl4mis:DIR[:LIST]``, ``sunnybrook:DIR``, or a list of them) names:
+    inputs an output must never replace."""
+    paths = []
+    for spec in specs:
+        for one in spec if isinstance(spec, list) else [spec]:
+            if one:
+                rest = str(one).partition(":")[2] or str(one)
+                paths += [rest, rest.rsplit(":", 1)[0]]
+    return paths
 
 
 def network_and_plan(args: argparse.Namespace, pretrained=None):
@@ -53,7 +67,7 @@ def network_and_plan(args: argparse.Namespace, pretrained=None):
     return network, plan
 
 
-def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, companions: dict | None = None) -> None:
+def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, companions_from: Path | None = None) -> None:
     from ..model.bundle import save_bundle
 
     if bundle is None:  # not rank 0 of a multi-process run
@@ -61,7 +75,7 @@ def _save_trained(bundle, args: argparse.Namespace, output: Path, data: dict, co
     bundle.model_id, bundle.version = args.id, args.version
     bundle.licence, bundle.description = args.licence, args.description
     bundle.training.update(data)
-    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite, companions=companions)
+    save_bundle(bundle, output, half_precision=getattr(args, "half", False), overwrite=args.overwrite, companions_from=companions_from)
     print(json.dumps({"event": "done", "bundle": str(output)}) if args.progress_json else f"wrote model bundle {output}")
 
 
@@ -113,15 +127,19 @@ def carry_over_card(args: argparse.Namespace, initial) -> None:
         args.half = True
 
 
-def carried_refinement(init_from: str | None, output: Path) -> dict[str, Path]:
-    """The --init-from model's refinement network, for a folder output: a retrained model keeps click-to-fix's
-    network (trained on the old model's drafts, it still corrects the new one's better than levelset)."""
-    from ..model.card import REFINEMENT_FOLDER
+def carried_refinement(init_from: str | None, output: Path) -> Path | None:
+    """The --init-from model folder when its refinement network is to come along (a folder output): a retrained
+    model keeps click-to-fix's network (trained on the old model's drafts, it still corrects the new one's better
+    than levelset). Verified before training starts, so a broken or unsafe one fails now, not after the run."""
+    from ..model.card import REFINEMENT_FOLDER, verify_companion
 
-    folder = Path(init_from) / REFINEMENT_FOLDER if init_from else None
-    if folder is None or not folder.is_dir() or Path(output).suffix.lower() == ".zip":
-        return {}
-    return {REFINEMENT_FOLDER: folder}
+    if not init_from or not Path(init_from).is_dir() or Path(output).suffix.lower() == ".zip":
+        return None
+    try:
+        found = verify_companion(init_from)
+    except IdealError as error:
+        raise IdealError(f"{error} (or remove {Path(init_from) / REFINEMENT_FOLDER} to retrain without it)") from None
+    return Path(init_from) if found is not None else None
 
 
 def _provenance(path: str | None) -> dict:
@@ -191,6 +209,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     initial = load_bundle(args.init_from) if args.init_from else None
     if initial is not None and initial.kind != "segmentation":
         raise IdealError(f"{args.init_from} is a {initial.kind} bundle; --init-from takes a segmentation model (for an encoder use --pretrained)")
+    companions_from = carried_refinement(args.init_from, output)
     config = _train_config(args, pretrained or initial, **_finetune_options(args))
     carry_over_card(args, initial)
     selection = selection_from_args(args)
@@ -201,10 +220,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     bundle = train_segmentation(labeled, config, unlabeled=unlabeled, pretrained=pretrained, initial=initial, **_run_options(args))
     data = {"labeled_data": args.labeled, "unlabeled_data": args.unlabeled, "selection": selection.describe(), "validation_data": args.val}
     data.update(_provenance(args.provenance))
-    companions = carried_refinement(args.init_from, output)
-    if companions:
+    if companions_from is not None:
         data["refinement_network"] = f"carried over from {initial.model_id} {initial.version}"
-    _save_trained(bundle, args, output, data, companions)
+    _save_trained(bundle, args, output, data, companions_from)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

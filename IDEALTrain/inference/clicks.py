@@ -7,6 +7,7 @@ The document is ``{"clicks": [{"point": [x, y, z], "label": L, "positive": true|
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,25 +29,38 @@ class Click:
         return {"point": [float(v) for v in self.point], "label": int(self.label), "positive": bool(self.positive)}
 
 
+#: Bounds of a clicks document: a hostile file is one line, never a RecursionError or an overflow.
+MAX_CLICKS_BYTES = 1 << 20
+MAX_CLICKS = 10_000
+MAX_DEPTH = 8  # the document itself nests 4 deep
+MAX_COORDINATE_MM = 1e6
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _number(value: object) -> bool:
+    """A JSON number (not a boolean) within +-MAX_COORDINATE_MM (NaN, inf and 400-digit integers are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -MAX_COORDINATE_MM <= value <= MAX_COORDINATE_MM
+
+
 def parse_clicks(data: object) -> list[Click]:
     """Clicks from the ``{"clicks": [{"point": [x, y, z], "label": L, "positive": bool}, ...]}`` document."""
     if not isinstance(data, dict) or not isinstance(data.get("clicks"), list):
         raise IdealError(
             'clicks must be a JSON object {"clicks": [{"point": [x, y, z], "label": L, "positive": true}]}'
         )
+    if len(data["clicks"]) > MAX_CLICKS:
+        raise IdealError(f"{len(data['clicks'])} clicks: at most {MAX_CLICKS} are read")
     clicks = []
     for n, item in enumerate(data["clicks"]):
         if not isinstance(item, dict) or "point" not in item or "label" not in item:
             raise IdealError(f"click {n}: needs a 'point' [x, y, z] and a 'label'")
         point, label, positive = item["point"], item["label"], item.get("positive", True)
-        if (
-            not isinstance(point, list)
-            or len(point) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in point)
-        ):
-            raise IdealError(f"click {n}: 'point' must be three finite numbers (LPS mm), got {point!r}")
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise IdealError(f"click {n}: 'label' must be an integer label value, got {label!r}")
+        if not isinstance(point, list) or len(point) != 3 or not all(_number(v) for v in point):
+            shown = repr(point) if len(repr(point)) <= 80 else repr(point)[:77] + "..."
+            raise IdealError(f"click {n}: 'point' must be three finite numbers within +-{MAX_COORDINATE_MM:g} mm (LPS), got {shown}")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 255:
+            shown = repr(label) if len(repr(label)) <= 40 else repr(label)[:37] + "..."
+            raise IdealError(f"click {n}: 'label' must be an integer label value 0-255, got {shown}")
         if not isinstance(positive, bool):
             raise IdealError(f"click {n}: 'positive' must be true or false, got {positive!r}")
         clicks.append(Click(tuple(float(v) for v in point), label, positive))
@@ -58,11 +72,26 @@ def read_clicks(path: str | Path) -> list[Click]:
     path = Path(path)
     if not path.is_file():
         raise IdealError(f"clicks file not found: {path}")
+    if path.stat().st_size > MAX_CLICKS_BYTES:
+        raise IdealError(f"{path}: {path.stat().st_size} bytes is too large for a clicks file (at most {MAX_CLICKS_BYTES})")
+    raw = path.read_bytes()
+    if _depth(raw) > MAX_DEPTH:
+        raise IdealError(f"{path}: nested more than {MAX_DEPTH} levels deep; not a clicks file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise IdealError(f"{path}: not valid JSON ({error})") from None
-    return parse_clicks(data)
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise IdealError(f"{path}: not valid JSON ({str(error)[:200]})") from None
+    try:
+        return parse_clicks(data)
+    except IdealError as error:
+        raise IdealError(f"{path}: {error}") from None
+
+
+def _depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (strings skipped), without parsing it."""
+    brackets = np.frombuffer(_STRINGS.sub(b'""', raw), np.uint8)
+    steps = np.isin(brackets, (ord("["), ord("{"))).astype(np.int64) - np.isin(brackets, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def clicks_document(clicks: list[Click]) -> dict:

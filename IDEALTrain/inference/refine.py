@@ -7,7 +7,8 @@ prior, the draft is the starting point and the clicks edit it locally: only the 
 error), only within ``radius_mm`` of a click (in 3D; gated propagation aside), except that a negative click in the middle of a blob
 deletes the whole blob of its slice (:func:`.refine_engines.deleted_blob`). Every clicked voxel ends as its
 click says; when two clicks hit the same voxel the later one wins. Without clicks the draft comes back
-unchanged. Engines: :mod:`.refine_guided` (the click-conditioned network a model folder may hold in
+unchanged. A negative click never adds voxels of its structure within its reach
+(:func:`.refine_engines.keep_negative_clicks_negative`), except within the reach of a positive click for it. Engines: :mod:`.refine_guided` (the click-conditioned network a model folder may hold in
 ``refinement/``; ``auto`` picks it when there is one, else ``levelset``), :mod:`.refine_engines` and
 :mod:`.refine_tta`; ``propagate_slices`` carries clicks of the other engines to neighbouring slices where
 those show the same kind of error (:mod:`.refine_propagation`).
@@ -25,16 +26,17 @@ import numpy as np
 from ..errors import IdealError
 from ..io.image import Image
 from ..model.bundle import Bundle, load_bundle
-from ..model.card import REFINEMENT_FOLDER
+from ..model.card import REFINEMENT_FOLDER, verify_companion
 from ..model.preprocessing import normalise_slices
 from .clicks import Click, voxel_of
 from .predictor import Predictor
-from .refine_engines import ENGINES, SliceClick, adopt_changed_decisions
+from .refine_engines import ENGINES, SliceClick, adopt_changed_decisions, keep_negative_clicks_negative
 from .refine_propagation import PROPAGATE_SLICES, adjacent_clicks, propagated_clicks
 
 DEFAULT_ENGINE = "auto"
 ENGINE_CHOICES = ("auto", *sorted(ENGINES))
 DEFAULT_RADIUS_MM = 20.0
+MAX_RADIUS_MM = 500.0  # a click reaches at most half a metre: inf or 1e300 would overflow the reach arithmetic
 
 
 def check_refinement_inputs(image: Image, draft: Image, clicks: list[Click], labels: tuple[int, ...]) -> list:
@@ -96,15 +98,16 @@ class Refiner:
         ``guided``, the refinement bundle (default: the model folder's ``refinement/``, when there is one)."""
         if engine not in ENGINE_CHOICES:
             raise IdealError(f"unknown refinement engine {engine!r}; choose from {list(ENGINE_CHOICES)}")
-        if not radius_mm > 0:
-            raise IdealError(f"refinement radius must be > 0 mm, got {radius_mm}")
+        if not (isinstance(radius_mm, (int, float)) and 0 < radius_mm <= MAX_RADIUS_MM):
+            raise IdealError(f"refinement radius must be a number of mm above 0 and at most {MAX_RADIUS_MM:g}, got {radius_mm}")
         if not (isinstance(propagate_slices, int) and propagate_slices >= 0):
             raise IdealError(f"propagate_slices must be a whole number >= 0, got {propagate_slices!r}")
         self.predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device)
         self.labels = tuple(label.value for label in self.predictor.bundle.labels)
         source = self.predictor.source
-        if refinement is None and source is not None and (source / REFINEMENT_FOLDER).is_dir():
-            refinement = source / REFINEMENT_FOLDER
+        if refinement is None and engine in ("auto", "guided") and source is not None and source.is_dir():
+            if verify_companion(source) is not None:  # a broken or unsafe refinement/ is an error, never ignored
+                refinement = source / REFINEMENT_FOLDER
         if engine == "auto":
             engine = "guided" if refinement is not None else "levelset"
         self.engine = engine
@@ -197,6 +200,9 @@ class Refiner:
                     labels[here] = engine(
                         normalised[here], prior, labels[here], slice_clicks, inplane_spacing, self.radius_mm
                     )
+                labels[here] = keep_negative_clicks_negative(
+                    draft.array[here], labels[here], prior, slice_clicks, inplane_spacing, self.radius_mm
+                )
         changed = int(np.count_nonzero(labels != draft.array))
         return Refinement(image.with_array(labels), changed, time.perf_counter() - start)
 

@@ -119,6 +119,43 @@ def honour_clicks(labels: np.ndarray, prior: np.ndarray, clicks: list[SliceClick
             labels[r, c] = int(others.argmax())
 
 
+def keep_negative_clicks_negative(
+    draft: np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    clicks: list[SliceClick],
+    spacing: tuple[float, float],
+    radius_mm: float,
+) -> np.ndarray:
+    """``labels`` of one slice without a voxel of structure L that the draft did not have, within the reach of a
+    negative click for L (real or carried over) and out of reach of every positive click for L there: "this is
+    not L" never adds L (the guided network, given a negative click, could redraw L around it). Such a voxel gets
+    its draft class back, or, where that class is refused there too, its most probable class that is not.
+    Clicked voxels are left as their clicks set them."""
+    negated: dict[int, np.ndarray] = {}
+    for label in {c.label for c in clicks if not c.positive}:
+        near = {True: np.zeros(draft.shape, bool), False: np.zeros(draft.shape, bool)}
+        for click in (c for c in clicks if c.label == label):
+            reach = radius_mm if click.reach_mm is None else click.reach_mm
+            near[click.positive] |= _distance_from(click.voxel, draft.shape, spacing) <= reach
+        negated[label] = near[False] & ~near[True]
+    wrong = np.zeros(draft.shape, bool)
+    for label, mask in negated.items():
+        wrong |= mask & (labels == label) & (draft != label)
+    for click in clicks:
+        if not click.soft:
+            wrong[click.voxel] = False
+    if not wrong.any():
+        return labels
+    out = labels.copy()
+    allowed = np.log(np.clip(draft_prior(probabilities, draft), 1e-6, None))
+    for label, mask in negated.items():
+        allowed[label][mask] = -np.inf
+    refused_draft = np.take_along_axis(allowed, draft[None].astype(np.intp), 0)[0] == -np.inf
+    out[wrong] = np.where(refused_draft, allowed.argmax(axis=0), draft)[wrong]
+    return out
+
+
 def _finish(draft: np.ndarray, box, near, labels, prior, clicks) -> np.ndarray:
     """Keep the draft outside the click disks, honour the clicks, paste the box back."""
     labels = np.where(near, labels, draft[box]).astype(np.uint8)

@@ -3,17 +3,22 @@ and every output path is checked before any work starts.
 
 :func:`atomic_path` writes to a temporary file beside the target, flushes it to disk, lets the
 caller verify it (size, a read-back of the header) and only then renames it onto the target.
-:func:`check_outputs` is the one output-path check every command and the batch script run first.
+:func:`check_outputs` (from :mod:`.output_guard`) is the one output-path check every command and the batch
+script run first.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import IdealError
+from .output_guard import check_outputs, check_writable_folder, os_error_message, temp_prefix
+
+#: The output checks live in :mod:`.output_guard`; callers have always imported them from here too.
+__all__ = ["atomic_path", "check_outputs", "check_writable_folder", "file_mode", "os_error_message"]
 
 
 def _umask() -> int:
@@ -27,25 +32,21 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def os_error_message(path: str | Path, error: OSError) -> str:
-    """One line for a failed write: the path and the system's reason (e.g. 'No space left on device')."""
-    return f"{path}: could not write ({error.strerror or error})"
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | Path, verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that is renamed onto it only if the block succeeds.
 
     The written file must be non-empty and is synced to disk; ``verify`` (if given) then checks it,
     raising IdealError if it is not what was meant. The temporary name keeps the full suffix
-    (``.nii.gz``, ``.seg.nrrd``) so writers that pick a format by extension choose the right one.
+    (``.nii.gz``, ``.seg.nrrd``, in lower case) so writers that pick a format by extension choose the right
+    one; its name marks it as this process's, for :func:`.output_guard.sweep_leftovers` after a kill.
     A write that fails (a full disk included) raises IdealError and leaves ``path`` as it was.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(path.suffixes) or ".tmp"
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem.split('.')[0]}-", suffix=suffix, dir=path.parent)
+        suffix = "".join(path.suffixes).lower() or ".tmp"  # lower case: ITK picks its writer by a case-sensitive suffix
+        handle, temp_name = tempfile.mkstemp(prefix=temp_prefix(path.name.split(".")[0]), suffix=suffix, dir=path.parent)
         os.close(handle)
     except OSError as error:
         raise IdealError(os_error_message(path, error)) from None
@@ -69,45 +70,3 @@ def _finish(temp: Path, path: Path, verify: Callable[[Path], None] | None) -> No
         verify(temp)
     os.chmod(temp, file_mode())
     os.replace(temp, path)
-
-
-def _existing_folder(path: Path) -> Path:
-    """The nearest existing ancestor of ``path`` (``path`` itself if it exists), which must be a folder."""
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise IdealError(f"{path}: {parent} is a file, not a folder" if parent != path else f"{path}: is a file, not a folder")
-            return parent
-    return Path.cwd()
-
-
-def check_writable_folder(folder: str | Path) -> None:
-    """Refuse a folder (existing or to be created) that cannot take new files; a real probe, not os.access."""
-    folder = Path(folder)
-    base = _existing_folder(folder)
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as error:
-        raise IdealError(f"{folder}: cannot write there ({error.strerror or error})") from None
-
-
-def check_outputs(paths: Iterable[str | Path | None], overwrite: bool, hint: str = "pass --overwrite to replace it") -> list[Path]:
-    """The one output-path check, run before any work: no two outputs on one path, no parent that is a
-    file, a writable folder, and no existing output unless ``overwrite``. Returns the paths, absolute."""
-    resolved, seen = [], {}
-    for path in paths:
-        if path is None:
-            continue
-        path = Path(path)
-        absolute = Path(os.path.abspath(path))
-        if absolute in seen:
-            raise IdealError(f"two outputs would be written to the same file {path}: choose different names")
-        seen[absolute] = path
-        resolved.append(absolute)
-    for path in resolved:
-        check_writable_folder(path.parent)
-    existing = [str(seen[p]) for p in resolved if p.exists()]
-    if existing and not overwrite:
-        raise IdealError(f"output already exists: {', '.join(existing)}; {hint}")
-    return resolved

@@ -112,24 +112,44 @@ def check_complete(path: str | Path) -> sitk.ImageFileReader:
     return reader
 
 
-def check_nifti_nans(path: str | Path, reader: sitk.ImageFileReader) -> None:
-    """Refuse NaN voxels in a float NIfTI file: ITK's NIfTI reader turns them into zeros without a word,
-    so an all-NaN volume would look like an empty one and a partly-NaN one like real data."""
-    path = Path(path)
-    dtype = {sitk.sitkFloat32: "f4", sitk.sitkFloat64: "f8"}.get(reader.GetPixelID())
-    if dtype is None or not path.name.lower().endswith((".nii", ".nii.gz")):
-        return
+def _nifti_bytes(path: Path, whole: bool) -> tuple[bytes, str]:
+    """The header (``whole``: the whole file) of a NIfTI file, decompressed, and its byte order."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as handle:
-        data = handle.read()
+        data = handle.read() if whole else handle.read(544)
     little = int.from_bytes(data[:4], "little") in (348, 540)
-    if int.from_bytes(data[:4], "little" if little else "big") == 540:
-        offset = int.from_bytes(data[168:176], "little" if little else "big")  # NIfTI-2: int64 vox_offset
-    else:
-        offset = int(np.frombuffer(data[108:112], ("<" if little else ">") + "f4")[0])
-    voxels = np.frombuffer(data, ("<" if little else ">") + dtype, count=data_bytes(reader) // int(dtype[1]), offset=offset)
+    return data, "<" if little else ">"
+
+
+def check_nifti(path: str | Path, reader: sitk.ImageFileReader) -> None:
+    """What ITK's NIfTI reader hides: zero or negative voxel spacing (read as 1 mm) and non-finite voxels
+    (NaN and +-inf read as 0). Either is refused with one line, the non-finite voxels counted."""
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    dtype = {sitk.sitkFloat32: "f4", sitk.sitkFloat64: "f8"}.get(reader.GetPixelID())
+    data, order = _nifti_bytes(path, whole=dtype is not None)
+    nifti2 = int.from_bytes(data[:4], "little" if order == "<" else "big") == 540
+    if nifti2:  # float64 pixdim[8] at 104, int64 vox_offset at 168
+        pixdim = np.frombuffer(data[104:168], order + "f8")
+        offset = int.from_bytes(data[168:176], "little" if order == "<" else "big")
+    else:  # float32 pixdim[8] at 76, float32 vox_offset at 108
+        pixdim = np.frombuffer(data[76:108], order + "f4")
+        offset = int(np.frombuffer(data[108:112], order + "f4")[0])
+    spatial = pixdim[1 : 1 + min(3, reader.GetDimension())]
+    if not np.all(np.isfinite(spatial)) or np.any(spatial <= 0):
+        raise IdealError(
+            f"{path}: the header gives voxel spacing {[float(s) for s in spatial]} mm (pixdim); every spacing "
+            "must be a positive number: fix the header (IDEALSegment never guesses a voxel size)"
+        )
+    if dtype is None:
+        return
+    voxels = np.frombuffer(data, order + dtype, count=data_bytes(reader) // int(dtype[1]), offset=offset)
     nans = int(np.count_nonzero(np.isnan(voxels)))
+    infinite = int(np.count_nonzero(np.isinf(voxels)))
     if nans == voxels.size:
         raise IdealError(f"{path}: every voxel is NaN (not a number): there is no image to use")
-    if nans:
-        raise IdealError(f"{path}: {nans} of {voxels.size} voxels are NaN (not a number); fix or mask them first")
+    if nans or infinite:
+        what = (f"are NaN or infinite ({nans} NaN, {infinite} +-inf)" if nans and infinite
+                else "are NaN (not a number)" if nans else "are infinite (+-inf)")
+        raise IdealError(f"{path}: {nans + infinite} of {voxels.size} voxels {what}; fix or mask them first")

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from ..errors import IdealError
 from ..labels import LabelInfo
 from .atomic import atomic_path
-from .file_check import check_complete, check_nifti_nans
+from .file_check import check_complete, check_nifti
 from .image import Image
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -24,6 +24,18 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", SEGMENTATION_SUFFIX, ".nrrd", ".mha", ".mh
 def has_volume_suffix(path: str | Path) -> bool:
     """True for file names this module can read or write."""
     return str(path).lower().endswith(VOLUME_SUFFIXES)
+
+
+def check_output_type(path: str | Path) -> Path:
+    """Refuse, before any work, an output name this module cannot write and read back: an unknown suffix,
+    or ``.MHA``/``.MHD`` not in lower case (ITK reads those only in lower case; ``.NII.GZ`` and ``.NRRD`` are fine)."""
+    path = Path(path)
+    if not has_volume_suffix(path):
+        raise IdealError(f"{path}: unsupported output type; use {', '.join(VOLUME_SUFFIXES)}")
+    suffix = path.suffix
+    if suffix.lower() in (".mha", ".mhd") and suffix != suffix.lower():
+        raise IdealError(f"{path}: write the suffix in lower case ({suffix.lower()}); ITK cannot read a {suffix} file back")
+    return path
 
 
 def strip_volume_suffix(name: str) -> str:
@@ -43,13 +55,14 @@ def frame_path(path: str | Path, frame: int) -> Path:
 
 
 def _checked_reader(path: Path) -> sitk.ImageFileReader:
-    """The header reader of a whole image file of a supported type (truncated, corrupt or NaN files refused)."""
+    """The header reader of a whole image file of a supported type (truncated, corrupt, non-finite or
+    zero-spacing files refused)."""
     if not path.exists():
         raise IdealError(f"{path}: no such file or folder")
     if not has_volume_suffix(path):
         raise IdealError(f"{path}: unsupported file type; use {', '.join(VOLUME_SUFFIXES)} or a DICOM folder")
     reader = check_complete(path)
-    check_nifti_nans(path, reader)
+    check_nifti(path, reader)
     return reader
 
 
@@ -126,9 +139,7 @@ def write_image(
     the label map's IDs, names, colours and terminology, the image as reference geometry, and
     ``segment_tags`` (e.g. which model made it) on every segment.
     """
-    path = Path(path)
-    if not has_volume_suffix(path):
-        raise IdealError(f"{path}: unsupported output type; use {', '.join(VOLUME_SUFFIXES)}")
+    path = check_output_type(path)
     sitk_image = image.to_sitk()
     if str(path).lower().endswith(".seg.nrrd"):
         if labels is None:
@@ -136,7 +147,7 @@ def write_image(
         _add_segmentation_metadata(sitk_image, image, labels, segment_tags or {})
     if path.name.lower().endswith(".mhd"):
         return _write_header_and_data(sitk_image, path)
-    with atomic_path(path, verify=lambda temp: _verify_written(temp, sitk_image)) as temp:
+    with atomic_path(path, verify=lambda temp: _verify_written(temp, sitk_image, path)) as temp:
         _sitk_write(sitk_image, temp, path)
     return path
 
@@ -149,12 +160,17 @@ def _sitk_write(sitk_image: sitk.Image, temp: Path, path: Path) -> None:
         raise IdealError(f"{path}: could not write the image ({reason})") from None
 
 
-def _verify_written(temp: Path, sitk_image: sitk.Image) -> None:
+def _verify_written(temp: Path, sitk_image: sitk.Image, path: Path) -> None:
     """The file just written must be whole and say the size and type that were meant (ITK's NIfTI writer
-    does not raise on a full disk)."""
-    reader = check_complete(temp)
-    if reader.GetSize() != sitk_image.GetSize() or reader.GetPixelID() != sitk_image.GetPixelID():
-        raise IdealError(f"{temp}: the written image does not read back as written (disk full or failing?)")
+    does not raise on a full disk). A failure names the output, never the hidden temporary file."""
+    try:
+        reader = check_complete(temp)
+        problem = "" if reader.GetSize() == sitk_image.GetSize() and reader.GetPixelID() == sitk_image.GetPixelID() else "other"
+    except IdealError as error:
+        problem = "truncated" if "truncated" in str(error) else "unreadable"
+    if problem:
+        raise IdealError(f"{path}: could not write the image: the written file reads back {problem} "
+                         "(disk full or failing?); nothing was replaced")
 
 
 def _write_header_and_data(sitk_image: sitk.Image, path: Path) -> Path:
@@ -165,19 +181,21 @@ def _write_header_and_data(sitk_image: sitk.Image, path: Path) -> Path:
     import tempfile
 
     from .atomic import file_mode, os_error_message
+    from .output_guard import temp_prefix
 
     data = path.with_suffix(".zraw")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".partial-{path.name}-", dir=path.parent))
+        folder = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     except OSError as error:
         raise IdealError(os_error_message(path, error)) from None
+    header = folder / f"{path.stem}.mhd"  # ITK picks the MetaImage writer by a lower-case suffix
     try:
-        _sitk_write(sitk_image, folder / path.name, path)
-        _verify_written(folder / path.name, sitk_image)
-        for name in (data.name, path.name):
-            os.chmod(folder / name, file_mode())
-            os.replace(folder / name, path.parent / name)
+        _sitk_write(sitk_image, header, path)
+        _verify_written(header, sitk_image, path)
+        for written, name in ((data.name, data.name), (header.name, path.name)):
+            os.chmod(folder / written, file_mode())
+            os.replace(folder / written, path.parent / name)
     except OSError as error:
         raise IdealError(os_error_message(path, error)) from None
     finally:

@@ -12,7 +12,6 @@ import json
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,19 @@ from safetensors.torch import save as save_safetensors
 from .. import __version__
 from ..errors import IdealError
 from ..io.atomic import atomic_path
+from ..io.output_guard import is_bundle, os_error_message, publish, signals_held, temp_prefix
 from ..labels import CARDIAC_LABELS, LabelInfo, check_label_map
-from .card import BUNDLE_FORMAT, BUNDLE_KINDS, CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_card, read_verified
+from .card import (
+    BUNDLE_FORMAT,
+    BUNDLE_KINDS,
+    CARD_NAME,
+    FORMAT_VERSION,
+    REFINEMENT_FOLDER,
+    WEIGHTS_NAME,
+    copy_companion,
+    read_card,
+    read_verified,
+)
 from .networks import NetworkConfig, SegmentationNetwork
 from .postprocessing import Postprocessing
 from .preprocessing import Preprocessing
@@ -120,17 +130,19 @@ def save_bundle(
     *,
     half_precision: bool = False,
     overwrite: bool = False,
-    companions: Mapping[str, Path] | None = None,
+    companions_from: str | Path | None = None,
 ) -> Path:
     """Write ``bundle`` as a folder, or a .zip when ``path`` ends in .zip; atomically.
 
-    ``companions`` (name -> folder) are copied into a folder bundle beside its card, in the same atomic step:
-    a model's ``refinement/`` network travels with it."""
+    ``companions_from``: a model folder whose ``refinement/`` network is copied, verified
+    (:func:`~.card.copy_companion`), into the new folder bundle in the same atomic step."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise IdealError(f"{path} already exists; choose another output or pass --overwrite")
-    if companions and path.suffix.lower() == ".zip":
-        raise IdealError(f"{path}: a .zip bundle cannot hold {sorted(companions)}; save it as a folder")
+    if path.exists() and not is_bundle(path):  # --overwrite replaces what this tool wrote, never any folder
+        raise IdealError(f"{path} exists and is not a model bundle; it is not replaced: choose another output")
+    if companions_from is not None and path.suffix.lower() == ".zip":
+        raise IdealError(f"{path}: a .zip bundle cannot hold the {REFINEMENT_FOLDER}/ network of {companions_from}; save it as a folder")
     weights = {name: t.detach().cpu().contiguous() for name, t in bundle.weights.items()}
     if half_precision:
         weights = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
@@ -142,19 +154,22 @@ def save_bundle(
             archive.writestr(CARD_NAME, card_text)
             archive.writestr(WEIGHTS_NAME, data)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
+    staging = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
         (staging / CARD_NAME).write_text(card_text)
         (staging / WEIGHTS_NAME).write_bytes(data)
-        for name, folder in (companions or {}).items():
-            shutil.copytree(folder, staging / name)
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
+        if companions_from is not None:
+            copy_companion(companions_from, staging)
+        with signals_held():
+            publish(staging, path, overwrite)  # the old bundle is moved aside, never deleted first
+    except OSError as error:  # a full disk included: the old bundle (if any) stays
+        raise IdealError(os_error_message(path, error)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

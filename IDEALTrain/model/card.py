@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import struct
 import zipfile
 import zlib
@@ -130,3 +132,122 @@ def read_verified(path: str | Path) -> tuple[dict, bytes]:
     card = parse_card(path, card_text)
     verify_weights(path, card, data)
     return card, data
+
+
+# -- companion networks (a model folder's refinement/) ---------------------------------------------------------------
+#: Most entries a companion folder may hold (a bundle holds two or three files; a huge tree is no bundle).
+COMPANION_MAX_ENTRIES = 64
+
+
+def bundle_fingerprint(path: str | Path, companion: bool = True) -> str:
+    """SHA-256 of a bundle's card text and verified weights (and, with ``companion``, of its verified
+    ``refinement/``): what a cache of loaded networks is keyed on, so a bundle changed in place is never used
+    from memory."""
+    path = Path(path)
+    card_text, data = read_bundle_files(path)
+    card = parse_card(path, card_text)
+    verify_weights(path, card, data)  # the weights' SHA-256 is now the card's
+    digest = hashlib.sha256(card_text.encode("utf-8"))
+    digest.update(card["weights"]["sha256"].encode())
+    if companion and path.is_dir():
+        digest.update((verify_companion(path) or "no refinement network").encode())
+    return digest.hexdigest()
+
+
+def companion_entry(bundle: Path, name: str = REFINEMENT_FOLDER) -> Path | None:
+    """``bundle/name`` when there is such an entry (a folder, a file, a dangling or looping link), else None."""
+    entry = Path(bundle) / name
+    return entry if os.path.lexists(entry) else None
+
+
+def verify_companion(bundle: str | Path, name: str = REFINEMENT_FOLDER) -> str | None:
+    """Verify a model folder's companion network (``refinement/``); its card's weights SHA-256, None without one.
+
+    The companion must be a folder inside the bundle holding a refinement bundle whose checksum matches its
+    card and whose labels are the model's; no pickle-based file, nothing but plain files and folders, and no
+    symbolic link that leaves the bundle, loops or points at a folder. Anything else is an IdealError naming it."""
+    bundle = Path(bundle)
+    entry = companion_entry(bundle, name)
+    if entry is None:
+        return None
+    root = _resolved(bundle, bundle)
+    where = f"{bundle}: {name}/"
+    if entry.is_symlink():
+        target = _resolved(entry, bundle, f"{name}/")
+        if not target.is_dir() or root not in target.parents:
+            raise IdealError(f"{where} is a symbolic link to {target}, outside the model folder; replace it with the folder itself")
+    if not entry.is_dir():
+        raise IdealError(f"{where} is not a folder (a refinement bundle is a folder with {CARD_NAME} and {WEIGHTS_NAME}); remove it or put the network there")
+    count = 0
+    for folder, subfolders, files in os.walk(entry):
+        for item in [*subfolders, *files]:
+            count += 1
+            if count > COMPANION_MAX_ENTRIES:
+                raise IdealError(f"{where} holds more than {COMPANION_MAX_ENTRIES} entries; a refinement bundle is {CARD_NAME} and {WEIGHTS_NAME}")
+            _check_companion_item(Path(folder) / item, entry, root, bundle)
+    card_text, data = read_bundle_files(entry)
+    card = parse_card(entry, card_text)
+    verify_weights(entry, card, data)
+    if card.get("kind") != "refinement":
+        raise IdealError(f"{where} holds a {card.get('kind', 'segmentation')} bundle, not a refinement network")
+    model_card = _folder_card(bundle)
+    if model_card is not None and _label_values(card) != _label_values(model_card):
+        raise IdealError(
+            f"{where} was made for labels {_label_values(card)}, the model has {_label_values(model_card)}; "
+            "train a refinement network for this model (idealtrain train-refiner)"
+        )
+    return card["weights"]["sha256"]
+
+
+def _check_companion_item(item: Path, entry: Path, root: Path, bundle: Path) -> None:
+    """One entry of a companion folder: a plain file or folder, or a link to a plain file inside the bundle; no pickle."""
+    inside = item.relative_to(entry).as_posix()
+    where = f"{bundle}: {entry.name}/"
+    if item.suffix.lower() in PICKLE_SUFFIXES:
+        raise IdealError(f"{where} holds the pickle-based file {inside}, which can run code when loaded; remove it")
+    if item.is_symlink():
+        target = _resolved(item, bundle, f"{entry.name}/{inside}")
+        if root not in target.parents or not target.is_file():
+            raise IdealError(f"{where}{inside} is a symbolic link to {target}, outside the model folder or not a file; remove it")
+    elif not (item.is_file() or item.is_dir()):
+        raise IdealError(f"{where}{inside} is not a plain file or folder; remove it")
+
+
+def _resolved(path: Path, bundle: Path, shown: str | None = None) -> Path:
+    """``path`` with every symbolic link followed; a loop or a dangling link is an IdealError naming the bundle
+    and ``shown`` (the path as the message shows it, default its name)."""
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop on Python < 3.13
+        reason = getattr(error, "strerror", None) or str(error)
+        raise IdealError(f"{bundle}: {shown or path.name} is a broken or looping symbolic link ({reason}); remove it") from None
+
+
+def _folder_card(bundle: Path) -> dict | None:
+    """The card of a folder bundle (its weights are not read), None without one."""
+    try:
+        return parse_card(bundle, (bundle / CARD_NAME).read_text(encoding="utf-8")) if (bundle / CARD_NAME).is_file() else None
+    except UnicodeDecodeError as error:
+        raise IdealError(f"{bundle}: {CARD_NAME} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _label_values(card: dict) -> list:
+    labels = card.get("labels")
+    values = [entry.get("value") for entry in labels if isinstance(entry, dict)] if isinstance(labels, list) else []
+    return sorted(values, key=str)  # any JSON values: a hostile card is a mismatch, not a TypeError
+
+
+def copy_companion(bundle: str | Path, destination: str | Path, name: str = REFINEMENT_FOLDER) -> bool:
+    """Copy a verified companion (:func:`verify_companion`) into the folder ``destination`` (a bundle being
+    staged), then verify the copy; False when ``bundle`` has none. Links inside the bundle are copied as files."""
+    bundle, destination = Path(bundle), Path(destination)
+    if verify_companion(bundle, name) is None:
+        return False
+    try:
+        shutil.copytree((bundle / name).resolve(), destination / name, symlinks=False)
+    except shutil.Error as error:  # copytree gathers every failed file: report the first reason in one line
+        reason = error.args[0][0][2] if error.args and isinstance(error.args[0], list) and error.args[0] else str(error)
+        raise IdealError(f"{destination}: could not copy {name}/ ({reason})") from None
+    card_text, data = read_bundle_files(destination / name)
+    verify_weights(destination / name, parse_card(destination / name, card_text), data)  # the copy is what was verified
+    return True

@@ -7,7 +7,6 @@ are written atomically, so a run killed while saving leaves the previous checkpo
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,7 @@ from safetensors.torch import save_file
 
 from ..errors import IdealError
 from ..io.atomic import atomic_path
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
+from ..io.output_guard import PathLock, os_error_message, report_leftovers
 
 CHECKPOINT_NAME = "last.safetensors"
 _OPTIMIZER = "optimizer"
@@ -65,7 +59,11 @@ def save_checkpoint(state: TrainingState, directory: str | Path) -> Path:
     metadata = {"iteration": str(state.iteration), "optimizer": json.dumps(optimizer_meta), "info": json.dumps(state.info)}
     path = Path(directory) / CHECKPOINT_NAME
     with atomic_path(path) as temp:
-        save_file(tensors, str(temp), metadata=metadata)
+        try:
+            save_file(tensors, str(temp), metadata=metadata)
+        except SafetensorError as error:  # safetensors reports a full disk as its own error, not an OSError
+            reason = str(error).split("I/O error: ")[-1]  # e.g. "No space left on device (os error 28)"
+            raise IdealError(f"{os_error_message(path, OSError(reason))}; the previous checkpoint is kept") from None
     return path
 
 
@@ -100,6 +98,8 @@ def check_checkpoint_dir(directory: str | Path, resume: bool) -> Path:
     if directory.exists() and not directory.is_dir():
         raise IdealError(f"--checkpoint-dir {directory}: is a file, not a folder")
     check_writable_folder(directory)
+    if directory.is_dir():
+        report_leftovers(directory)
     if not resume and (directory / CHECKPOINT_NAME).exists():
         raise IdealError(
             f"--checkpoint-dir {directory} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it, "
@@ -108,70 +108,16 @@ def check_checkpoint_dir(directory: str | Path, resume: bool) -> Path:
     return directory
 
 
-class CheckpointLock:
+class CheckpointLock(PathLock):
     """Ownership of a checkpoint folder by one run at a time: an OS lock on ``run.lock`` holding the owner's
-    pid. The system releases it when the process dies, so a killed run never leaves a stale lock (its
-    file stays, unlocked, and the next run takes it over); a run that ends removes the file."""
+    pid (:class:`~IDEALTrain.io.output_guard.PathLock`, the lock output paths use too). The system releases it
+    when the process dies, so a killed run never leaves a stale lock; a run that ends removes the file."""
 
     NAME = "run.lock"
 
     def __init__(self, directory: str | Path) -> None:
-        self.path = Path(directory) / self.NAME
-        self.handle = None
-
-    def acquire(self) -> CheckpointLock:
-        """Take the lock, or raise IdealError naming the run (pid) that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            handle = open(self.path, "a+")  # noqa: SIM115  held for the run's lifetime
-            try:
-                _lock(handle)
-            except OSError:
-                handle.seek(0)
-                owner = handle.read().strip() or "unknown"
-                handle.close()
-                raise IdealError(
-                    f"--checkpoint-dir {self.path.parent} is in use by another training run (pid {owner}); "
-                    "wait for it to finish or choose another --checkpoint-dir"
-                ) from None
-            if _same_file(self.path, handle):
-                break
-            handle.close()  # the owner removed the file as we opened it: lock the new one
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def release(self) -> None:
-        """Give the folder up and remove the lock file."""
-        if self.handle is not None:
-            self.path.unlink(missing_ok=True)
-            _unlock(self.handle)
-            self.handle.close()
-            self.handle = None
-
-
-def _same_file(path: Path, handle) -> bool:
-    """True when ``path`` still names the file ``handle`` has open."""
-    try:
-        return os.path.samestat(os.stat(path), os.fstat(handle.fileno()))
-    except FileNotFoundError:
-        return False
-
-
-def _lock(handle) -> None:
-    if fcntl is not None:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:  # Windows
-        handle.seek(0)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-
-
-def _unlock(handle) -> None:
-    if fcntl is not None:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    else:
-        handle.seek(0)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        super().__init__(
+            Path(directory) / self.NAME,
+            f"--checkpoint-dir {directory} is in use by another training run (pid {{pid}}); "
+            "wait for it to finish or choose another --checkpoint-dir",
+        )

@@ -32,7 +32,7 @@ ProgressCallback = Callable[[float], None]
 #: Share of segment_volume's progress spent predicting; the rest is building the nodes.
 PREDICTION_SHARE = 0.95
 
-_cache: dict[tuple[str, int, str], Predictor] = {}
+_cache: dict[tuple[str, str, str], Predictor] = {}
 
 
 @dataclass
@@ -69,11 +69,13 @@ def _bundle_path(model: ModelEntry | str | Path) -> Path:
 
 
 def load_predictor(model: ModelEntry | str | Path, device: str = "auto") -> Predictor:
-    """A :class:`Predictor` for the bundle, kept per path and device (reloaded when the files change)."""
+    """A :class:`Predictor` for the bundle, kept per path and device while its verified checksum is unchanged
+    (a bundle replaced or damaged in place is reloaded or refused, never used from memory)."""
     from IDEALTrain.inference.predictor import Predictor
+    from IDEALTrain.model.card import bundle_fingerprint
 
     path = _bundle_path(model)
-    key = (str(path), path.stat().st_mtime_ns, device)
+    key = (str(path), bundle_fingerprint(path, companion=False), device)
     predictor = _cache.get(key)
     if predictor is None:
         predictor = Predictor(path, device=device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.inference.clicks import Click, clicks_document, parse_clicks
+from IDEALTrain.inference.clicks import Click, clicks_document, parse_clicks, voxel_of
 from IDEALTrain.io.image import Image
 from IDEALTrain.io.volume_files import read_label, write_image
 from IDEALTrain.labels import CARDIAC_LABELS
@@ -119,6 +119,7 @@ class RefinementSession:
         """Add a click at a world RAS point and ask the worker to refine; :meth:`poll` applies the result."""
         self._check_idle()
         self._segment_id(label)
+        self._check_inside(point_ras)  # refused before a point is added
         self._ensure_nodes()
         index = self.markups.AddControlPointWorld(*[float(v) for v in point_ras])
         self.label_placed_point(index, label, positive)
@@ -129,8 +130,11 @@ class RefinementSession:
         self._ensure_nodes()
         try:
             segment_id = self._segment_id(label)
+            ras = [0.0, 0.0, 0.0]
+            self.markups.GetNthControlPointPositionWorld(index, ras)
+            self._check_inside(ras)
         except IdealError:
-            self.markups.RemoveNthControlPoint(index)  # a point without a structure is no click
+            self.markups.RemoveNthControlPoint(index)  # a point without a structure, or off the image, is no click
             raise
         self.markups.SetNthControlPointLabel(index, f"{segment_id} {'+' if positive else '-'}")
         self.markups.SetNthControlPointDescription(index, json.dumps({"label": int(label), "positive": bool(positive)}))
@@ -154,6 +158,10 @@ class RefinementSession:
             self.last_message = f"undid click {count}"
         else:  # the clicks came with a saved scene: recompute from the stored draft
             self._request(self.clicks())
+
+    def _check_inside(self, point_ras) -> None:
+        """Refuse a point outside the volume: kept in the list, it would fail every later refinement until Undo."""
+        voxel_of(self.image_grid(), tuple((RAS_TO_LPS @ np.array([float(v) for v in point_ras])).tolist()))
 
     # -- worker round trip ----------------------------------------------------------------------
     def _check_idle(self) -> None:

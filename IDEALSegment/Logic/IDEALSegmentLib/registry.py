@@ -7,7 +7,10 @@ id, version, label map), the weights' SHA-256 against the card and the safetenso
 bundle format's torch-free checks are shared with IDEALTrain in ``IDEALTrain.model.card``). The
 architecture check needs torch and is made by the child process that loads the model. A broken
 bundle is described in :attr:`ModelRegistry.problems` (naming the bundle) and never hides the
-others. A registered bundle is copied in as a new version and never replaces an installed one.
+others. A model's click-to-fix network (``refinement/``) is verified too: a broken one marks the model
+(:attr:`ModelEntry.refinement_problem`, and a line in ``problems``) without hiding it. A registered bundle
+is copied in as a new version, never replaces an installed one, and is refused whole (nothing copied) when
+its network is broken or unsafe, its id or version is one the list would hide, or the disk is full.
 """
 from __future__ import annotations
 
@@ -21,16 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.io.output_guard import os_error_message, temp_prefix
 from IDEALTrain.labels import LabelInfo, check_label_map
-from IDEALTrain.model.card import CARD_NAME, REFINEMENT_FOLDER, WEIGHTS_NAME, read_verified
+from IDEALTrain.model.card import (
+    CARD_NAME,
+    REFINEMENT_FOLDER,
+    WEIGHTS_NAME,
+    copy_companion,
+    read_verified,
+    verify_companion,
+)
 
 #: Bundles shipped with the extension (the default model lands in idealsegment-acdc-<version>/).
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"  # IDEALSegment/Resources/Models
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"  # IDEALSegment/Logic/IDEALSegmentLib/..
 DEFAULT_MODEL_ID = "idealsegment-acdc"
 #: Environment variable overriding the per-user model folder.
 USER_DIR_VARIABLE = "IDEALSEGMENT_MODELS_DIR"
 #: A model version: ASCII numbers with dots, then an optional -pre-release or +build suffix.
 VERSION_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.+-]+)?")
+#: A model id: printable text without a path separator, at most 100 characters, not starting with a dot.
+ID_PATTERN = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,99}")
 
 
 def read_bundle(path: Path) -> tuple[dict, bytes]:
@@ -40,14 +53,22 @@ def read_bundle(path: Path) -> tuple[dict, bytes]:
         raise IdealError(f"{path}: is a {card['kind']} bundle, not a segmentation model (finetune it first)")
     if not isinstance(card.get("id"), str) or not card["id"] or not isinstance(card.get("version"), str) or not card["version"]:
         raise IdealError(f"{path}: {CARD_NAME} has no model id or version")
-    if not VERSION_PATTERN.fullmatch(card["version"]):
-        raise IdealError(f"{path}: model version {card['version']!r} is not a version number like 1.2.0")
+    check_version(card["version"], f"{path}: model version")
+    if not ID_PATTERN.fullmatch(card["id"]):
+        raise IdealError(f"{path}: model id {card['id'][:120]!r} is not a usable name (printable, no / or \\, at most 100 characters)")
     try:
         labels = [LabelInfo.from_json(entry) for entry in card.get("labels") or []]
         check_label_map(labels, int(card["architecture"]["num_classes"]))
     except (KeyError, TypeError, ValueError, IdealError) as error:
         raise IdealError(f"{path}: unusable label map or architecture in {CARD_NAME}: {error}") from None
     return card, weights
+
+
+def check_version(version: object, what: str = "model version") -> str:
+    """``version`` when it is a version number like 1.2.0 (what the listing accepts), else an IdealError."""
+    if not isinstance(version, str) or len(version) > 64 or not VERSION_PATTERN.fullmatch(version):
+        raise IdealError(f"{what} {str(version)[:80]!r} is not a version number like 1.2.0")
+    return version
 
 
 def default_user_dir() -> Path:
@@ -92,6 +113,8 @@ class ModelEntry:
     path: Path
     source: str  # "shipped" or "user"
     card: dict = field(compare=False, repr=False)
+    #: Why the model folder's click-to-fix network (``refinement/``) is refused, None when it is fine or absent.
+    refinement_problem: str | None = field(default=None, compare=False)
 
     @property
     def labels(self) -> tuple[LabelInfo, ...]:
@@ -101,7 +124,8 @@ class ModelEntry:
     @property
     def display_name(self) -> str:
         """``<id> <version>`` plus ``(yours)`` for a user-registered model, for selectors."""
-        return f"{self.model_id} {self.version}" + (" (yours)" if self.source == "user" else "")
+        name = f"{self.model_id} {self.version}" + (" (yours)" if self.source == "user" else "")
+        return name + (" [click-to-fix network unusable]" if self.refinement_problem else "")
 
     @property
     def validation_dice(self) -> float | None:
@@ -132,6 +156,8 @@ class ModelEntry:
             parts.append(f"validation Dice {dice:.3f}")
         if self.card.get("created"):
             parts.append(f"created {self.card['created']}")
+        if self.refinement_problem:
+            parts.append(f"click-to-fix network refused: {self.refinement_problem}")
         return "; ".join(parts) or "no training information in the card"
 
 
@@ -142,7 +168,7 @@ class ModelRegistry:
         self.user_dir = Path(user_dir) if user_dir is not None else default_user_dir()
         self.shipped_dir = Path(shipped_dir)
         self.problems: list[str] = []
-        self._verified: dict[tuple, dict] = {}  # (path, mtimes) -> card, so listing again is cheap
+        self._verified: dict[tuple, tuple[dict, str | None]] = {}  # (path, mtimes) -> (card, refinement problem)
 
     # -- listing --------------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:
@@ -152,12 +178,14 @@ class ModelRegistry:
         for source, folder in (("shipped", self.shipped_dir), ("user", self.user_dir)):
             for path in _bundle_paths(folder):
                 try:
-                    card = self._verified_card(path)
-                    entry = ModelEntry(card["id"], card["version"], path, source, card)
+                    card, refinement_problem = self._verified_card(path)
+                    entry = ModelEntry(card["id"], card["version"], path, source, card, refinement_problem)
                     version_key(entry.version)  # a version that cannot be ordered is a broken card, not a crash
                 except Exception as error:  # any defect of one bundle is that bundle's problem only
                     self.problems.append(_naming(path, error))
                     continue
+                if refinement_problem:  # the model segments; only its click-to-fix network is refused
+                    self.problems.append(f"{refinement_problem} (the model is listed; click to fix will refuse it)")
                 key = (entry.model_id, entry.version)
                 if key in found:
                     self.problems.append(f"{path}: model {entry.model_id} {entry.version} is also installed at {found[key].path}; ignored")
@@ -166,12 +194,18 @@ class ModelRegistry:
         newest_first = sorted(found.values(), key=lambda e: version_key(e.version), reverse=True)
         return sorted(newest_first, key=lambda e: e.model_id)  # stable: versions stay newest first
 
-    def _verified_card(self, path: Path) -> dict:
-        """The card of a bundle after the torch-free verification (cached while its files are unchanged)."""
-        files = (path / CARD_NAME, path / WEIGHTS_NAME)
-        stamp = (path, path.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in files if p.exists()))
+    def _verified_card(self, path: Path) -> tuple[dict, str | None]:
+        """The card of a bundle after the torch-free verification, and what is wrong with its ``refinement/``
+        network (None: fine or absent); cached while its files and its refinement folder's are unchanged."""
+        stamp = (path, *_stamps([path, path / CARD_NAME, path / WEIGHTS_NAME]), *_refinement_stamps(path))
         if stamp not in self._verified:
-            self._verified[stamp] = read_bundle(path)[0]
+            card = read_bundle(path)[0]
+            problem = None
+            try:
+                verify_companion(path)
+            except IdealError as error:
+                problem = str(error)
+            self._verified[stamp] = (card, problem)
         return self._verified[stamp]
 
     def find(self, model_id: str, version: str | None = None) -> ModelEntry:
@@ -209,9 +243,15 @@ class ModelRegistry:
         """
         source = Path(bundle_path)
         card, weights = read_bundle(source)  # refuses anything broken before a byte is copied
+        if source.is_dir():
+            try:
+                verify_companion(source)  # a click-to-fix network that is not what it claims is never copied in
+            except IdealError as error:
+                raise IdealError(f"not registered: {error}") from None
         model_id, old_version = card["id"], card["version"]
         taken = {e.version for e in self.entries() if e.model_id == model_id}
         if version is not None:
+            check_version(version)
             if version in taken:
                 raise IdealError(f"model {model_id} version {version} is already installed; choose another version")
             new_version = version
@@ -225,16 +265,21 @@ class ModelRegistry:
         target = self.user_dir / _folder_name(model_id, new_version)
         if target.exists():
             raise IdealError(f"{target} already exists; remove it or register under another version")
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.user_dir))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
+        staging = None
         try:
+            staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=self.user_dir))
+            staging.chmod(0o755)  # mkdtemp makes it owner-only; a model folder must be readable like any other
             (staging / WEIGHTS_NAME).write_bytes(weights)
             (staging / CARD_NAME).write_text(json.dumps(card, indent=2))
-            if (source / REFINEMENT_FOLDER).is_dir():  # the model's click-to-fix network comes along
-                shutil.copytree(source / REFINEMENT_FOLDER, staging / REFINEMENT_FOLDER)
+            if source.is_dir():
+                copy_companion(source, staging)  # the model's click-to-fix network comes along, verified again
+            read_bundle(staging)  # what was written is what was verified (a full disk can truncate silently)
             os.rename(staging, target)  # the whole folder appears at once, or not at all
+        except OSError as error:  # a full disk: nothing half-copied stays behind
+            raise IdealError(f"not registered: {os_error_message(target, error)}") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         return ModelEntry(model_id, new_version, target, "user", card)
 
     def _make_user_dir(self) -> None:
@@ -276,6 +321,26 @@ def _naming(path: Path, error: Exception) -> str:
 def _folder_name(model_id: str, version: str) -> str:
     """A safe folder name ``<id>-<version>`` (other characters become ``_``)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
+
+
+def _stamps(paths: list[Path]) -> list[int]:
+    """Modification times (ns) of ``paths`` without following links; -1 for a missing one."""
+    stamps = []
+    for path in paths:
+        try:
+            stamps.append(os.lstat(path).st_mtime_ns)
+        except OSError:
+            stamps.append(-1)
+    return stamps
+
+
+def _refinement_stamps(path: Path) -> list:
+    """What changes when a model's ``refinement/`` entry or any file in it changes (names and mtimes, not followed)."""
+    folder = path / REFINEMENT_FOLDER
+    if not os.path.lexists(folder):
+        return []
+    names = sorted(os.listdir(folder)) if folder.is_dir() and not folder.is_symlink() else []
+    return [*_stamps([folder]), *names, *_stamps([folder / name for name in names])]
 
 
 def _bundle_paths(folder: Path) -> list[Path]:

@@ -19,6 +19,7 @@ import slicer
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.io.atomic import check_outputs, file_mode, os_error_message
+from IDEALTrain.io.output_guard import temp_prefix
 from IDEALTrain.io.volume_files import strip_volume_suffix
 
 from .volumes import unique_node_name
@@ -38,7 +39,7 @@ def _atomic(path: Path) -> Iterator[Path]:
     The same name matters: a .mrb names its scene folder and .mrml file after the file.
     """
     try:
-        folder = Path(tempfile.mkdtemp(prefix=f".partial-{path.name}-", dir=path.parent))
+        folder = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     except OSError as error:
         raise IdealError(os_error_message(path, error)) from None
     try:

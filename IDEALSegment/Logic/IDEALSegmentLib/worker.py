@@ -43,13 +43,22 @@ class Worker:
         self.lines: queue.Queue[dict] = queue.Queue()
         self.stderr: deque[str] = deque(maxlen=50)
         self.busy = False
+        #: Set by :meth:`stop`: the process is ending (it may still look alive for a moment) and never gets another command.
+        self.retired = False
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def usable(self) -> bool:
+        """Idle, running and not being stopped: may take the next command."""
+        return not self.busy and not self.retired and self.alive
+
     def start(self) -> None:
         """Start the child unless it runs (returns at once; it imports torch in the background)."""
+        if self.retired:
+            raise IdealError("this IDEALTrain worker has been stopped; acquire() another")
         if self.alive:
             return
         self.lines = queue.Queue()
@@ -84,7 +93,9 @@ class Worker:
             raise IdealError(f"the IDEALTrain worker is not running ({error})") from None
 
     def stop(self, terminate: bool = True) -> None:
-        """End the worker's process group (SIGTERM, or SIGKILL with ``terminate=False``); returns at once."""
+        """End the worker's process group (SIGTERM, or SIGKILL with ``terminate=False``); returns at once. From now
+        on it is retired: until the system has reaped it, it can look alive and idle, and must not get a command."""
+        self.retired = True
         if self.alive:
             signal_process_group(self.process, terminate)
 
@@ -93,9 +104,10 @@ _pool: list[Worker] = []
 
 
 def acquire() -> Worker:
-    """An idle, running worker (started now if there is none); marked busy until its job ends."""
-    _pool[:] = [w for w in _pool if w.alive or w.busy]
-    worker = next((w for w in _pool if not w.busy), None)
+    """An idle, running worker (started now if there is none); marked busy until its job ends. A worker being
+    stopped (a cancel) is never handed out, even while its process has not ended yet."""
+    _pool[:] = [w for w in _pool if w.busy or (w.alive and not w.retired)]
+    worker = next((w for w in _pool if not w.busy and not w.retired), None)
     if worker is None:
         worker = Worker()
         if len(_pool) < POOL_SIZE:
@@ -107,7 +119,7 @@ def acquire() -> Worker:
 
 def prestart() -> None:
     """Start a worker in the background unless one is idle (a panel calls this when it opens)."""
-    if not any(w.alive and not w.busy for w in _pool):
+    if not any(w.usable for w in _pool):
         acquire().busy = False
 
 
@@ -152,9 +164,9 @@ class WorkerJob:
             self._log(event)
             if event.get("event") == "exit":
                 self._exit = event
-                self.worker.busy = False
-                if self.cancelled or event.get("stopped") or self.worker not in _pool:
+                if self.cancelled or event.get("stopped") or self.worker not in _pool:  # retired before it is idle
                     self.worker.stop(terminate=not (self.cancelled or event.get("stopped")))  # an extra worker is not kept
+                self.worker.busy = False
             elif event.get("event") != "ready":
                 events.append(event)
                 if event.get("event") != "log":
