@@ -23,6 +23,7 @@ from IDEALSegmentLib.segmentations import labels_from_segmentation
 from IDEALSegmentLib.trainer_panel import EncoderStart, TrainerPanelController, dataset_overview
 from IDEALSegmentLib.trainer_panel import Parameters as TrainerParameters
 from IDEALSegmentLib.volumes import node_label
+from IDEALSegmentLib.worker import shutdown as shutdown_workers
 
 from IDEALTrain.errors import IdealError
 from IDEALTrain.inference.clicks import clicks_document
@@ -292,14 +293,10 @@ class WebSession:
     # -- shutting down ---------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Cancel every job (segmentation, refinement, training) and stop the warm workers."""
-        from IDEALSegmentLib.worker import _pool, shutdown
-
-        self.panel.scene_closing()
+        self.panel.scene_closing()  # a cancelled job stops its (busy) worker
         self.refine.close()
         self.trainer.cancel()
-        shutdown()
-        for worker in _pool:
-            worker.stop()
+        shutdown_workers()
 
 
 def _write_json(path: Path, document: object) -> Path:
