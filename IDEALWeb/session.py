@@ -165,7 +165,8 @@ class WebSession:
             row["key"] = key
             row["exact"] = "" if value is None else repr(float(value))
             # A row the measurements table knows is shown to one decimal; any other row (e.g. a QC flag) as the table has it.
-            row["shown"] = f"{value:.1f}" if value is not None and not math.isnan(value) else ("" if key else row.get("Value", ""))
+            decimals = 0 if key.endswith("_frame") else 1
+            row["shown"] = f"{value:.{decimals}f}" if value is not None and not math.isnan(value) else ("" if key else row.get("Value", ""))
             result.append(row)
         return result
 

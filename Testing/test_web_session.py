@@ -181,3 +181,20 @@ def test_a_segmentation_works_in_the_output_folder_and_a_cine_segments_whole(fol
     session.set_frame(1)
     assert sum(session.voxel_counts().values()) > 0
     session.shutdown()
+
+
+def test_a_dicom_cine_opens_as_a_sequence_split_by_phase(sunnybrook_dir, models, tmp_path):
+    """A real Sunnybrook cine folder (20 phases of 12 slices) through IDEALTrain's reader: a Sequence and its browser."""
+    from IDEALSegmentLib.volumes import image_from_volume
+
+    from IDEALTrain.io.volume_files import read_frames
+
+    folder = sunnybrook_dir / "cine" / "SCD0000101"
+    session = new_session((DataFolder(folder.parent), OutputFolder(tmp_path / "out"), None), models)
+    assert "SCD0000101" in [s["value"] for s in session.studies()]
+    study = session.open("SCD0000101")
+    frames = read_frames(folder)
+    assert study.frames == len(frames) == 20 and study.browser is not None
+    session.set_frame(7)
+    shown = image_from_volume(study.volume)
+    assert np.array_equal(shown.array, frames[7].array) and shown.same_grid(frames[7])
