@@ -237,7 +237,8 @@ def test_the_clinicians_loop_in_headless_chromium(app, tmp_path):
             wait_text(page, "#train-status", "Training cancelled")
             wait_until(lambda: not alive(child_workers(server.process.pid, b"finetune")), 60, "the cancelled training process to end")
             assert not (output / "models" / f"{SELFTEST_MODEL_ID}-0.0.3").exists()
-            assert all(Path(p).resolve().is_relative_to(output.resolve()) for p in output.rglob("*"))
+            assert not any((output.parent / "data").iterdir()), "the app wrote into the data folder"
+            assert (output / ".scratch").is_dir()  # TMPDIR of the app and its workers
         except BaseException:
             failure = tmp_path / "failure.png"
             page.screenshot(path=str(failure))
@@ -264,3 +265,22 @@ def test_closing_the_tab_and_stopping_the_server_leave_no_worker(app):
         browser.close()
     assert server.stop() is not None
     wait_until(lambda: not alive(workers), 30, "the workers to stop with the server")
+
+
+def test_with_an_access_token_only_a_browser_presenting_it_gets_the_app(tmp_path):
+    (tmp_path / "data").mkdir()
+    token = "an-access-token-of-32-characters"
+    server = Server(tmp_path / "data", tmp_path / "out", extra=("--token", token))
+    try:
+        server.wait_ready()
+        with sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page()
+            page.goto(f"{server.url}?secret=wrong-token")
+            with pytest.raises(Exception, match="Timeout"):
+                page.wait_for_selector("#study-select", timeout=8000)  # the websocket is refused: no app, no study list
+            page.goto(f"{server.url}?secret={token}")
+            page.wait_for_selector("#study-select", timeout=WAIT_MS)
+            browser.close()
+    finally:
+        server.stop()
