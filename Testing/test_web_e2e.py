@@ -196,6 +196,13 @@ def test_the_clinicians_loop_in_headless_chromium(app, tmp_path):
             distance = np.linalg.norm(voxel_positions_lps(after, changed) - np.array(clicks[0]["point"]), axis=1)
             assert distance.max() <= DEFAULT_RADIUS_MM + 0.5 * float(np.linalg.norm(after.spacing)), distance.max()
 
+            # Recompute after the edit: the table follows the corrected labels (read back from the saved file).
+            page.click("#recompute-button")
+            wait_text(page, "#status", "recomputed")
+            edv = float(page.get_attribute(".measurement-row[data-key='lv_edv_ml']", "data-exact"))
+            recomputed = cardiac_function(after, read_label(tmp_path / "ES-labels.mha"))["lv_edv_ml"]
+            assert edv != expected["lv_edv_ml"] and edv == pytest.approx(recomputed, rel=1e-12)  # the .seg.nrrd rounds the spacing
+
             # 5. Mark reviewed writes one correction case.
             page.click("#mark-reviewed-button")
             wait_text(page, "#status", "Added to the training set")
