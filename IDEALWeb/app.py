@@ -451,7 +451,7 @@ class IDEALWebApp:
                     self._slice_view().schedule_render()
                 if events.trained:
                     self._refresh_dataset()
-                self._refresh()
+                self._refresh(voxels=events.segmented or events.refined)
 
     def _refresh_dataset(self) -> None:
         try:
@@ -470,8 +470,9 @@ class IDEALWebApp:
         self.state.voxels = counts
         self.state.voxel_total = sum(counts.values()) if counts else -1
 
-    def _refresh(self) -> None:
-        """Copy the controllers' state onto trame's state (what the Qt widgets do with their widgets)."""
+    def _refresh(self, voxels: bool = True) -> None:
+        """Copy the controllers' state onto trame's state (what the Qt widgets do with their widgets); ``voxels``: read the
+        voxel counts back too (a whole-volume export: not on every progress tick)."""
         s, session = self.state, self.session
         panel = session.panel.state()
         s.status = session.panel.p.statusText
@@ -490,7 +491,8 @@ class IDEALWebApp:
         s.train_plan = " then ".join(session.trainer.phases)
         s.comparison = session.comparison()
         s.can_use_model, s.use_model_text = trainer.use_model, trainer.use_model_text
-        self._refresh_voxels()
+        if voxels:
+            self._refresh_voxels()
 
 
 def set_plane_from_volume(slice_node: object, volume: object) -> None:
