@@ -266,6 +266,8 @@ class IDEALSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.recomputeMeasurementsButton.enabled = state.recompute
         if self.ui.measurementsTableView.mrmlTableNode() is not p.measurementsTable:
             self.ui.measurementsTableView.setMRMLTableNode(p.measurementsTable)
+        self.ui.qualityFlagsLabel.text = state.quality
+        self.ui.qualityFlagsLabel.visible = bool(state.quality)
         views.showUncertainty(p.inputVolume, p.uncertaintyVolume if p.showUncertainty else None, p.uncertaintyVolume)
 
     # -- segmenting -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -55,13 +56,15 @@ def test_segment_writes_on_the_input_grid_and_never_overwrites(bundle_path, phan
     assert out.read_bytes() == before
 
 
-def test_segment_every_frame_of_a_cine_file(bundle_path, tmp_path):
+def test_segment_every_frame_of_a_cine_file(bundle_path, tmp_path, capsys):
     frames = [oblique_image().with_array(oblique_image(seed=t).array).to_sitk() for t in range(3)]
     cine = sitk.JoinSeries(frames)
     source = tmp_path / "cine.nii.gz"
     sitk.WriteImage(cine, str(source))
     assert main(["segment", "--model", str(bundle_path), "--input", str(source), "--output", str(tmp_path / "out.nii.gz"), "--all-frames", "--device", "cpu"]) == 0
     assert sorted(p.name for p in tmp_path.glob("out_frame*")) == ["out_frame00.nii.gz", "out_frame01.nii.gz", "out_frame02.nii.gz"]
+    printed = capsys.readouterr()  # a cine is measured whole (or says why not)
+    assert "measurements of" in printed.out or "no measurements" in printed.err
 
 
 def test_score_and_evaluate(bundle_path, phantoms, tmp_path, capsys):
@@ -73,6 +76,33 @@ def test_score_and_evaluate(bundle_path, phantoms, tmp_path, capsys):
     assert main(["evaluate", "--model", str(bundle_path), "--data", f"folder:{phantoms}", "--out", str(results), "--device", "cpu"]) == 0
     saved = json.loads(results.read_text())
     assert set(saved["cases"]) == {"phantom_0000", "phantom_0001"} and saved["mean"]["volumes"] == 2
+    assert "LV_Myocardium" in capsys.readouterr().err  # the per-structure table
+
+
+def test_score_and_evaluate_treat_a_structure_missing_from_the_reference_as_not_applicable(bundle_path, phantoms, tmp_path, capsys):
+    """A reference without RV (like Sunnybrook's) gives RV "not applicable": never Dice 0, never in the mean."""
+    from IDEALTrain.io.volume_files import read_label
+
+    label = read_label(phantoms / "labels" / "phantom_0001.nii.gz")
+    no_rv = label.with_array(np.where(label.array == 1, 0, label.array).astype(np.uint8))
+    write_image(no_rv, tmp_path / "ref.nii.gz")
+    assert main(["score", "--pred", str(phantoms / "labels" / "phantom_0001.nii.gz"), "--ref", str(tmp_path / "ref.nii.gz")]) == 0
+    captured = capsys.readouterr()
+    scores = json.loads(captured.out)
+    assert scores["classes"]["RV"]["applicable"] is False and scores["classes"]["RV"]["dice"] is None
+    assert scores["mean"]["dice"] == 1.0
+    assert "not in the reference" in captured.err
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    shutil.copy(phantoms / "images" / "phantom_0001.nii.gz", data / "images" / "phantom_0001.nii.gz")
+    write_image(no_rv, data / "labels" / "phantom_0001.nii.gz")
+    results = tmp_path / "results.json"
+    assert main(["evaluate", "--model", str(bundle_path), "--data", f"folder:{data}", "--out", str(results), "--device", "cpu"]) == 0
+    saved = json.loads(results.read_text())
+    assert saved["mean"]["classes"]["RV"]["dice"] is None and saved["mean"]["not_applicable"]["RV"] == 1
+    assert saved["mean"]["mean"]["dice"] == pytest.approx(
+        np.mean([saved["mean"]["classes"][n]["dice"] for n in ("LV", "LV_Myocardium")]))
 
 
 def test_train_with_json_progress_then_bundle_info(phantoms, tmp_path, capsys):

@@ -65,10 +65,27 @@ def test_pyproject_data_files_cover_every_shipped_resource_file():
         assert targets == ["share/idealsegment/Resources/" + path.parent.relative_to(RESOURCES).as_posix()], relative
 
 
+def test_the_manifests_cine_frames_are_the_phases_frames_in_the_full_cine(sample):
+    """sample.json's cine_frames: where each phase's files sit in the patient's full cine (IDEAL_DATA's sunnybrook/cine)."""
+    import os
+
+    from IDEALTrain.io.dicom_series import group_frames, series_slices
+
+    cine = Path(os.environ.get("IDEAL_DATA", "")) / "sunnybrook" / "cine" / sample.patient
+    if not os.environ.get("IDEAL_DATA") or not cine.is_dir():
+        pytest.skip(f"the full cine is not here: set IDEAL_DATA to a folder holding sunnybrook/cine/{sample.patient}")
+    frames = [{s.path.name for s in frame} for frame in group_frames(series_slices(cine))]
+    for phase, files in sample.phase_files.items():
+        assert {f.name for f in files} <= frames[sample.cine_frames[phase]], phase
+
+
 def test_the_manifest_matches_the_expert_contours(sample, expert):
     """sample.json's phase files and figures are what the contours give (so Slicer can load phases without them)."""
-    for phase in ("ED", "ES"):
-        assert sample.phase_files[phase] == expert[phase].files
+    for phase in ("ED", "ES"):  # the whole stack ships; the expert drew 9 contiguous slices of it
+        files = sample.phase_files[phase]
+        assert len(files) == 12 and set(expert[phase].files) <= set(files)
+        start = files.index(expert[phase].files[0])
+        assert files[start:start + 9] == expert[phase].files
     figures = cardiac_function(expert["ED"].label, expert["ES"].label)
     assert sample.expert == pytest.approx({key: figures[key] for key in sample.expert}, abs=1e-3)
     assert 20 < sample.expert["lv_ef_percent"] < 30  # a failing heart, not a normal one
@@ -79,10 +96,11 @@ def test_each_phase_is_one_frame_of_the_folder_with_true_geometry(sample, expert
     assert len(frames) == 2
     for phase in ("ED", "ES"):
         image = read_sample_phase(sample, phase)
-        assert image.array.shape == (9, 256, 256) and image.spacing == pytest.approx((1.367188, 1.367188, 10.0), abs=1e-4)
+        assert image.array.shape == (12, 256, 256) and image.spacing == pytest.approx((1.367188, 1.367188, 10.0), abs=1e-4)
         assert not np.allclose(np.abs(image.direction), np.eye(3), atol=0.05)  # an oblique short-axis stack
         assert sum(f.same_grid(image) and np.array_equal(f.array, image.array) for f in frames) == 1
-        assert image.same_grid(expert[phase].image) and np.array_equal(image.array, expert[phase].image.array)
+        drawn = expert[phase].image.array
+        assert any(np.array_equal(image.array[k:k + 9], drawn) for k in range(4))  # the expert's slices, unchanged
     with pytest.raises(IdealError, match="phases ED and ES"):
         read_sample_phase(sample, "mid")
 
@@ -111,11 +129,29 @@ def test_demo_segments_the_sample_and_compares_with_the_expert(tmp_path, capsys)
     out = tmp_path / "demo"
     results = run_sample_demo(out, device="cpu")
     printed = capsys.readouterr().out
-    for title in ("LV EDV (ml)", "LV ESV (ml)", "LV EF (%)", "LV mass (g)", "LV Dice"):
+    for title in ("LV EDV (ml)", "LV ESV (ml)", "LV EF (%)", "LV mass (g)", "LV Dice", "QC flags", "whole stack"):
         assert title in printed
     assert results["phases"]["ED"]["lv_dice"] > 0.88 and results["phases"]["ES"]["lv_dice"] > 0.85
     assert results["phases"]["ED"]["myocardium_dice"] > 0.6
-    assert abs(results["model_figures"]["lv_ef_percent"] - results["expert_figures"]["lv_ef_percent"]) < 5
+    # the whole heart (12 slices) by the convention, against the expert's EF from the 9 slices they drew
+    assert abs(results["model_figures"]["lv_ef_percent"] - results["expert_figures"]["lv_ef_percent"]) < 3
+    assert abs(results["model_figures_expert_slices"]["lv_ef_percent"] - results["expert_figures"]["lv_ef_percent"]) < 3
+    assert all({"name", "value", "threshold", "message"} <= set(flag) for flag in results["quality_flags"])
+    # The ES basal slice: the model labels atrium as LV blood pool there, the convention leaves it out.
+    es = results["phases"]["ES"]["sample_frame"]  # its index among the sample's two phases (whole_heart's frames)
+    es_labels = read_image(out / "SCD0000101_ES.seg.nrrd")
+    basal_ml = [np.count_nonzero(s == LV_BLOOD_POOL) * np.prod(es_labels.spacing) / 1000 for s in es_labels.array]
+    assert basal_ml[11] > 20  # ~28 ml of atrium and outflow tract on the most basal slice
+    counted = results["whole_heart"]["counted_slices"][es]
+    assert 11 not in counted and 10 not in counted and set(range(1, 10)) <= set(counted)
+    assert results["whole_heart"]["slice_volumes"][es][11]["LV"] == 0.0
+    # `idealtrain score` on the demo's own files gives the demo's Dice; structures the expert never drew are n/a
+    capsys.readouterr()
+    assert main(["score", "--pred", str(out / "SCD0000101_ED_on_expert_slices.seg.nrrd"),
+                 "--ref", str(out / "SCD0000101_ED_expert.seg.nrrd")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["classes"]["LV"]["dice"] == pytest.approx(results["phases"]["ED"]["lv_dice"])
+    assert scored["classes"]["RV"]["applicable"] is False and scored["classes"]["RV"]["dice"] is None
     assert json.loads((out / "results.json").read_text()) == results
     for phase in ("ED", "ES"):
         written = read_image(out / f"SCD0000101_{phase}.seg.nrrd")
@@ -126,7 +162,23 @@ def test_demo_segments_the_sample_and_compares_with_the_expert(tmp_path, capsys)
     assert names == ["ED_basal.png", "ED_mid.png", "ES_basal.png", "ES_mid.png", "overview.png"]
     assert read_image_shape(out / "overlays" / "ED_mid.png")[1] == 2 * read_image_shape(out / "overlays" / "ED_mid.png")[0]
 
-    # A previous demo's folder may be reused; any other non-empty folder is refused before anything is written.
+    # frame numbers are the full cine's (the sample holds two of its 20 phases)
+    assert (results["phases"]["ED"]["frame"], results["phases"]["ES"]["frame"]) == (18, 7)
+    assert {results["phases"][p]["sample_frame"] for p in ("ED", "ES")} == {0, 1}
+    # the overview names its halves: a white strip of text above the overlays
+    from PIL import Image as PILImage
+
+    overview = np.asarray(PILImage.open(out / "overlays" / "overview.png").convert("L"))
+    strip = overview[:22]
+    assert (strip < 128).any() and (strip == 255).mean() > 0.8
+    width = overview.shape[1]
+    for quarter in range(4):  # "expert, mid" | "model, mid" | "expert, basal" | "model, basal"
+        assert (strip[:, quarter * width // 4:(quarter + 1) * width // 4] < 128).any()
+    # a previous demo's results are replaced only with --overwrite
+    before = (out / "results.json").read_bytes()
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (out / "results.json").read_bytes() == before
+    # Any other non-empty folder is refused before anything is written.
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -117,22 +117,37 @@ def test_non_cine_series_is_one_frame(tmp_path: Path) -> None:
 
 
 def test_two_series_need_a_uid(tmp_path: Path) -> None:
-    write_dicom_series(_oblique(), tmp_path / "a", series_uid="1.2.3.4", description="short axis")
-    write_dicom_series(_oblique(slices=3), tmp_path / "b", series_uid="1.2.3.5", description="localizer")
+    write_dicom_series(_oblique(), tmp_path / "a", series_uid="1.2.3.4", description="short axis", patient_id="P7")
+    write_dicom_cine([_oblique(slices=3), _oblique(slices=3, offset=1)], tmp_path / "b" / "cine", series_uid="1.2.3.5",
+                     description="localizer", patient_id="P8")
     infos = list_series(tmp_path)
-    assert [(s.uid, s.description, s.file_count, s.folder) for s in infos] == [
-        ("1.2.3.4", "short axis", 5, tmp_path / "a"),
-        ("1.2.3.5", "localizer", 3, tmp_path / "b"),
+    assert [(s.uid, s.description, s.file_count, s.folder, s.patient_id, s.frames) for s in infos] == [
+        ("1.2.3.4", "short axis", 5, tmp_path / "a", "P7", 1),
+        ("1.2.3.5", "localizer", 6, tmp_path / "b" / "cine", "P8", 2),
     ]
     with pytest.raises(IdealError) as error:
         read_dicom(tmp_path)
     message = str(error.value)
     assert "--series" in message and "\n" not in message
-    for text in ("1.2.3.4", "short axis", "(5 files)", "1.2.3.5", "localizer", "(3 files)"):
+    for text in ("1.2.3.4 'short axis' patient P7, 1 frame(s) x 5 slice(s), in a",
+                 "1.2.3.5 'localizer' patient P8, 2 frame(s) x 3 slice(s), in b/cine"):
         assert text in message
-    assert read_dicom(tmp_path, series_uid="1.2.3.5").array.shape == (3, 6, 7)
+    assert read_dicom(tmp_path, series_uid="1.2.3.5", frame=1).array.shape == (3, 6, 7)
     with pytest.raises(IdealError, match="1.2.3.9 not found"):
         read_dicom(tmp_path, series_uid="1.2.3.9")
+
+
+def test_the_same_instance_stored_twice_is_read_once(tmp_path: Path) -> None:
+    """A folder holding a copy of a DICOM image (same SOPInstanceUID) reads as the series, not as a broken stack."""
+    import shutil
+
+    image = _oblique()
+    files = write_dicom_series(image, tmp_path / "series")
+    shutil.copytree(tmp_path / "series", tmp_path / "copy")  # the whole export twice
+    shutil.copy(files[2], tmp_path / "series" / "again.dcm")  # and one image a third time
+    back = read_dicom(tmp_path)
+    assert back.same_grid(image) and np.array_equal(back.array, image.array)
+    assert [s.file_count for s in list_series(tmp_path)] == [5]
 
 
 def test_missing_empty_and_non_dicom_folders(tmp_path: Path) -> None:

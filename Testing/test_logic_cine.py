@@ -27,7 +27,8 @@ from IDEALSegmentLib.segmentations import labels_from_segmentation, read_provena
 from IDEALSegmentLib.volumes import image_from_volume, volume_from_image  # noqa: E402
 
 from IDEALTrain.errors import IdealError  # noqa: E402
-from IDEALTrain.evaluation.metrics import cardiac_function, label_volume_ml  # noqa: E402
+from IDEALTrain.evaluation.function import measure_function  # noqa: E402
+from IDEALTrain.evaluation.metrics import label_volume_ml  # noqa: E402
 from IDEALTrain.inference.predictor import Predictor  # noqa: E402
 from IDEALTrain.io.phantom import make_phantom_pair  # noqa: E402
 from IDEALTrain.labels import CARDIAC_LABELS  # noqa: E402
@@ -116,11 +117,12 @@ def test_ed_es_and_the_measurements_table(predictor, pair):
     result = segment_sequence(sequence, predictor)
     lv = [frame["LV"] for frame in result.frame_labels_ml]
     assert len(set(lv)) > 1  # the responsive net really does vary between frames
-    assert (result.ed_index, result.es_index) == (int(np.argmax(lv)), int(np.argmin(lv)))
     frames = sequence_frames(sequence)
     labels = [labels_from_segmentation(result.segmentation_sequence.GetNthDataNode(n), frames[n]) for n in range(len(frames))]
-    expected = {**cardiac_function(labels[result.ed_index], labels[result.es_index]),
-                "ed_frame": result.ed_index, "es_frame": result.es_index}
+    report = measure_function(labels)  # IDEALTrain's whole-heart function: one definition
+    assert (result.ed_index, result.es_index) == (report.measurements["ed_frame"], report.measurements["es_frame"])
+    assert result.report is not None and result.report.measurements == pytest.approx(report.measurements)
+    expected = dict(report.measurements)
     assert result.measurements == pytest.approx(expected)
     assert result.table.GetScene() is scene and result.table.GetName() == "cine measurements"
     assert table_measurements(result.table) == pytest.approx(expected)
@@ -312,7 +314,8 @@ def test_predict_in_a_worker_then_add_equals_segment_sequence(predictor, pair):
     for image, prediction in zip(images, predictions):
         assert prediction.labels.same_grid(image, tolerance=0) and prediction.device == "cpu"
         assert np.array_equal(prediction.labels.array, predictor.predict(image).labels.array)
-        assert prediction.probabilities.size == 0 and prediction.uncertainty is None  # one label map kept per frame
+        assert prediction.probabilities.size == 0  # one label map kept per frame, and its uncertainty in half precision (QC flags)
+        assert prediction.uncertainty is not None and prediction.uncertainty.array.dtype == np.float16
 
     split = add_sequence_to_scene(sequence, predictions, predictor.bundle)  # main thread
     assert events  # now the nodes are added

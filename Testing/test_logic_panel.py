@@ -122,6 +122,8 @@ def test_cine_proxy_segments_every_frame_and_an_edit_of_frame_2_survives_changin
     assert panel.p.segmentation is browser.GetProxyNode(cine.segmentation_sequence)
     before = table_measurements(panel.p.measurementsTable)
     assert (before["ed_frame"], before["es_frame"]) == (cine.ed_index, cine.es_index)
+    assert cine.report is not None and panel.report is cine.report  # the whole-heart report and its flags
+    assert panel.state().quality.startswith("Quality control:")
 
     browser.SetSelectedItemNumber(2)  # edit frame 2 in the (proxy) segmentation: remove its LV
     segmentation, frame = panel.p.segmentation, browser.GetProxyNode(sequence)
@@ -138,6 +140,7 @@ def test_cine_proxy_segments_every_frame_and_an_edit_of_frame_2_survives_changin
     after = panel.recompute_measurements()  # frame 2 now has no LV: it is the end-systolic frame
     assert after["es_frame"] == 2 and after["lv_esv_ml"] == 0.0 and after["lv_ef_percent"] == 100.0
     assert table_measurements(panel.p.measurementsTable)["es_frame"] == 2
+    assert "lv_ef_percent_out_of_range" in panel.state().quality  # an EF of 100 % is flagged beside the table
 
 
 def test_mark_ed_and_es_frames_of_a_cine_reviewed_makes_two_cases(models, pair, tmp_path):
@@ -184,6 +187,28 @@ def test_a_segmentation_of_another_image_is_refused_and_a_pair_is_measured_and_r
     after = panel.recompute_measurements()
     assert panel.p.measurementsTable is table and after["lv_esv_ml"] == 0.0
     assert table_measurements(table)["lv_esv_ml"] == 0.0 and first["lv_edv_ml"] == after["lv_edv_ml"]
+    # the QC flags beside the table follow the numbers: no ES blood pool at all is an implausible EF
+    assert panel.report is not None and "lv_ef_percent_out_of_range" in panel.state().quality
+    assert "QC flag" in panel.p.statusText
+
+
+def test_flagged_slices_lead_the_slices_to_review_and_the_flags_are_shown(tmp_path):
+    from IDEALTrain.evaluation.function import QualityFlag, measure_function
+
+    panel = SegmentPanelController(Parameters(), None, ModelRegistry(tmp_path / "user", tmp_path / "shipped"))
+    assert panel.state().quality == ""  # nothing measured yet
+    labels = make_phantom_pair(5, size=(48, 40, 6), spacing=(1.5, 1.5, 8.0))
+    report = measure_function([labels.ed_label, labels.es_label], ed=0, es=1)
+    report.flags = [QualityFlag("slice_uncertainty_outlier", 6.0, 4.0, "the model is unsure on slice(s) 4: review them", slices=(4,))]
+    panel.p.reviewSlices = [2, 4, 3]
+    panel.p.measurementsTable = object()  # a table is shown
+    panel._show_report(report)
+    assert panel.p.reviewSlices == [4, 2, 3] and panel.p.reviewPosition == 0
+    quality = panel.state().quality
+    assert quality.startswith("Quality control: 1 flag(s)") and "unsure on slice(s) 4" in quality and "6 vs 4" in quality
+    report.flags = []
+    panel._show_report(report)
+    assert panel.state().quality.startswith("Quality control: no flag raised")
 
 
 def _ed_segmentation(scene, ed):

@@ -243,7 +243,7 @@ def test_select_entry_keeps_the_users_choice_else_the_default(folders):
 
 def test_listing_again_reverifies_nothing_until_a_bundle_changes(folders, monkeypatch):
     """Typing a models-folder path must not re-hash every bundle per keystroke: verification is cached per file stamp."""
-    import IDEALSegmentLib.registry as registry_module
+    import IDEALTrain.model.registry as registry_module  # the one definition the Logic re-exports
 
     shipped, user = folders
     write_bundle(shipped, "a", "1.0.0")

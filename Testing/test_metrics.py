@@ -14,6 +14,7 @@ from IDEALTrain.evaluation.metrics import (
     label_volume_ml,
     mean_scores,
     score,
+    score_table,
 )
 from IDEALTrain.io.image import Image
 
@@ -110,12 +111,29 @@ def test_score_per_class_mean_and_json():
     scores = score(_labels(pred), _labels(ref), CLASS_NAMES)
     assert scores["unit"] == "mm"
     assert scores["classes"]["LV"]["dice"] == 1.0 and scores["classes"]["LV"]["hd95"] == 0.0
-    assert scores["classes"]["RV"] == {"dice": 0.0, "hd95": None, "asd": None, "assd": None, "hd": None}
-    assert scores["classes"]["LV_Myocardium"]["dice"] == 1.0  # absent from both
-    assert scores["mean"]["dice"] == pytest.approx(2 / 3)
+    assert scores["classes"]["RV"] == {"dice": 0.0, "hd95": None, "asd": None, "assd": None, "hd": None, "applicable": True}
+    assert scores["classes"]["LV_Myocardium"]["applicable"] is False  # absent from the reference: not applicable
+    assert scores["classes"]["LV_Myocardium"]["dice"] is None
+    assert scores["mean"]["dice"] == pytest.approx(1 / 2)
     assert scores["mean"]["hd95"] == 0.0  # mean of the two defined classes
     text = json.dumps(scores, allow_nan=False)
     assert "null" in text
+
+
+def test_a_structure_absent_from_the_reference_is_not_applicable_never_zero():
+    """Sunnybrook has no RV contours: a predicted RV must not count as Dice 0 in the score or in any mean."""
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[_box()] = 3
+    pred = ref.copy()
+    pred[_box(shift_i=14) & ~_box()] = 1  # the model finds an RV the reference never drew
+    scores = score(_labels(pred), _labels(ref), CLASS_NAMES)
+    assert scores["classes"]["RV"] == {"dice": None, "hd95": None, "asd": None, "assd": None, "hd": None, "applicable": False}
+    assert scores["mean"]["dice"] == 1.0  # the LV alone: RV and myocardium are not applicable
+    averaged = mean_scores([scores, score(_labels(ref), _labels(ref), CLASS_NAMES)])
+    assert averaged["classes"]["RV"]["dice"] is None and averaged["mean"]["dice"] == 1.0
+    assert averaged["not_applicable"]["RV"] == 2 and averaged["undefined"]["RV"]["dice"] == 0
+    table = score_table(averaged)
+    assert "RV" in table and "n/a" in table and "not in the reference" in table
 
 
 def test_unit_spacing_reports_voxels():

@@ -41,8 +41,9 @@ def test_points_map_to_their_voxel_on_an_oblique_grid():
     image = oblique_image()
     for voxel in [(0, 0, 0), (3, 17, 29), (6, 39, 47)]:
         assert voxel_of(image, point_of(image, *voxel)) == voxel
-    with pytest.raises(IdealError, match="outside the image"):
+    with pytest.raises(IdealError, match="outside the image") as outside:
         voxel_of(image, point_of(image, 7, 0, 0))
+    assert "np.float" not in str(outside.value) and "voxel index (0.0, 0.0, 7.0)" in str(outside.value)
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -204,6 +205,7 @@ def test_an_adjacent_guidance_network_edits_the_clicked_slice_and_its_neighbours
         ({"clicks": [{"point": [0, 0, 0], "label": "LV"}]}, "integer label"),
         ({"clicks": [{"point": [0, 0, 0], "label": 1, "positive": "yes"}]}, "true or false"),
         ({"points": []}, "JSON object"),
+        ({"space": "voxel", "clicks": []}, "'space' must be one of lps, ras, ijk"),
     ],
 )
 def test_malformed_clicks_are_refused(document, message):
@@ -261,6 +263,28 @@ def test_cli_refine_contract(bundle_path, tmp_path, capsys):
         assert main([*bad_args, "--output", str(tmp_path / "bad.nrrd")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad.nrrd").exists()
+    # The same clicks as voxel indices (i, j, k) or RAS mm give the same refined labels.
+    ras = [{"point": [-c.point[0], -c.point[1], c.point[2]], "label": c.label, "positive": c.positive} for c in clicks]
+    for name, document in [
+        ("ijk", {"space": "ijk", "clicks": [{"point": [18, 16, 2], "label": 3}, {"point": [5, 5, 3], "label": 1, "positive": False}]}),
+        ("ras", {"space": "ras", "clicks": ras}),
+    ]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(document))
+        spaced = [a if a != str(tmp_path / "clicks.json") else str(tmp_path / f"{name}.json") for a in args]
+        assert main([*spaced, "--output", str(tmp_path / f"{name}.nrrd")]) == 0
+        assert np.array_equal(read_image(tmp_path / f"{name}.nrrd").array, refined.array), name
+    (tmp_path / "far.json").write_text(json.dumps({"space": "ijk", "clicks": [{"point": [36, 0, 0], "label": 3}]}))
+    far = [a if a != str(tmp_path / "clicks.json") else str(tmp_path / "far.json") for a in args]
+    assert main([*far, "--output", str(tmp_path / "bad.nrrd")]) == 2
+    assert "outside the image" in capsys.readouterr().err
+    # a cine without --frame: the error names --frame only (refine has no --all-frames)
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.JoinSeries([image.to_sitk(), image.to_sitk()]), str(tmp_path / "cine.nii.gz"))
+    cine = [a if a != str(tmp_path / "image.nrrd") else str(tmp_path / "cine.nii.gz") for a in args]
+    assert main([*cine, "--output", str(tmp_path / "bad.nrrd")]) == 2
+    err = capsys.readouterr().err
+    assert "choose one with --frame N (0-1)" in err and "--all-frames" not in err
     write_image(Image(draft.array[:, :, :-1]), tmp_path / "other.nrrd")
     other_args = [a if a != str(tmp_path / "draft.nrrd") else str(tmp_path / "other.nrrd") for a in args]
     assert main([*other_args, "--output", str(tmp_path / "bad.nrrd")]) == 2

@@ -80,8 +80,9 @@ def test_keep_last_reports_validation_without_selecting_on_it(phantoms):
 def test_resume_refuses_a_different_run(phantoms, tmp_path):
     train = phantoms[0][:2]
     train_segmentation(train, small_config(2, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path)
-    with pytest.raises(IdealError, match="other settings"):
+    with pytest.raises(IdealError, match="other settings") as refused:
         train_segmentation(train, small_config(4, checkpoint_every=2), device="cpu", checkpoint_dir=tmp_path, resume=True)
+    assert "iterations: 2 in the checkpoint, 4 now" in str(refused.value)  # names the setting that changed
     with pytest.raises(IdealError, match="no checkpoint"):
         train_segmentation(train, small_config(2), device="cpu", checkpoint_dir=tmp_path / "empty", resume=True)
 

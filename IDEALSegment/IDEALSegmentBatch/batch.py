@@ -16,16 +16,16 @@ A cine case (a 4D NIfTI/NRRD file, or a DICOM series with several cardiac phases
 sequence segmented frame by frame with IDEALSegmentLib.cine (as ``segment_sequence`` does) and is
 written as OUT/<case>_frameNN.seg.nrrd, one per frame, named as ``idealtrain segment --all-frames``
 names them; the .mrb holds the whole scene (cine, segmentation sequence, browser, measurements
-table). The measurements CSV gets a ``<case>_frameNN`` volume row per frame and a ``<case> (cine
-ED/ES)`` row with EDV, ESV, SV, EF, mass and the ED/ES frames (ED = largest LV blood pool, ES =
-smallest). Where ED/ES cannot be found (e.g. no LV in any frame) the per-frame segmentations are
+table). The measurements CSV (one schema with a ``row_type`` column: IDEALTrain's
+``write_function_csv``) gets the cine's whole-heart measurements by IDEALTrain's convention
+(``docs/measurements.md``): summary rows (EDV, ESV, SV, EF, mass, ED/ES frames), per-frame and
+per-slice volumes and its QC flags, which the summary printed at the end repeats. Where ED/ES cannot be found (e.g. no LV in any frame) the per-frame segmentations are
 still written, but no .mrb and no ED/ES row; the summary says why. Existing outputs (every frame
 file included) are checked before anything is written and never replaced without --overwrite.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -47,6 +47,7 @@ from IDEALTrain.io.volume_files import (  # noqa: E402
 )
 
 MAX_EXIT_STATUS = 125  # higher statuses mean "killed by a signal" or "command not found" to shells
+VTK_LOG_NAME = "batch-vtk.log"  # VTK/MRML messages, in --output
 
 
 def case_name(path: Path) -> str:
@@ -142,7 +143,7 @@ def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, r
     from IDEALSegmentLib.segmentations import labels_from_segmentation
 
     volume = load_case(scene, path, frames)
-    result = segment_volume(volume, predictor, with_uncertainty=args.mrb is not None)
+    result = segment_volume(volume, predictor, with_uncertainty=args.mrb is not None or args.measurements_csv is not None)
     refined = None
     if getattr(args, "clicks", None) is not None:  # scripted review: <case>.clicks.json refines the draft in place
         from IDEALSegmentLib.refinement import refine_with_clicks_file
@@ -156,6 +157,10 @@ def _segment_volume(scene, path: Path, frames, args, predictor, outputs: dict, r
            "summary": result.summary() + (f"; {refined}" if refined else "")}
     if args.measurements_csv is not None:
         row["labels"] = labels
+        if result.uncertainty is not None:
+            from IDEALSegmentLib.volumes import image_from_volume
+
+            row["uncertainty"] = image_from_volume(result.uncertainty)
     return row
 
 
@@ -172,7 +177,15 @@ def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dic
     name = case_name(path)
     start = time.perf_counter()
     cine = sequence_from_images(scene, frames, name)
-    result = segment_sequence(cine, predictor, require_ed_es=False)
+    if "mrb" in outputs:  # the scene holds the uncertainty too: one map per frame, browsed with the cine
+        from IDEALSegmentLib.cine import add_sequence_to_scene, frame_images
+        from IDEALSegmentLib.inference import predict_volume
+
+        predictions = [predict_volume(image, predictor) for image in frame_images(cine)]
+        result = add_sequence_to_scene(cine, predictions, predictor.bundle, require_ed_es=False)
+        _add_uncertainty_sequence(scene, result, [p.uncertainty for p in predictions], f"{name} segmentation uncertainty")
+    else:
+        result = segment_sequence(cine, predictor, require_ed_es=False)
     for index, target in enumerate(outputs["frames"]):
         segmentation = result.segmentation_sequence.GetNthDataNode(index)
         labels = labels_from_segmentation(segmentation, cine.GetNthDataNode(index), predictor.bundle.labels)
@@ -180,7 +193,7 @@ def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dic
     if "mrb" in outputs and not result.note:
         save_scene_bundle(scene, run.staged(outputs["mrb"]))
     row = {"case": name, "status": "ok", "seconds": time.perf_counter() - start, "frames": len(frames),
-           "frame_ml": result.frame_labels_ml}
+           "frame_ml": result.frame_labels_ml, "report": result.report}
     if not result.note:
         row["summary"] = f"cine of {len(frames)} frames, ED frame {result.ed_index}, ES frame {result.es_index}"
         row["measurements"] = result.measurements
@@ -188,6 +201,17 @@ def _segment_cine(scene, path: Path, frames: list, args, predictor, outputs: dic
         row["summary"] = f"cine of {len(frames)} frames, segmented; no ED/ES (see note)"
         row["note"] = f"{name}: no ED/ES measurements{' and no .mrb' if 'mrb' in outputs else ''} ({result.note})"
     return row
+
+
+def _add_uncertainty_sequence(scene: object, result: object, maps: list, name: str) -> None:
+    """The decoders' disagreement of every frame as a volume sequence, synchronised with the cine's browser."""
+    from IDEALSegmentLib.cine import sequence_from_images
+
+    if not maps or any(m is None for m in maps):
+        return
+    sequence = sequence_from_images(scene, maps, name)
+    if result.browser is not None:
+        result.browser.AddSynchronizedSequenceNodeID(sequence.GetID())
 
 
 def write_segmentation(segmentation: object, labels: object, path: Path, label_map: tuple) -> Path:
@@ -213,47 +237,59 @@ def _outputs(path: Path, args: argparse.Namespace, frames: int = 0) -> dict:
 
 
 def write_measurements(rows: list[dict], path: Path, label_map: tuple, overwrite: bool) -> str:
-    """Per-case label volumes (ml), and ED/ES function per case pair and per cine; a note for the summary.
+    """The measurements CSV (IDEALTrain's one schema, a ``row_type`` column); a note for the summary.
 
-    Cases named ``<name>_ED`` and ``<name>_ES`` (ACDC and phantom naming) form a pair whose row gets
-    ejection fractions and mass from ``measurements.cardiac_measurements``. A cine case gives a
-    ``<case>_frameNN`` volume row per frame and a ``<case> (cine ED/ES)`` row with its measurements
-    (none where ED/ES could not be found).
+    Each 3D case gives a ``frame`` row of its label volumes (ml, every labelled voxel). Cases named
+    ``<name>_ED`` and ``<name>_ES`` (ACDC and phantom naming) form a pair, and each cine is measured
+    whole, by IDEALTrain's whole-heart convention: ``summary`` rows (EDV, ESV, SV, EF, mass, ED/ES
+    frames), ``frame`` and ``slice`` rows of the counted volumes, and one ``flag`` row per QC flag,
+    under the case name ``<name> (ED/ES)`` / ``<case> (cine)``. A cine without ED/ES gets its frame rows only.
     """
-    from IDEALSegmentLib.measurements import cardiac_measurements
+    from IDEALSegmentLib.measurements import pair_report
 
+    from IDEALTrain.evaluation.function import STRUCTURES, report_rows, write_function_csv
     from IDEALTrain.evaluation.metrics import label_volume_ml
-    from IDEALTrain.io.atomic import atomic_path, check_outputs
+    from IDEALTrain.io.atomic import check_outputs
 
     check_outputs([path], overwrite)
     done = [row for row in rows if row["status"] == "ok"]
     table = []
     for row in done:
-        if "frame_ml" in row:  # a cine: volumes per frame as IDEALSegmentLib.cine measured them
-            for index, volumes in enumerate(row["frame_ml"]):
-                case = strip_volume_suffix(frame_file_name(row["case"], index))
-                table.append({"case": case, **{f"{label.name} (ml)": round(volumes[label.segment_id], 3) for label in label_map}})
-            if "measurements" in row:
-                table.append({"case": f"{row['case']} (cine ED/ES)", **row["measurements"]})
+        if "frame_ml" in row:  # a cine
+            if row.get("report") is not None:
+                table += report_rows(f"{row['case']} (cine)", row["report"])
+            else:
+                table += [{"row_type": "frame", "case": f"{row['case']} (cine)", "frame": index,
+                           **{f"{name}_ml": volumes[name] for name in STRUCTURES}} for index, volumes in enumerate(row["frame_ml"])]
         else:
-            table.append({"case": row["case"], **{f"{label.name} (ml)": round(label_volume_ml(row["labels"], label.value), 3)
-                                                  for label in label_map}})
+            table.append({"row_type": "frame", "case": row["case"], "frame": 0,
+                          **{f"{name}_ml": label_volume_ml(row["labels"], value) for name, value in STRUCTURES.items()}})
     note = ""
-    by_name = {row["case"]: row["labels"] for row in done if "labels" in row}
+    by_name = {row["case"]: row for row in done if "labels" in row}
     for name in sorted(by_name):
         if name.upper().endswith("_ED") and f"{name[:-3]}_ES" in by_name:
             try:
-                values = cardiac_measurements(by_name[name], by_name[f"{name[:-3]}_ES"])
+                report = pair_report(by_name[name]["labels"], by_name[f"{name[:-3]}_ES"]["labels"], by_name[name].get("uncertainty"))
             except IdealError as error:
                 note += f"{name[:-3]}: no ED/ES measurements ({error}); "
                 continue
-            table.append({"case": f"{name[:-3]} (ED/ES)", **values})
-    columns = list(dict.fromkeys(key for row in table for key in row))
-    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        writer.writerows(table)
+            by_name[name]["report"] = report  # for the summary
+            table += report_rows(f"{name[:-3]} (ED/ES)", report)
+    write_function_csv(table, path)
     return note.rstrip("; ")
+
+
+def report_lines(rows: list[dict]) -> list[str]:
+    """The summary's measurement lines: each measured case's LV EF and its QC flags (what to check)."""
+    lines = []
+    for row in rows:
+        report = row.get("report")
+        if report is None:
+            continue
+        name = row["case"][:-3] if row["case"].upper().endswith("_ED") else row["case"]
+        lines.append(f"  measured: {name}: {report.summary()}")
+        lines += [f"    QC {flag.name}: {flag.message}" for flag in report.flags]
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     from IDEALTrain.io.output_guard import sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
+    missing = _missing_mrml()
+    if missing:
+        print(f"batch: error: {missing}", file=sys.stderr)
+        return 2
     with sigterm_as_interrupt():  # SIGTERM stops the batch as Ctrl-C does: the case being written is dropped whole
         return _run(args)
 
@@ -287,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from IDEALTrain.io.output_guard import exit_status
 
-    _vtk_messages_to_stderr()
     args.mrb = args.output if args.mrb is True else (Path(args.mrb) if args.mrb else None)
     try:
         cases = _check_arguments(args)
+        vtk_log = _vtk_messages_to_file(args.output / VTK_LOG_NAME)
         from IDEALSegmentLib.inference import load_predictor
 
         predictor = load_predictor(args.model, args.device)
@@ -336,12 +376,16 @@ def _run(args: argparse.Namespace) -> int:
     for row in rows:
         if row["status"] == "ok" and "frames" in row:
             print(f"  cine: {row['case']}: {row['summary']}")
+    for line in report_lines(rows):
+        print(line)
     for row in failed:
         print(f"  failed: {row['case']}: {row['error']}")
     notes = [row["note"] for row in rows if "note" in row] + ([note] if note else [])
     note = "; ".join(notes)
     if note:
         print(f"  note: {note}")
+    if vtk_log.is_file() and vtk_log.stat().st_size:
+        print(f"  VTK/MRML messages: {vtk_log}")
     return max(min(len(failed), MAX_EXIT_STATUS), int(csv_failed))
 
 
@@ -381,11 +425,30 @@ def _check_clicks_folder(folder: Path, cases: list[Path]) -> None:
         raise IdealError(f"--clicks {folder}: holds none of the cases' clicks files (e.g. {names[0]}); check the folder")
 
 
-def _vtk_messages_to_stderr() -> None:
-    """Keep stdout for the summary: VTK/MRML messages (e.g. .mrb zip notes) go to stderr."""
+def _missing_mrml() -> str:
+    """'' when Slicer's MRML is importable (Slicer, or slicer-core in plain Python); else one line saying what to do."""
+    try:
+        import slicer
+
+        if hasattr(slicer, "vtkMRMLScene"):
+            return ""
+    except ImportError:
+        pass
+    return ("batch.py needs Slicer's MRML: run it with Slicer (Slicer --no-main-window --python-script batch.py ...), "
+            "or pip install slicer-core==5.11.0.6 (pip install 'idealsegment[slicer]'); without either, "
+            "idealtrain segment --all-frames writes the same .seg.nrrd files and prints the measurements")
+
+
+def _vtk_messages_to_file(path: Path) -> Path:
+    """Keep the terminal for the summary: VTK/MRML messages (e.g. hundreds of .mrb zip lines) go to ``path``."""
     import vtk
 
-    vtk.vtkOutputWindow.GetInstance().SetDisplayModeToAlwaysStdErr()
+    window = vtk.vtkFileOutputWindow()
+    window.SetFileName(str(path))
+    window.AppendOff()
+    window.FlushOn()
+    vtk.vtkOutputWindow.SetInstance(window)
+    return path
 
 
 def _say(bar: object, text: str) -> None:

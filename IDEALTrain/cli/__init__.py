@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_segment_parsers(commands)
     train.add_parsers(commands)
     segment.add_score_parser(commands)
+    segment.add_measure_parser(commands)
     refine.add_parsers(commands)
     refiner.add_parsers(commands)
     bundle.add_parsers(commands)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+MODEL_HELP = "model bundle folder or .zip, or an installed model's id (e.g. idealsegment-acdc, or ID@VERSION; see idealtrain bundle list); default: the default model"
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -20,7 +20,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         return
     from ..demo import run_sample_demo
 
-    run_sample_demo(Path(args.out or "runs/demo"), model=args.model, device=args.device)
+    run_sample_demo(Path(args.out or "runs/demo"), model=args.model, device=args.device, overwrite=args.overwrite)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -42,4 +42,5 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-iterations", type=int, default=200, help="--train-comparison: default 200")
     p.add_argument("--seed", type=int, default=0, help="--train-comparison: default 0")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo's results in --out")
     p.set_defaults(func=cmd_demo)

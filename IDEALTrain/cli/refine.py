@@ -7,21 +7,23 @@ import json
 from pathlib import Path
 
 from ..io.output_guard import OutputSet
-from .common import DEVICE_HELP
+from .common import DEVICE_HELP, MODEL_HELP
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
     """Refine ``--draft`` with ``--clicks`` and write the labels on exactly the input's grid."""
-    from ..inference.clicks import read_clicks
+    from ..inference.clicks import in_lps, read_clicks
     from ..inference.refine import Refiner, check_refinement_inputs
     from ..io.volume_files import check_output_type, read_image, read_label, write_image
+    from ..model.registry import resolve_model
 
     check_output_type(args.output)
+    args.model = str(resolve_model(args.model))  # a path, an installed model's id, or the default model
     inputs = [args.input, args.draft, args.clicks, args.model, args.refinement]
     with OutputSet([args.output], args.overwrite, "choose another --output or pass --overwrite", inputs=inputs) as run:
-        image = read_image(args.input, args.frame)
+        image = read_image(args.input, args.frame, all_frames=False)  # refine has no --all-frames to suggest
         draft = read_label(args.draft)
-        clicks = read_clicks(args.clicks)
+        clicks = in_lps(read_clicks(args.clicks), image)
         refiner = _refiner(Refiner, args)
         check_refinement_inputs(image, draft, clicks, refiner.labels)  # refuse bad input before the network runs
         result = refiner.refine(image, draft, clicks)
@@ -70,14 +72,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     from ..inference.refine import DEFAULT_ENGINE, DEFAULT_RADIUS_MM, ENGINE_CHOICES
 
     p = commands.add_parser("refine", help="refine a draft segmentation with positive / negative clicks")
-    p.add_argument("--model", required=True, help="model bundle (folder or .zip) that made or fits the draft")
+    p.add_argument("--model", help="the model that made or fits the draft: " + MODEL_HELP)
     p.add_argument("--input", required=True, help="the image (volume file or DICOM folder)")
     p.add_argument("--frame", type=int, help="frame of a cine/4D input (0-based)")
     p.add_argument("--draft", required=True, help="current label map on the image's grid")
     p.add_argument(
         "--clicks",
         required=True,
-        help='JSON {"clicks": [{"point": [x, y, z] (LPS mm), "label": 1|2|3, "positive": true|false}, ...]}',
+        help='JSON {"clicks": [{"point": [x, y, z], "label": 1|2|3, "positive": true|false}, ...]}; points in LPS mm, '
+        'or with "space": "ras" (RAS mm) or "ijk" (voxel indices i, j, k from 0) in the document or a click',
     )
     p.add_argument("--output", required=True, help="refined labels (.nii.gz, .nrrd or .seg.nrrd)")
     p.add_argument(

@@ -1,9 +1,10 @@
 """The README's first run: segment the shipped real cine MRI with the shipped model and compare with the expert.
 
-Reads the sample's DICOM folder as a user would (one series, two cardiac phases), segments both
-phases, calls the phase with the larger LV blood pool end-diastole (the clinical rule the Slicer
-module uses), and compares with the expert's contours: LV EDV, ESV, EF and myocardial mass, and the
-LV Dice. Writes the segmentations (``.seg.nrrd``, for Slicer), the expert's labels the same way, and
+Reads the sample's DICOM folder as a user would (one series, two cardiac phases, the whole 12-slice
+stack of each), segments both phases and measures the whole heart as the Slicer module does
+(IDEALTrain's SCMR convention, which also picks ED and ES, and its QC flags), and compares with the
+expert's contours: LV EDV, ESV, EF and myocardial mass, and the LV Dice on the 9 slices the expert
+drew. Writes the segmentations (``.seg.nrrd``, for Slicer), the expert's labels the same way, and
 overlay PNGs (expert | model) of a mid-ventricular and a basal slice at ED and ES. Seconds on a CPU.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IdealError
+from ..evaluation.function import measure_function
 from ..evaluation.metrics import cardiac_function, dice
 from ..evaluation.overlay import overlay_rgb, save_png
 from ..inference.predictor import Predictor
@@ -33,22 +35,28 @@ CROP_MARGIN = 24  # pixels around the expert's LV in the overlay crops
 ZOOM = 2  # overlay pixels per image pixel
 
 
-def check_output_folder(out: Path) -> None:
-    """Refuse a non-empty folder that is not a previous demo's output: the demo never overwrites the user's files."""
+def check_output_folder(out: Path, overwrite: bool = False) -> None:
+    """Refuse a non-empty folder that is not a previous demo's output, and a previous demo's output without
+    ``overwrite``: the demo never overwrites files unasked."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RESULTS_FILE).is_file())):
         raise IdealError(f"{out} exists and is not a previous demo's output folder: choose another --out")
+    if (out / RESULTS_FILE).is_file() and not overwrite:
+        raise IdealError(f"{out} holds a previous demo's results: pass --overwrite to replace them, or choose another --out")
 
 
-def run_sample_demo(out: Path, model: Path | None = None, sample_root: Path | None = None, device: str = "auto") -> dict:
+def run_sample_demo(
+    out: Path, model: Path | None = None, sample_root: Path | None = None, device: str = "auto", overwrite: bool = False
+) -> dict:
     """Segment the sample, write segmentations, overlays and ``results.json``, print the comparison; return the results."""
     started = time.perf_counter()
     out = Path(out)
-    check_output_folder(out)
+    check_output_folder(out, overwrite)
     sample = load_sample(sample_root)
     predictor = Predictor(Path(model) if model else default_model_dir(), device=device)
     frames = read_frames(sample.dicom_dir)  # the folder as a user loads it: one volume per cardiac phase
     predictions = [predictor.predict(frame) for frame in frames]
-    phases = _phases_by_lv_volume([p.labels for p in predictions])
+    report = measure_function([p.labels for p in predictions], [p.uncertainty for p in predictions])
+    phases = {"ED": int(report.measurements["ed_frame"]), "ES": int(report.measurements["es_frame"])}
     experts = {phase.phase: phase for phase in read_sunnybrook_patient(sample.root, sample.patient)}
 
     results: dict = {"sample": sample.patient, "description": sample.description, "device": predictions[0].device,
@@ -57,18 +65,26 @@ def run_sample_demo(out: Path, model: Path | None = None, sample_root: Path | No
     labels: dict[str, tuple[Image, Image]] = {}
     for name, index in phases.items():
         expert = experts[name]
-        if not (frames[index].same_grid(expert.image) and np.array_equal(frames[index].array, expert.image.array)):
-            raise IdealError(f"the model's {name} frame ({index}) is not the expert's {name} phase in {sample.dicom_dir}")
-        predicted = predictions[index].labels
-        labels[name] = (predicted, expert.label)
-        results["phases"][name] = {"frame": index, **_dice_scores(predicted, expert)}
-    for name, (predicted, expert_label) in labels.items():  # written only once every check has passed
-        write_image(predicted, out / f"{sample.patient}_{name}.seg.nrrd", predictor.bundle.labels)
-        write_image(expert_label, out / f"{sample.patient}_{name}_expert.seg.nrrd", EXPERT_LABELS)
-    model_function = cardiac_function(labels["ED"][0], labels["ES"][0])
-    results["model_figures"] = {key: model_function[key] for key, _ in FIGURES}
+        rows = _expert_rows(frames[index], expert.image, name, sample)
+        predicted = expert.image.with_array(np.take(predictions[index].labels.array, rows, axis=frames[index].slice_axis))
+        labels[name] = (predicted, expert.label)  # the model on the expert's slices
+        # "frame": the phase's number in the patient's full cine (what a viewer of that cine shows); "sample_frame":
+        # its place among the sample's two phases
+        cine_frame = (sample.cine_frames or {}).get(name, index)
+        results["phases"][name] = {"frame": cine_frame, "sample_frame": index, "expert_slices": rows, **_dice_scores(predicted, expert)}
+    for name, index in phases.items():  # written only once every check has passed
+        write_image(predictions[index].labels, out / f"{sample.patient}_{name}.seg.nrrd", predictor.bundle.labels)
+        write_image(labels[name][1], out / f"{sample.patient}_{name}_expert.seg.nrrd", EXPERT_LABELS)
+        # the model on the expert's slices and grid: `idealtrain score` on this pair gives the demo's Dice
+        write_image(labels[name][0], out / f"{sample.patient}_{name}_on_expert_slices.seg.nrrd", predictor.bundle.labels)
+    results["model_figures"] = {key: report.measurements[key] for key, _ in FIGURES}
+    on_expert_slices = cardiac_function(labels["ED"][0], labels["ES"][0])
+    results["model_figures_expert_slices"] = {key: on_expert_slices[key] for key, _ in FIGURES}
     results["expert_figures"] = sample.expert
-    results["overlays"] = [str(p) for p in write_overlays(frames, phases, labels, out / "overlays")]
+    results["convention"] = report.convention
+    results["quality_flags"] = [flag.to_json() for flag in report.flags]
+    results["whole_heart"] = report.to_json()
+    results["overlays"] = [str(p) for p in write_overlays({n: experts[n].image for n in phases}, labels, out / "overlays")]
     results["seconds"] = round(time.perf_counter() - started, 1)
     with atomic_path(out / RESULTS_FILE) as temp:
         temp.write_text(json.dumps(results, indent=2) + "\n")
@@ -76,12 +92,16 @@ def run_sample_demo(out: Path, model: Path | None = None, sample_root: Path | No
     return results
 
 
-def _phases_by_lv_volume(labels: list[Image]) -> dict[str, int]:
-    """{"ED": frame, "ES": frame}: the frames with the largest and the smallest predicted LV blood pool."""
-    volumes = [int(np.count_nonzero(label.array == LV_BLOOD_POOL)) for label in labels]
-    if len(volumes) != 2 or volumes[0] == volumes[1]:
-        raise IdealError(f"expected two phases with different LV volumes, got LV voxel counts {volumes}")
-    return {"ED": int(np.argmax(volumes)), "ES": int(np.argmin(volumes))}
+def _expert_rows(frame: Image, expert: Image, name: str, sample: Sample) -> list[int]:
+    """The slice index in ``frame`` of each of the expert's slices (the same DICOM images); refuses another frame."""
+    stack = np.moveaxis(frame.array, frame.slice_axis, 0)
+    rows = []
+    for drawn in np.moveaxis(expert.array, expert.slice_axis, 0):
+        found = [k for k, image in enumerate(stack) if image.shape == drawn.shape and np.array_equal(image, drawn)]
+        if not found:
+            raise IdealError(f"the model's {name} frame is not the expert's {name} phase in {sample.dicom_dir}")
+        rows.append(found[0])
+    return rows
 
 
 def _dice_scores(predicted: Image, expert) -> dict[str, float | None]:
@@ -109,22 +129,46 @@ def overlay_slices(expert: Image) -> dict[str, int]:
     return {"mid": (first + last) // 2, "basal": basal}
 
 
-def write_overlays(frames: list[Image], phases: dict[str, int], labels: dict[str, tuple[Image, Image]], folder: Path) -> list[Path]:
-    """``<phase>_<level>.png`` (expert | model, cropped to the heart) for ED/ES x mid/basal, and ``overview.png`` of all four."""
+def write_overlays(images: dict[str, Image], labels: dict[str, tuple[Image, Image]], folder: Path) -> list[Path]:
+    """``<phase>_<level>.png`` (expert | model, cropped to the heart) for ED/ES x mid/basal, and ``overview.png`` of all four.
+
+    ``images`` are the expert's slices of each phase, ``labels`` (model, expert) on them.
+    """
     written, rows = [], []
     crop = _heart_crop(labels["ED"][1])  # one window for both phases: the heart at its largest
-    for name, index in phases.items():
+    for name, image_of_phase in images.items():
         predicted, expert = labels[name]
         row = []
         for level, k in overlay_slices(expert).items():
-            pair = np.concatenate([_zoom(overlay_rgb(frames[index], image, k)[crop]) for image in (expert, predicted)], axis=1)
+            pair = np.concatenate([_zoom(overlay_rgb(image_of_phase, image, k)[crop]) for image in (expert, predicted)], axis=1)
             written.append(save_png(pair, folder / f"{name}_{level}.png"))
             row.append(np.pad(pair, ((4, 4), (4, 4), (0, 0)), constant_values=255))
         rows.append(np.concatenate(row, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    written.append(save_png(np.concatenate(rows, axis=0), folder / "overview.png"))
+    overview = np.concatenate(rows, axis=0)
+    halves = [(f"expert, {level}", f"model, {level}") for level in overlay_slices(labels["ED"][1])]
+    written.append(save_png(np.concatenate([_header(overview.shape[1], halves), overview], axis=0), folder / "overview.png"))
     return written
+
+
+def _header(width: int, pairs: list[tuple[str, str]], height: int = 22) -> np.ndarray:
+    """A white strip naming each half of each column pair ("expert, mid" | "model, mid" ...), black text (Pillow)."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    strip = PILImage.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: one fixed size
+        font = ImageFont.load_default()
+    column = width / len(pairs)
+    for n, names in enumerate(pairs):
+        for half, text in enumerate(names):
+            centre = column * n + column * (2 * half + 1) / 4
+            draw.text((centre, height / 2), text, fill="black", font=font, anchor="mm")
+    return np.asarray(strip, dtype=np.uint8)
 
 
 def _heart_crop(expert: Image) -> tuple[slice, slice]:
@@ -158,11 +202,18 @@ def format_report(results: dict, sample: Sample, out: Path) -> str:
     ]
     for key, title in FIGURES:
         lines.append(f"{title:16}{results['model_figures'][key]:9.1f}{results['expert_figures'][key]:9.1f}")
+    contoured = results["model_figures_expert_slices"]
+    lines.append(f"(model: whole stack, {results['convention'].split(':')[0]}; on the expert's 9 slices its LV EF is "
+                 f"{contoured['lv_ef_percent']:.1f})")
     ed, es = results["phases"]["ED"], results["phases"]["ES"]
+    flags = results["quality_flags"]
     lines += ["", f"LV Dice: ED {ed['lv_dice']:.3f}, ES {es['lv_dice']:.3f}"
-              + (f"; myocardium Dice (ED) {ed['myocardium_dice']:.3f}" if ed["myocardium_dice"] is not None else ""),
-              "",
-              f"segmentations (open in 3D Slicer): {out}/{sample.patient}_ED.seg.nrrd, _ES.seg.nrrd (expert: *_expert.seg.nrrd)",
+              + (f"; myocardium Dice (ED) {ed['myocardium_dice']:.3f}" if ed["myocardium_dice"] is not None else "")
+              + " (on the expert's slices)", "", f"QC flags: {len(flags) or 'none'}"]
+    lines += [f"  {flag['name']}: {flag['message']}" for flag in flags]
+    lines += ["",
+              f"segmentations (open in 3D Slicer): {out}/{sample.patient}_ED.seg.nrrd, _ES.seg.nrrd (expert: *_expert.seg.nrrd; "
+              "the model on the expert's slices: *_on_expert_slices.seg.nrrd)",
               f"overlays (expert | model): {out / 'overlays'}; all figures: {out / RESULTS_FILE}",
               f"done in {results['seconds']:.0f} s"]
     return "\n".join(lines)

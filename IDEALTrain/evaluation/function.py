@@ -43,11 +43,20 @@ MEASUREMENT_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_percent", "rv_e
 RING_THRESHOLD = 0.5
 #: "Next to": within this in-plane distance (pixels) of an LV myocardium pixel.
 RING_DISTANCE_PX = 2
+#: At ED a basal slice keeps at least this share of the blood-pool cross-section of the slice below it.
+CONTINUITY = 0.5
+#: At ED a basal slice whose mean uncertainty exceeds this multiple of the mid-ventricle's is the junction.
+UNCERTAINTY_LIMIT = 3.0
+#: The ED's most basal RV slice counts in full while the rest of the RV has shrunk by at most this share...
+RV_BASE_KEEP = 0.1
+#: ... and not at all once it has shrunk by this share (a well-contracting RV pulls its base further down).
+RV_BASE_DROP = 0.5
 CONVENTION = (
     "SCMR whole-heart (Schulz-Menger 2020): at every frame a basal slice's LV blood pool counts while at least "
     f"{RING_THRESHOLD:.0%} of its edge is ringed by LV myocardium; LV outflow tract is LV; papillary muscles "
     "and trabeculation are in the blood pool; ED/ES from a slice-robust curve"
 )
+NO_CONVENTION = "none: every labelled voxel counts; ED/ES = largest/smallest LV volume"
 CSV_PRECISION = 2  # decimals of every number in the CSV
 
 
@@ -157,10 +166,10 @@ def find_ed_es_robust(slice_lv: np.ndarray, counted: np.ndarray) -> tuple[int, i
     systole is left out); each slice's area curve is divided by its own maximum and the frames are
     ranked by the mean of those curves with the highest and lowest slice dropped (a trimmed mean):
     one slice changes the curve by at most 1/(n-2) of its range. With fewer than 3 such slices the
-    counted volume curve decides (:func:`find_ed_es`).
+    plain LV volume curve decides (:func:`find_ed_es`).
     """
     slice_lv = np.asarray(slice_lv, dtype=np.float64)
-    total = (slice_lv * counted).sum(axis=1)
+    total = slice_lv.sum(axis=1)
     core = np.flatnonzero((counted & (slice_lv > 0)).all(axis=0))
     if core.size < 3 or slice_lv.shape[0] < 3:
         return find_ed_es(total)
@@ -258,30 +267,70 @@ def base_at_start(lv_area: np.ndarray) -> bool:
     return area[first:first + 2].sum() >= area[max(last - 1, 0):last + 1].sum()
 
 
-def lv_counted_slices(facts: Sequence[_Frame], threshold: float = RING_THRESHOLD) -> np.ndarray:
+def _walk_to_base(order: list[int], present: np.ndarray, keep) -> set[int]:
+    """Slices kept walking from the middle of the present LV towards the base until ``keep(k, previous)`` fails.
+
+    ``order`` lists slice indices base first; the apical half always counts.
+    """
+    ks = [k for k in order if present[k]]
+    if not ks:
+        return set()
+    mid = len(ks) // 2
+    kept = set(ks[mid:])  # from the middle to the apex
+    previous = ks[mid]
+    for k in reversed(ks[:mid]):  # from the middle towards the base
+        if not keep(k, previous):
+            break
+        kept.add(k)
+        previous = k
+    return kept
+
+
+def lv_counted_slices(facts: Sequence[_Frame], ed: int, *, threshold: float | None = None) -> np.ndarray:
     """(frames, slices) booleans: where a slice's LV blood pool counts under the convention.
 
-    Going from the mid-ventricle towards the base at each frame, the LV counts until the first slice
-    whose blood pool is ringed by less than ``threshold`` myocardium; that slice and every slice
-    beyond it are atrium. Apical slices always count.
+    At end-diastole the ventricle reaches furthest: walking from the mid-ventricle to the base, a slice
+    counts while its blood pool is ringed by at least ``threshold`` myocardium, keeps at least
+    :data:`CONTINUITY` of the cross-section of the slice below it, and the model is sure of it
+    (uncertainty at most :data:`UNCERTAINTY_LIMIT` times that of the mid-ventricle, when known); the
+    first slice failing one of these is the atrioventricular junction, and it and everything beyond
+    it are atrium. At every other frame only the slices of the ED ventricle can count (the base moves
+    towards the apex in systole, and the apex does not move), and a basal slice stops counting once
+    the atrium has replaced its ring (ring below ``threshold``, walking from the middle again).
     """
+    threshold = RING_THRESHOLD if threshold is None else threshold
     lv = np.stack([f.areas["LV"] for f in facts])
     ring = np.stack([f.ring for f in facts])
     frames, slices = lv.shape
-    from_base = base_at_start(lv)
-    order = np.arange(slices) if from_base else np.arange(slices)[::-1]  # base first
-    counted = lv > 0
+    order = list(range(slices)) if base_at_start(lv) else list(range(slices))[::-1]  # base first
+    reference = _mid_uncertainty(facts[ed], lv[ed] > 0, order)
+
+    def keep_at_ed(k: int, below: int) -> bool:
+        if ring[ed, k] < threshold or lv[ed, k] < CONTINUITY * lv[ed, below]:
+            return False
+        u = facts[ed].uncertainty
+        return u is None or reference is None or not u[k] > UNCERTAINTY_LIMIT * reference
+
+    ventricle = _walk_to_base(order, lv[ed] > 0, keep_at_ed)
+    counted = np.zeros((frames, slices), bool)
     for t in range(frames):
-        present = [k for k in order if lv[t, k] > 0]
-        if not present:
-            continue
-        mid = present[len(present) // 2]
-        basal_part = [k for k in order[: list(order).index(mid)]]
-        for k in reversed(basal_part):  # from mid towards the base
-            if lv[t, k] > 0 and ring[t, k] < threshold:
-                counted[t, [j for j in basal_part if list(order).index(j) <= list(order).index(k)]] = False
-                break
+        inside = np.array([k in ventricle for k in range(slices)]) & (lv[t] > 0)
+        if t == ed:
+            kept = ventricle
+        else:
+            kept = _walk_to_base(order, inside, lambda k, below, t=t: ring[t, k] >= threshold)
+        counted[t, sorted(kept)] = True
     return counted
+
+
+def _mid_uncertainty(facts: _Frame, present: np.ndarray, order: list[int]) -> float | None:
+    """Median slice uncertainty over the apical half of the LV (the slices that always count); None if unknown."""
+    if facts.uncertainty is None:
+        return None
+    ks = [k for k in order if present[k]]
+    values = facts.uncertainty[ks[len(ks) // 2:]] if ks else np.array([])
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else None
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -291,12 +340,14 @@ def measure_function(
     *,
     ed: int | None = None,
     es: int | None = None,
+    convention: bool = True,
 ) -> CardiacReport:
     """Whole-heart function of a cine (every frame) or an ED/ES pair (``measure_function([ed, es], ed=0, es=1)``).
 
     ``frames`` are cardiac label maps (0 background, 1 RV, 2 LV myocardium, 3 LV blood pool) on one
     grid; ``uncertainty`` optional per-frame maps on the same grid (the decoders' disagreement).
-    ED/ES are found from the convention's curve unless given.
+    ED/ES are found from the convention's curve unless given. ``convention=False`` counts every
+    labelled voxel and takes ED/ES from the plain LV volume curve (for comparison only).
     """
     frames = list(frames)
     if not frames:
@@ -310,22 +361,25 @@ def measure_function(
     shapes = {f.ring.shape for f in facts}
     if len(shapes) > 1:
         raise IdealError(f"the frames have different numbers of slices {sorted(s[0] for s in shapes)}: measure one stack")
-    counted = lv_counted_slices(facts)
-    slice_volumes, frame_volumes, raw = _volumes(facts, counted, base_at_start(np.stack([f.areas["LV"] for f in facts])))
     lv_slices = np.stack([f.areas["LV"] for f in facts])
+    ringed = (lv_slices > 0) & (np.stack([f.ring for f in facts]) >= RING_THRESHOLD)
     if ed is None or es is None:
         if len(frames) < 2:
             raise IdealError("one frame cannot give ED and ES: give a cine or an ED/ES pair")
-        found_ed, found_es = find_ed_es_robust(lv_slices, counted)
+        found_ed, found_es = find_ed_es_robust(lv_slices, ringed) if convention else find_ed_es(lv_slices.sum(axis=1))
         ed = found_ed if ed is None else ed
         es = found_es if es is None else es
     for name, index in (("ED", ed), ("ES", es)):
         if not 0 <= int(index) < len(frames):
             raise IdealError(f"the {name} frame {index} is outside the {len(frames)} frames (0-{len(frames) - 1})")
     ed, es = int(ed), int(es)
+    from_base = base_at_start(lv_slices)
+    counted = lv_counted_slices(facts, ed) if convention else lv_slices > 0
+    rv_weights = rv_slice_weights(facts, ed, from_base) if convention else None
+    slice_volumes, frame_volumes, raw = _volumes(facts, counted, from_base, rv_weights)
     measurements = _measurements(frame_volumes, ed, es)
     unit = "voxel" if frames[0].spacing == (1.0, 1.0, 1.0) else "ml"
-    report = CardiacReport(measurements, frame_volumes, slice_volumes, [], CONVENTION, unit, raw,
+    report = CardiacReport(measurements, frame_volumes, slice_volumes, [], CONVENTION if convention else NO_CONVENTION, unit, raw,
                            [np.flatnonzero(row).tolist() for row in counted])
     from .quality import quality_flags  # the checks live beside this module
 
@@ -344,7 +398,35 @@ def _check_labels(labels: Image, what: str) -> None:
         )
 
 
-def _volumes(facts: Sequence[_Frame], counted: np.ndarray, from_base: bool):
+def rv_slice_weights(facts: Sequence[_Frame], ed: int, from_base: bool) -> np.ndarray:
+    """(frames, slices) weights (0-1) of each slice's RV under the convention.
+
+    The RV counts on the slices where it is labelled at ED (the base moves towards the apex in
+    systole: a slice above the ED base is atrium at every frame). The tricuspid annulus descends
+    further than the mitral one, by more the better the RV contracts (TAPSE): at each frame the ED's
+    most basal RV slice counts in full while the rest of the RV has shrunk by at most
+    :data:`RV_BASE_KEEP` of its ED volume, not at all from :data:`RV_BASE_DROP`, and in
+    proportion between (the slice is partly right atrium).
+    """
+    rv = np.stack([f.areas["RV"] for f in facts])
+    frames, slices = rv.shape
+    weights = np.zeros((frames, slices))
+    present = np.flatnonzero(rv[ed] > 0)
+    if present.size == 0:
+        return weights
+    weights[:, present] = 1.0
+    if present.size < 3:
+        return weights
+    base = int(present[0] if from_base else present[-1])
+    rest = [int(k) for k in present if k != base]
+    ed_rest = rv[ed, rest].sum()
+    for t in range(frames):
+        shrink = 1.0 - rv[t, rest].sum() / ed_rest if ed_rest > 0 else 0.0
+        weights[t, base] = float(np.clip((RV_BASE_DROP - shrink) / (RV_BASE_DROP - RV_BASE_KEEP), 0.0, 1.0))
+    return weights
+
+
+def _volumes(facts: Sequence[_Frame], counted: np.ndarray, from_base: bool, rv_weights: np.ndarray | None = None):
     """Per-slice and per-frame volumes (ml) after the convention, and per-frame volumes without it."""
     slice_volumes, frame_volumes, raw = [], [], []
     for t, f in enumerate(facts):
@@ -354,7 +436,7 @@ def _volumes(facts: Sequence[_Frame], counted: np.ndarray, from_base: bool):
             rows.append({
                 "LV": f.areas["LV"][k] * f.voxel_ml * bool(counted[t, k]),
                 "LV_Myocardium": f.areas["LV_Myocardium"][k] * f.voxel_ml * bool(myo_counted[k]),
-                "RV": f.areas["RV"][k] * f.voxel_ml,
+                "RV": f.areas["RV"][k] * f.voxel_ml * (1.0 if rv_weights is None else float(rv_weights[t, k])),
             })
         slice_volumes.append(rows)
         frame_volumes.append({name: float(sum(r[name] for r in rows)) for name in STRUCTURES})

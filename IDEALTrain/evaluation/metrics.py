@@ -20,6 +20,11 @@ scores say ``"unit": "voxel"`` (as they would for true 1 mm isotropic data: same
 
 Empty masks: both empty -> dice 1.0 and every distance 0.0; exactly one empty -> dice 0.0 and
 distances None (undefined; JSON null). Averages skip None and report how many were undefined.
+
+In a label-map :func:`score`, a structure the *reference* does not contain (Sunnybrook has no RV
+contours and no end-systolic epicardium) is not applicable: every metric None and
+``"applicable": False``, never a 0 and never in a mean; :func:`mean_scores` counts those volumes
+apart (``not_applicable``).
 """
 from __future__ import annotations
 
@@ -107,7 +112,8 @@ def score(pred: Image, ref: Image, labels: dict[int, str] = CLASS_NAMES) -> dict
     """Per-class metrics of a predicted label map against a reference on the same grid.
 
     Returns ``{"unit": "mm" | "voxel", "classes": {name: {metric: value}}, "mean": {metric:
-    mean over classes}}``; None values (undefined distances) are skipped in the mean.
+    mean over classes}}``; None values (undefined distances) are skipped in the mean. A class absent
+    from the reference is not applicable: all its metrics are None and it carries ``"applicable": False``.
     """
     if not pred.same_grid(ref):
         raise IdealError(
@@ -115,9 +121,13 @@ def score(pred: Image, ref: Image, labels: dict[int, str] = CLASS_NAMES) -> dict
             f"spacing {pred.spacing} vs {ref.spacing}, or origin/direction differ): resample the "
             "prediction onto the reference grid with nearest-neighbour interpolation first"
         )
-    classes = {
-        name: binary_metrics(pred.array == value, ref.array == value, ref.spacing) for value, name in labels.items()
-    }
+    classes = {}
+    for value, name in labels.items():
+        reference = ref.array == value
+        if reference.any():
+            classes[name] = {**binary_metrics(pred.array == value, reference, ref.spacing), "applicable": True}
+        else:
+            classes[name] = {**dict.fromkeys(METRICS), "applicable": False}
     return {"unit": _unit(ref), "classes": classes, "mean": _mean_over(classes.values())}
 
 
@@ -125,7 +135,9 @@ def mean_scores(scores: Sequence[dict]) -> dict:
     """Average ``score`` results over volumes, per class, skipping undefined (None) values.
 
     ``mean`` is the mean over classes of the per-class averages (the SSL4MIS convention);
-    ``undefined`` counts, per class and metric, the volumes whose value was None.
+    ``undefined`` counts, per class and metric, the volumes whose value was None although the
+    reference holds the class; ``not_applicable`` counts, per class, the volumes whose reference
+    does not (left out of every mean).
     """
     if not scores:
         raise IdealError("no scores to average: score at least one volume first")
@@ -135,18 +147,35 @@ def mean_scores(scores: Sequence[dict]) -> dict:
         raise IdealError("the scores to average cover different classes: score every volume with the same labels")
     if len(units) > 1:
         raise IdealError("cannot average scores in millimetres with scores in voxels: give every volume its spacing")
-    classes, undefined = {}, {}
+    classes, undefined, not_applicable = {}, {}, {}
     for name in names:
-        per_volume = [s["classes"][name] for s in scores]
+        per_volume = [s["classes"][name] for s in scores if s["classes"][name].get("applicable", True)]
         classes[name] = _mean_over(per_volume)
         undefined[name] = {m: sum(v[m] is None for v in per_volume) for m in METRICS}
+        not_applicable[name] = len(scores) - len(per_volume)
     return {
         "unit": units.pop(),
         "volumes": len(scores),
         "classes": classes,
         "mean": _mean_over(classes.values()),
         "undefined": undefined,
+        "not_applicable": not_applicable,
     }
+
+
+def score_table(result: dict) -> str:
+    """A per-structure table of a ``score`` or ``mean_scores`` result: Dice, HD95, ASD; n/a where not applicable."""
+    unit = result["unit"]
+    lines = [f"{'structure':16}{'Dice':>8}{'HD95 (' + unit + ')':>14}{'ASD (' + unit + ')':>13}"]
+    skipped = result.get("not_applicable", {})
+    for name, values in list(result["classes"].items()) + [("mean", result["mean"])]:
+        if values.get("applicable", True) is False or all(values.get(m) is None for m in METRICS):
+            lines.append(f"{name:16}{'n/a':>8}{'n/a':>14}{'n/a':>13}  (not in the reference)")
+            continue
+        cells = [("-" if values[m] is None else f"{values[m]:.3f}" if m == "dice" else f"{values[m]:.2f}") for m in ("dice", "hd95", "asd")]
+        note = f"  ({skipped[name]} volume(s) without it in the reference: not applicable)" if skipped.get(name) else ""
+        lines.append(f"{name:16}{cells[0]:>8}{cells[1]:>14}{cells[2]:>13}{note}")
+    return "\n".join(lines)
 
 
 def _mean_over(rows) -> dict[str, float | None]:

@@ -23,8 +23,12 @@ CURVE_MINIMUM_PROMINENCE_PERCENT = 25.0
 UNCERTAINTY_RATIO = 4.0
 #: ... if it is also above this absolute level (decoder disagreement, 0-1).
 UNCERTAINTY_FLOOR = 0.01
-#: Share of the largest LV cross-section still on the first/last slice that means the stack stops too early.
-COVERAGE_AREA_SHARE = 0.5
+#: ... and holds at least this share of the LV + RV volume of its frame (so it matters to the result).
+UNCERTAIN_SLICE_SHARE = 0.03
+#: EF points one more basal slice like the top one could change: more means the coverage is in doubt.
+COVERAGE_EF_POINTS = 4.0
+#: The smaller part of a structure split by an empty slice holds at least this share of it.
+BROKEN_SHARE = 0.05
 #: Physiological plausibility (adults; the widest clinical ranges, not normal ranges).
 RANGES: dict[str, tuple[float, float]] = {
     "lv_ef_percent": (5.0, 85.0),
@@ -100,69 +104,120 @@ def _cyclic_minima(curve: np.ndarray, prominence: float) -> list[int]:
     return found
 
 
+def _measured_frames(report: CardiacReport) -> list[int]:
+    m = report.measurements
+    return list(dict.fromkeys((int(m["ed_frame"]), int(m["es_frame"]))))
+
+
+def _slice_heart_ml(report: CardiacReport, t: int) -> np.ndarray:
+    """Per slice: LV + RV volume counted at frame t (ml)."""
+    return np.array([s["LV"] + s["RV"] for s in report.slice_volumes[t]])
+
+
 def _uncertain_slices(report: CardiacReport, facts, counted) -> list[QualityFlag]:
-    if any(f.uncertainty is None for f in facts):
-        return []
-    stacked = np.stack([f.uncertainty for f in facts])
-    seen = np.isfinite(stacked).any(axis=0)
-    per_slice = np.full(seen.shape, np.nan)
-    per_slice[seen] = np.nanmean(stacked[:, seen], axis=0)
-    valid = np.flatnonzero(np.isfinite(per_slice))
-    if valid.size < 3:
-        return []
-    flagged, ratios = [], []
-    for k in valid:
-        others = np.median(per_slice[valid[valid != k]])
-        ratio = per_slice[k] / max(others, 1e-6)
-        if ratio > UNCERTAINTY_RATIO and per_slice[k] > UNCERTAINTY_FLOOR:
-            flagged.append(int(k))
-            ratios.append(ratio)
+    """Slices that carry the measurement (at ED or ES) on which the model is far less sure than on the others."""
+    flagged: dict[int, float] = {}
+    frames = []
+    for t in _measured_frames(report):
+        u = facts[t].uncertainty
+        if u is None:
+            continue
+        heart = _slice_heart_ml(report, t)
+        valid = np.flatnonzero(np.isfinite(u))
+        if valid.size < 3 or heart.sum() <= 0:
+            continue
+        for k in valid:
+            others = float(np.median(u[valid[valid != k]]))
+            ratio = float(u[k]) / max(others, 1e-6)
+            matters = heart[k] >= UNCERTAIN_SLICE_SHARE * heart.sum()
+            if ratio > UNCERTAINTY_RATIO and u[k] > UNCERTAINTY_FLOOR and matters:
+                flagged[int(k)] = max(ratio, flagged.get(int(k), 0.0))
+                frames.append(t)
     if not flagged:
         return []
-    return [QualityFlag("slice_uncertainty_outlier", float(max(ratios)), UNCERTAINTY_RATIO,
-                        f"the model is unsure on slice(s) {', '.join(map(str, flagged))} "
-                        f"({max(ratios):.1f}x the other slices): review them", slices=tuple(flagged))]
+    worst = max(flagged.values())
+    ks = sorted(flagged)
+    return [QualityFlag("slice_uncertainty_outlier", worst, UNCERTAINTY_RATIO,
+                        f"the model is unsure on slice(s) {', '.join(map(str, ks))} ({worst:.1f}x the other slices), "
+                        "which hold part of the measured volumes: review them", slices=tuple(ks),
+                        frames=tuple(sorted(set(frames))))]
 
 
 def _coverage(report: CardiacReport, facts, counted) -> list[QualityFlag]:
-    ed = report.measurements["ed_frame"]
-    area = facts[ed].areas["LV"] * counted[ed]
-    myocardium = facts[ed].areas["LV_Myocardium"]
-    if area.max() <= 0:
+    """The stack (or the labels) stopping before the base or the apex, where one more slice could move the EF.
+
+    Base: one more slice like the most basal one (when the LV still counts there at ED). Apex: one
+    more slice beyond the last labelled one, tapering at the rate of the last two slices.
+    """
+    m = report.measurements
+    ed, es = int(m["ed_frame"]), int(m["es_frame"])
+    lv = np.array([[s["LV"] for s in frame] for frame in report.slice_volumes])
+    if lv[ed].sum() <= 0 or m["lv_ef_percent"] is None:
         return []
     from_base = base_at_start(np.stack([f.areas["LV"] for f in facts]))
-    last = area.size - 1
-    base_k, apex_k = (0, last) if from_base else (last, 0)
+    base_k = 0 if from_base else lv.shape[1] - 1
+    step = 1 if from_base else -1  # towards the apex
     flags = []
-    share = area[base_k] / area.max()
-    if counted[ed, base_k] and share >= COVERAGE_AREA_SHARE:
-        flags.append(QualityFlag("missing_basal_coverage", float(share), COVERAGE_AREA_SHARE,
-                                 f"the LV still fills the most basal slice ({share:.0%} of its largest section) at ED: "
-                                 "the stack may stop below the base; the volumes are then too small", slices=(base_k,)))
-    share = area[apex_k] / area.max()
-    if share >= COVERAGE_AREA_SHARE / 2 or (area[apex_k] > 0 and myocardium[apex_k] <= 0):
-        flags.append(QualityFlag("missing_apical_coverage", float(share), COVERAGE_AREA_SHARE / 2,
-                                 f"the LV blood pool reaches the most apical slice ({share:.0%} of its largest section) at ED: "
-                                 "the stack may stop above the apex", slices=(apex_k,)))
+    if counted[ed, base_k] and lv[ed, base_k] > 0:
+        change = _ef_change(lv, ed, es, lv[ed, base_k], lv[es, base_k], m["lv_ef_percent"])
+        if change >= COVERAGE_EF_POINTS:
+            flags.append(QualityFlag("missing_basal_coverage", change, COVERAGE_EF_POINTS,
+                                     f"the LV still fills the most basal slice {base_k} at ED: the stack may stop below the "
+                                     f"base, and one more slice could change the EF by {change:.1f} points; check the coverage",
+                                     slices=(base_k,), frames=(ed, es)))
+    extra, apex = [], None
+    for t in (ed, es):
+        present = np.flatnonzero(lv[t] > 0)
+        if present.size < 2:
+            extra.append(0.0)
+            continue
+        k = int(present[-1] if from_base else present[0])
+        before = lv[t, k - step]
+        extra.append(float(lv[t, k] * min(lv[t, k] / before, 1.0)) if before > 0 else 0.0)
+        apex = k if t == ed else apex
+    change = _ef_change(lv, ed, es, extra[0], extra[1], m["lv_ef_percent"])
+    if apex is not None and change >= COVERAGE_EF_POINTS:
+        beyond = apex + step
+        inside = 0 <= beyond < lv.shape[1]
+        where = f"nothing is labelled on slice {beyond}: check the apex there" if inside else "the stack stops there"
+        flags.append(QualityFlag("missing_apical_coverage", change, COVERAGE_EF_POINTS,
+                                 f"the LV does not taper off by slice {apex} towards the apex ({where}); one more slice "
+                                 f"could change the EF by {change:.1f} points", slices=(beyond if inside else apex,),
+                                 frames=(ed, es)))
     return flags
 
 
+def _ef_change(lv: np.ndarray, ed: int, es: int, extra_ed: float, extra_es: float, ef: float) -> float:
+    """EF points gained or lost if ``extra_ed`` / ``extra_es`` ml were added at ED / ES."""
+    edv, esv = lv[ed].sum() + extra_ed, lv[es].sum() + extra_es
+    return abs(100.0 * (edv - esv) / edv - ef) if edv > 0 else 0.0
+
+
 def _broken_structures(report: CardiacReport, facts, counted) -> list[QualityFlag]:
-    gaps: dict[int, list[int]] = {}
-    for t, f in enumerate(facts):
+    """A structure missing on a slice between slices that hold a real part of it (at ED or ES)."""
+    gaps: dict[int, set[int]] = {}
+    worst = 0.0
+    for t in _measured_frames(report):
         for name in ("LV", "RV", "LV_Myocardium"):
-            present = np.flatnonzero(f.areas[name] > 0)
-            if present.size < 2:
+            area = facts[t].areas[name]
+            present = np.flatnonzero(area > 0)
+            if present.size < 2 or area.sum() <= 0:
                 continue
-            missing = sorted(set(range(int(present[0]), int(present[-1]) + 1)) - set(present.tolist()))
-            for k in missing:
-                gaps.setdefault(k, []).append(t)
+            for low, high in zip(present[:-1], present[1:]):
+                if high - low < 2:
+                    continue
+                # the smaller side of the gap must be a real part of the structure, not a speck
+                share = min(area[: low + 1].sum(), area[high:].sum()) / area.sum()
+                if share >= BROKEN_SHARE:
+                    worst = max(worst, float(share))
+                    for k in range(int(low) + 1, int(high)):
+                        gaps.setdefault(k, set()).add(t)
     if not gaps:
         return []
     frames = sorted({t for ts in gaps.values() for t in ts})
-    return [QualityFlag("structure_broken_across_slices", float(len(gaps)), 0.0,
-                        f"a structure is missing on slice(s) {', '.join(map(str, sorted(gaps)))} between slices that have it: "
-                        "check those slices", slices=tuple(sorted(gaps)), frames=tuple(frames))]
+    return [QualityFlag("structure_broken_across_slices", worst, BROKEN_SHARE,
+                        f"a structure is missing on slice(s) {', '.join(map(str, sorted(gaps)))} between slices that hold "
+                        f"{worst:.0%} or more of it: check those slices", slices=tuple(sorted(gaps)), frames=tuple(frames))]
 
 
 def _ranges(report: CardiacReport, facts, counted) -> list[QualityFlag]:

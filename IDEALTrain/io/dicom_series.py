@@ -36,18 +36,35 @@ ORIENTATION_TOLERANCE = 1e-4
 
 _HEADER_TAGS = [
     "SeriesInstanceUID", "SeriesDescription", "ImagePositionPatient", "ImageOrientationPatient",
-    "PixelSpacing", "Rows", "Columns", "TriggerTime", "InstanceNumber", "NumberOfFrames",
+    "PixelSpacing", "Rows", "Columns", "TriggerTime", "InstanceNumber", "NumberOfFrames", "SOPInstanceUID",
+    "PatientID",
 ]
 
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One DICOM series found in a folder: its UID, description, number of image files, folder."""
+    """One DICOM series found in a folder: its UID, description, number of image files, folder, patient, frames."""
 
     uid: str
     description: str
     file_count: int
     folder: Path
+    patient_id: str = ""
+    frames: int = 1
+
+    def describe(self, root: str | Path | None = None) -> str:
+        """One line for people: UID, description, patient, frames x slices and the sub-folder under ``root``."""
+        where = self.folder
+        if root is not None:
+            try:
+                where = self.folder.relative_to(Path(root)) or Path(".")
+            except ValueError:
+                pass
+        slices = self.file_count // max(self.frames, 1)
+        return (
+            f"{self.uid} '{self.description}' patient {self.patient_id or '?'}, "
+            f"{self.frames} frame(s) x {slices} slice(s), in {str(where) or '.'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,8 @@ class DicomSlice:
     pixel_spacing: tuple[float, float]
     trigger_time: float | None
     instance_number: int | None
+    sop_instance_uid: str = ""
+    patient_id: str = ""
 
     @property
     def normal(self) -> np.ndarray:
@@ -102,17 +121,32 @@ def read_header(path: str | Path) -> DicomSlice | None:
                 pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),
                 trigger_time=None if trigger in (None, "") else float(trigger),
                 instance_number=None if instance in (None, "") else int(instance),
+                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                patient_id=str(ds.get("PatientID", "")),
             )
         except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError):
             return None
 
 
 def read_headers(folder: str | Path) -> list[DicomSlice]:
-    """Headers of every DICOM image under ``folder`` (recursively); other files are ignored."""
+    """Headers of every DICOM image under ``folder`` (recursively); other files are ignored.
+
+    The same instance stored twice (one SOPInstanceUID, e.g. a copied export) is read once: the
+    first file in path order is kept.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise IdealError(f"DICOM folder not found: {folder}")
-    headers = [h for p in sorted(folder.rglob("*")) if p.is_file() and (h := read_header(p))]
+    headers, seen = [], set()
+    for path in sorted(folder.rglob("*")):
+        header = read_header(path) if path.is_file() else None
+        if header is None:
+            continue
+        if header.sop_instance_uid:
+            if header.sop_instance_uid in seen:
+                continue
+            seen.add(header.sop_instance_uid)
+        headers.append(header)
     if not headers:
         raise IdealError(f"no DICOM images found in {folder}: choose the folder that holds the .dcm files")
     return headers
@@ -123,7 +157,11 @@ def _series_infos(headers: Sequence[DicomSlice]) -> list[SeriesInfo]:
     for uid in sorted({h.series_uid for h in headers}):
         members = [h for h in headers if h.series_uid == uid]
         folder = Path(os.path.commonpath([str(m.path.parent) for m in members]))
-        infos.append(SeriesInfo(uid, members[0].description, len(members), folder))
+        try:
+            frames = len(group_frames(members))
+        except IdealError:  # an irregular series is still listed; reading it says what is wrong
+            frames = 1
+        infos.append(SeriesInfo(uid, members[0].description, len(members), folder, members[0].patient_id, frames))
     return infos
 
 
@@ -138,7 +176,7 @@ def series_slices(folder: str | Path, series_uid: str | None = None) -> list[Dic
     infos = _series_infos(headers)
     if series_uid is None:
         if len(infos) > 1:
-            listing = "; ".join(f"{s.uid} '{s.description}' ({s.file_count} files)" for s in infos)
+            listing = "; ".join(s.describe(folder) for s in infos)
             raise IdealError(
                 f"{folder} holds {len(infos)} DICOM series, pass --series UID to choose one: {listing}"
             )
@@ -270,8 +308,21 @@ def read_dicom_frames(folder: str | Path, series_uid: str | None = None) -> list
     return [read_slices(frame) for frame in group_frames(series_slices(folder, series_uid))]
 
 
-def read_dicom(folder: str | Path, series_uid: str | None = None, frame: int | None = None) -> Image:
-    """One volume of a DICOM series; a cine series needs ``frame`` to say which phase."""
+def frame_files(folder: str | Path, series_uid: str | None = None, frame: int | None = None) -> list[Path]:
+    """The DICOM files of one frame (the only one of a non-cine series) in the order :func:`read_slices`
+    stacks them: what a DICOM SEG of that volume references, slice k on file k."""
+    frames = group_frames(series_slices(folder, series_uid))
+    index = 0 if frame is None else frame
+    if not 0 <= index < len(frames):
+        raise IdealError(f"frame {index} is out of range: the DICOM series has {len(frames)} frame(s) (0-{len(frames) - 1})")
+    return [s.path for s in sort_slices(frames[index])]
+
+
+def read_dicom(
+    folder: str | Path, series_uid: str | None = None, frame: int | None = None, *, all_frames: bool = True
+) -> Image:
+    """One volume of a DICOM series; a cine series needs ``frame`` to say which phase (``all_frames``: whether
+    the error may suggest ``--all-frames``)."""
     slices = series_slices(folder, series_uid)
     frames = group_frames(slices)
     uid = slices[0].series_uid
@@ -279,7 +330,7 @@ def read_dicom(folder: str | Path, series_uid: str | None = None, frame: int | N
         if len(frames) > 1:
             raise IdealError(
                 f"DICOM series {uid} is cine with {len(frames)} frames: choose one with --frame N "
-                f"(0-{len(frames) - 1}), or segment every frame with --all-frames"
+                f"(0-{len(frames) - 1})" + (", or segment every frame with --all-frames" if all_frames else "")
             )
         frame = 0
     if not 0 <= frame < len(frames):

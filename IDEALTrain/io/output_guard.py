@@ -6,7 +6,8 @@
 - :class:`OutputSet`, while writing: an exclusive lock on every output path, every output staged in a
   hidden folder beside it and committed together (renamed into place one after another) or not at all.
 - Every temporary name starts with ``.idealtrain-<pid>-``; :func:`sweep_leftovers` removes those of a
-  run that was killed (its pid gone) the next time a run writes to that folder, and says so.
+  run that was killed (its pid gone) the next time a run writes to that folder, and says so; a commit the
+  kill cut short (its staged folder marked) is finished first, so the outputs end whole.
 - :func:`sigterm_as_interrupt`: SIGTERM stops a command as Ctrl-C does, so the clean-up above runs.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ TEMP_PREFIX = ".idealtrain-"
 _TEMP = re.compile(r"^\.idealtrain-(\d+)-")
 _LOCK = ".idealtrain-lock-"
 _REPLACED = "replaced-"  # an old bundle moved aside while its replacement is renamed in
+_COMMITTING = f"{TEMP_PREFIX}committing.json"  # in a staged folder: every file is verified and being moved into place
 WINDOWS_STALE_SECONDS = 24 * 3600  # no portable liveness test there: a temp this old is a leftover
 
 
@@ -188,9 +190,36 @@ def _stale(entry: Path) -> bool:
     return not _pid_alive(int(match.group(1)))
 
 
-def sweep_leftovers(folder: str | Path) -> list[str]:
+def _finish_commit(staged: Path, folder: Path) -> list[str]:
+    """Move into place what a run killed part-way through its commit had not moved yet (each file was written
+    and verified before the commit began), so its outputs end whole; a file that appeared after the kill is
+    kept. The names moved (none for a run killed before its commit: nothing of it is kept)."""
+    marker = staged / _COMMITTING
+    try:
+        plan = json.loads(marker.read_text(encoding="utf-8"))
+        names, overwrite, began = set(plan["targets"]), bool(plan["overwrite"]), marker.stat().st_mtime_ns
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    moved = []
+    for entry in sorted(staged.iterdir(), key=lambda p: (p.name in names, p.name)):  # as commit() orders them
+        if entry.name.startswith((TEMP_PREFIX, ".partial-")):
+            continue
+        target = folder / entry.name
+        try:
+            newer = target.lstat().st_mtime_ns > began
+        except FileNotFoundError:
+            newer = None
+        if newer is None or (overwrite and not newer):  # absent, or the old file the run was replacing
+            with contextlib.suppress(OSError):
+                publish(entry, target, overwrite)
+                moved.append(entry.name)
+    return moved
+
+
+def sweep_leftovers(folder: str | Path, finished: list[str] | None = None) -> list[str]:
     """Remove the temporary files and folders a killed run left in ``folder`` (and unheld output locks);
-    an old bundle moved aside for a replacement that never arrived is put back. The names removed."""
+    an old bundle moved aside for a replacement that never arrived is put back, and a commit cut short is
+    finished (the outputs moved are added to ``finished``). The names removed."""
     folder = Path(folder)
     try:
         entries = [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
@@ -210,6 +239,9 @@ def sweep_leftovers(folder: str | Path) -> list[str]:
                 if not original.exists():
                     with contextlib.suppress(OSError):
                         os.rename(aside, original)
+            moved = _finish_commit(entry, folder)
+            if finished is not None:
+                finished += moved
             shutil.rmtree(entry, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
@@ -221,7 +253,11 @@ def sweep_leftovers(folder: str | Path) -> list[str]:
 
 def report_leftovers(folder: Path) -> None:
     """Sweep ``folder`` and say on stderr what was removed (a killed run's files are not silently kept or lost)."""
-    removed = sweep_leftovers(folder)
+    finished: list[str] = []
+    removed = sweep_leftovers(folder, finished)
+    if finished:
+        print(f"idealtrain: finished moving {len(finished)} output(s) of a run interrupted while committing them into "
+              f"{folder}: {', '.join(sorted(finished)[:5])}{' ...' if len(finished) > 5 else ''}", file=sys.stderr, flush=True)
     if removed:
         print(f"idealtrain: removed {len(removed)} leftover temporary file(s) of an interrupted run from {folder}: "
               f"{', '.join(sorted(removed)[:5])}{' ...' if len(removed) > 5 else ''}", file=sys.stderr, flush=True)
@@ -417,8 +453,15 @@ class OutputSet:
         return folder / target.name
 
     def commit(self) -> None:
-        """Move every staged output into place (signals wait until the last one is there)."""
+        """Move every staged output into place (signals wait until the last one is there). Each staged folder is
+        marked first, so a SIGKILL part-way leaves a commit that the next run's sweep finishes, not a partial set."""
         with signals_held():
+            for parent, folder in self._folders.items():
+                plan = {"targets": [t.name for t in self.targets if t.parent == parent], "overwrite": self.overwrite}
+                try:
+                    (folder / _COMMITTING).write_text(json.dumps(plan), encoding="utf-8")
+                except OSError as error:
+                    raise IdealError(os_error_message(self.targets[0], error)) from None
             for parent, folder in self._folders.items():
                 names = {t.name for t in self.targets if t.parent == parent}
                 staged = sorted(folder.iterdir(), key=lambda p: (p.name in names, p.name))

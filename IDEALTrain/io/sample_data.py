@@ -48,6 +48,14 @@ def resources_dir() -> Path:
     raise IdealError(f"the shipped sample and model were not found (looked in {searched}); reinstall IDEALSegment")
 
 
+def shipped_models_dir() -> Path:
+    """The shipped ``Models`` folder of this installation (the first candidate's when none exists)."""
+    for folder in _candidates():
+        if (folder / "Models").is_dir():
+            return folder / "Models"
+    return _candidates()[0] / "Models"
+
+
 def default_model_dir(resources: Path | None = None) -> Path:
     """The shipped default model bundle folder (``Models/idealsegment-acdc-<highest version>``)."""
     models = (resources or resources_dir()) / "Models"
@@ -66,6 +74,7 @@ class Sample:
     description: str
     phase_files: dict[str, tuple[Path, ...]]  # "ED" / "ES" -> DICOM files of that phase
     expert: dict[str, float]  # lv_edv_ml, lv_esv_ml, lv_ef_percent, myocardial_mass_g
+    cine_frames: dict[str, int] | None = None  # "ED" / "ES" -> the phase's frame number in the patient's full cine
 
     @property
     def dicom_dir(self) -> Path:
@@ -83,12 +92,13 @@ def load_sample(root: str | Path | None = None) -> Sample:
         phases = {phase: tuple(folder / name for name in manifest["phases"][phase]) for phase in ("ED", "ES")}
         expert = {key: float(value) for key, value in manifest["expert"].items()}
         description = str(manifest["description"])
+        cine_frames = {phase: int(n) for phase, n in manifest.get("cine_frames", {}).items()} or None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise IdealError(f"{root / SAMPLE_MANIFEST}: not a readable sample manifest ({error})") from None
     missing = [str(path) for files in phases.values() for path in files if not path.is_file()]
     if missing:
         raise IdealError(f"the sample in {root} is incomplete: {len(missing)} DICOM file(s) missing, e.g. {missing[0]}")
-    return Sample(root, patient, description, phases, expert)
+    return Sample(root, patient, description, phases, expert, cine_frames)
 
 
 def read_sample_phase(sample: Sample, phase: str) -> Image:

@@ -49,9 +49,14 @@ def strip_volume_suffix(name: str) -> str:
 
 def frame_path(path: str | Path, frame: int) -> Path:
     """``out.seg.nrrd`` -> ``out_frame03.seg.nrrd``: the one naming rule of per-frame cine outputs."""
+    return tagged_path(path, f"frame{frame:02d}")
+
+
+def tagged_path(path: str | Path, tag: str) -> Path:
+    """``out.seg.nrrd`` -> ``out_<tag>.seg.nrrd`` (cine frames, ED/ES outputs of a pair)."""
     path = Path(path)
     stem = path.name.split(".")[0]
-    return path.with_name(f"{stem}_frame{frame:02d}{path.name[len(stem):]}")
+    return path.with_name(f"{stem}_{tag}{path.name[len(stem):]}")
 
 
 def _checked_reader(path: Path) -> sitk.ImageFileReader:
@@ -78,12 +83,22 @@ def read_cine_file(path: str | Path) -> list[Image] | None:
     """The frames of a 4D image file, None for a 3D one (its voxels unread); the file is checked whole once."""
     path = Path(path)
     reader = _checked_reader(path)
-    if reader.GetDimension() != 4:
+    if reader.GetDimension() != 4 and not _is_frame_list(reader):
         return None
     return _frames_from_sitk(_read_sitk(path, reader), path)
 
 
+def _is_frame_list(image: sitk.Image | sitk.ImageFileReader) -> bool:
+    """True for a NRRD whose per-voxel 'list' axis is time: Slicer's ``.seq.nrrd`` (volume sequence storage node)."""
+    return (
+        image.GetNumberOfComponents() > 1 if isinstance(image, sitk.ImageFileReader) else image.GetNumberOfComponentsPerPixel() > 1
+    ) and image.HasMetaDataKey("NRRD_kinds[pixel]") and image.GetMetaData("NRRD_kinds[pixel]") == "list"
+
+
 def _frames_from_sitk(image: sitk.Image, path: Path) -> list[Image]:
+    if _is_frame_list(image) and image.GetDimension() == 3:
+        # Slicer's .seq.nrrd: frames are the components of a 3D vector image, in sequence order.
+        return [Image.from_sitk(sitk.VectorIndexSelectionCast(image, t)) for t in range(image.GetNumberOfComponentsPerPixel())]
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise IdealError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar (grey-level) volume")
     dimension = image.GetDimension()
@@ -111,18 +126,20 @@ def read_frames(path: str | Path, series_uid: str | None = None) -> list[Image]:
     return _frames_from_sitk(_read_sitk(path), path)
 
 
-def read_image(path: str | Path, frame: int | None = None, series_uid: str | None = None) -> Image:
-    """One 3D volume from a file or DICOM folder; ``frame`` picks one frame of a 4D/cine input."""
+def read_image(path: str | Path, frame: int | None = None, series_uid: str | None = None, *, all_frames: bool = True) -> Image:
+    """One 3D volume from a file or DICOM folder; ``frame`` picks one frame of a 4D/cine input.
+
+    ``all_frames``: whether the command reading it has ``--all-frames`` to suggest for a cine."""
     if Path(path).is_dir():
         from .dicom_series import read_dicom
 
-        return read_dicom(path, series_uid, frame)  # reads only the chosen frame's files
+        return read_dicom(path, series_uid, frame, all_frames=all_frames)  # reads only the chosen frame's files
     frames = read_frames(path)
     if frame is None:
         if len(frames) > 1:
             raise IdealError(
                 f"{path}: is a cine/4D image with {len(frames)} frames: choose one with --frame N "
-                f"(0-{len(frames) - 1}), or segment every frame with --all-frames"
+                f"(0-{len(frames) - 1})" + (", or segment every frame with --all-frames" if all_frames else "")
             )
         return frames[0]
     if not 0 <= frame < len(frames):

@@ -40,6 +40,18 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def setting_differences(saved: object, current: object, name: str) -> list[str]:
+    """'name.key: X in the checkpoint, Y now' for every leaf setting that differs (dicts compared key by key)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(saved) | set(current), key=str):
+            if saved.get(key) != current.get(key):
+                leaf = str(key) if name in ("config",) else f"{name}.{key}"
+                found += setting_differences(saved.get(key), current.get(key), leaf)
+        return found
+    return [f"{name}: {json.dumps(saved)} in the checkpoint, {json.dumps(current)} now"]
+
+
 class TrainingLoop:
     """Runs ``step(iteration)`` from the first (or resumed) iteration to ``total``.
 
@@ -86,9 +98,10 @@ class TrainingLoop:
         state = load_checkpoint(self.checkpoint_dir)
         for key in ("phase", "config", "data"):
             if state.info.get(key) != self.run_info.get(key):
+                changed = "; ".join(setting_differences(state.info.get(key), self.run_info.get(key), key)[:3])
                 raise IdealError(
                     f"the checkpoint in {self.checkpoint_dir} is from a run with other settings or data "
-                    f"({key} differs); resume with the same command, or use another --checkpoint-dir"
+                    f"({changed}); resume with the same command, or use another --checkpoint-dir"
                 )
         for name, module in self.modules.items():
             module.load_state_dict(state.tensors[name])

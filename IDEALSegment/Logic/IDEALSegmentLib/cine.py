@@ -21,13 +21,14 @@ import numpy as np
 import slicer
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.evaluation.function import CardiacReport, measure_function
 from IDEALTrain.evaluation.metrics import label_volume_ml
 from IDEALTrain.io.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
 
 from .cancel import Cancelled, CancelToken
 from .inference import PREDICTION_SHARE, node_ids, predict_volume, remove_nodes_added_since
-from .measurements import cardiac_measurements, find_ed_es, measurements_table
+from .measurements import measurements_table
 from .scene_files import register_sequence_browser_class
 from .segmentations import Provenance, segmentation_from_labels
 from .volumes import (
@@ -61,6 +62,7 @@ class CineResult:
     measurements: dict
     table: object | None = None
     note: str = ""  # why there are no ED/ES measurements, when there are none
+    report: CardiacReport | None = None  # the whole-heart report (convention, per-slice volumes, QC flags)
 
 
 def is_cine(node: object) -> bool:
@@ -197,7 +199,10 @@ def predict_sequence(
                 cancel.check(_WHAT)  # the token is set: raise the cine's own message
             raise
         classes = prediction.probabilities.shape[0]
-        predictions.append(replace(prediction, probabilities=np.empty((classes, 0, 0, 0), np.float32), uncertainty=None))
+        uncertainty = prediction.uncertainty  # kept in half precision for the QC flags (1.5 MB a frame at 12x256x256)
+        if uncertainty is not None:
+            uncertainty = uncertainty.with_array(uncertainty.array.astype(np.float16))
+        predictions.append(replace(prediction, probabilities=np.empty((classes, 0, 0, 0), np.float32), uncertainty=uncertainty))
     if cancel is not None:
         cancel.check(_WHAT)
     report(1.0)
@@ -209,19 +214,23 @@ def add_sequence_to_scene(
     *, require_ed_es: bool = True,
 ) -> CineResult:
     """:func:`add_frame_labels_to_scene` for in-process predictions."""
+    maps = [p.uncertainty for p in predictions]
     return add_frame_labels_to_scene(
-        sequence_node, [p.labels for p in predictions], bundle, sequences_logic, require_ed_es=require_ed_es
+        sequence_node, [p.labels for p in predictions], bundle, sequences_logic, require_ed_es=require_ed_es,
+        uncertainty=maps if all(m is not None for m in maps) else None,
     )
 
 
 def add_frame_labels_to_scene(
     sequence_node: object, labels: Sequence[Image], model: object, sequences_logic: object | None = None,
-    *, require_ed_es: bool = True,
+    *, require_ed_es: bool = True, uncertainty: Sequence[Image] | None = None,
 ) -> CineResult:
     """A NEW segmentation sequence for the cine's per-frame ``labels``, synchronised with it, and a measurements table.
 
-    ``model`` has ``model_id``, ``version`` and ``labels`` (a Bundle or a ModelEntry). ED and ES
-    are the frames with the largest and smallest LV blood pool. If anything fails, every node this
+    ``model`` has ``model_id``, ``version`` and ``labels`` (a Bundle or a ModelEntry). The numbers,
+    ED and ES and the QC flags come from IDEALTrain's whole-heart
+    :func:`~IDEALTrain.evaluation.function.measure_function` (``uncertainty``, one map per frame,
+    adds the uncertainty checks). If anything fails, every node this
     call added is removed (and the cine's own browser no longer synchronises the segmentation) and
     the error is raised: the scene is left as it was. Main thread. With ``require_ed_es`` False, a cine
     whose ED/ES cannot be found (no LV in any frame, the same LV volume in all) still gets its
@@ -241,9 +250,11 @@ def add_frame_labels_to_scene(
                 "it changed while segmenting; segment it again"
             )
     volumes_ml = [{label.segment_id: label_volume_ml(frame, label.value) for label in CARDIAC_LABELS} for frame in labels]
+    report = None
     try:
-        ed, es = find_ed_es([frame["LV"] for frame in volumes_ml])
-        measurements, note = {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}, ""
+        report = measure_function(labels, uncertainty)
+        ed, es = int(report.measurements["ed_frame"]), int(report.measurements["es_frame"])
+        measurements, note = dict(report.measurements), ""
     except IdealError as error:
         if require_ed_es:
             raise
@@ -265,7 +276,7 @@ def add_frame_labels_to_scene(
             existing.RemoveSynchronizedSequenceNode(segmentation_sequence.GetID())
         remove_nodes_added_since(scene, before)
         raise
-    return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table, note)
+    return CineResult(segmentation_sequence, browser, volumes_ml, ed, es, measurements, table, note, report)
 
 
 def segment_sequence(

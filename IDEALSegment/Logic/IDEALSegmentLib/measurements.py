@@ -1,8 +1,9 @@
-"""Cardiac function from label maps: ED/ES frames, LV/RV volumes, ejection fractions, myocardial mass.
+"""Cardiac function from label maps: ED/ES frames, LV/RV volumes, ejection fractions, myocardial mass, QC flags.
 
-The numbers come from :func:`IDEALTrain.evaluation.metrics.cardiac_function` (so the Slicer module, the batch
-CLI and the benchmarks agree); this module picks the frames, reads labels back from segmentation
-nodes and puts the results into a table node that Slicer shows and saves.
+The numbers come from IDEALTrain's whole-heart :func:`IDEALTrain.evaluation.function.measure_function`
+(one convention for the Slicer module, the batch script, the CLI and the benchmarks); this module reads
+labels back from segmentation nodes, puts the results into a table node that Slicer shows and saves,
+and words the quality-control flags for the panel.
 """
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ import numpy as np
 import vtk
 
 from IDEALTrain.errors import IdealError
-from IDEALTrain.evaluation.function import find_ed_es  # noqa: F401  (one definition; re-exported for the Logic)
-from IDEALTrain.evaluation.metrics import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function, label_volume_ml
+from IDEALTrain.evaluation.function import (
+    CardiacReport,
+    QualityFlag,
+    find_ed_es,  # noqa: F401  (one definition; re-exported for the Logic)
+    measure_function,
+)
+from IDEALTrain.evaluation.metrics import MYOCARDIAL_DENSITY_G_PER_ML
 from IDEALTrain.io.image import Image
 from IDEALTrain.labels import CARDIAC_LABELS
 
@@ -51,18 +57,47 @@ def _check_labels(labels: Image, what: str) -> None:
         )
 
 
-def cardiac_measurements(ed_labels: Image, es_labels: Image) -> dict[str, float | None]:
-    """LV/RV EDV, ESV, SV (ml), EF (%) and LV myocardial mass at ED (g); EF is None when EDV is 0."""
+def pair_report(ed_labels: Image, es_labels: Image, ed_uncertainty: Image | None = None) -> CardiacReport:
+    """The whole-heart report of an ED/ES pair (convention, per-slice volumes, QC flags)."""
     _check_labels(ed_labels, "end-diastolic")
     _check_labels(es_labels, "end-systolic")
-    return cardiac_function(ed_labels, es_labels)
+    return measure_function([ed_labels, es_labels], [ed_uncertainty, None], ed=0, es=1)
+
+
+def cardiac_measurements(ed_labels: Image, es_labels: Image) -> dict[str, float | None]:
+    """LV/RV EDV, ESV, SV (ml), EF (%) and LV myocardial mass at ED (g) by the whole-heart convention; EF is None when EDV is 0."""
+    measured = pair_report(ed_labels, es_labels).measurements
+    return {key: value for key, value in measured.items() if key not in ("ed_frame", "es_frame")}
+
+
+def report_from_segmentations(ed_segmentation: object, ed_volume: object, es_segmentation: object, es_volume: object,
+                              ed_uncertainty: Image | None = None) -> CardiacReport:
+    """:func:`pair_report` of two segmentation nodes, each read back on its own volume's grid."""
+    ed_labels = labels_from_segmentation(ed_segmentation, ed_volume, CARDIAC_LABELS)
+    es_labels = labels_from_segmentation(es_segmentation, es_volume, CARDIAC_LABELS)
+    return pair_report(ed_labels, es_labels, ed_uncertainty)
 
 
 def measurements_from_segmentations(ed_segmentation: object, ed_volume: object, es_segmentation: object, es_volume: object) -> dict:
     """:func:`cardiac_measurements` of two segmentation nodes, each read back on its own volume's grid."""
-    ed_labels = labels_from_segmentation(ed_segmentation, ed_volume, CARDIAC_LABELS)
-    es_labels = labels_from_segmentation(es_segmentation, es_volume, CARDIAC_LABELS)
-    return cardiac_measurements(ed_labels, es_labels)
+    measured = report_from_segmentations(ed_segmentation, ed_volume, es_segmentation, es_volume).measurements
+    return {key: value for key, value in measured.items() if key not in ("ed_frame", "es_frame")}
+
+
+def flags_text(report: CardiacReport | None) -> str:
+    """The QC flags as lines for the panel beside the measurement table ('' before any measurement)."""
+    if report is None:
+        return ""
+    if not report.flags:
+        return f"Quality control: no flag raised ({report.convention.split(':')[0]})."
+    lines = [f"Quality control: {len(report.flags)} flag(s) - check before using these numbers:"]
+    lines += [f"- {flag_line(flag)}" for flag in report.flags]
+    return "\n".join(lines)
+
+
+def flag_line(flag: QualityFlag) -> str:
+    """One flag in words: its message, then its value against its threshold."""
+    return f"{flag.message} [{flag.name}: {flag.value:.3g} vs {flag.threshold:.3g}]"
 
 
 def _table_value(key: str, value: object) -> float:
@@ -124,7 +159,12 @@ def _fill(table: object, columns: tuple) -> None:
 
 
 def cine_measurements(browser: object, volume_sequence: object, segmentation_sequence: object) -> dict:
-    """ED/ES frames and cardiac function of a segmented cine as it is now (the user's corrections included).
+    """ED/ES frames and cardiac function of a segmented cine as it is now (the user's corrections included)."""
+    return dict(cine_report(browser, volume_sequence, segmentation_sequence).measurements)
+
+
+def cine_report(browser: object, volume_sequence: object, segmentation_sequence: object) -> CardiacReport:
+    """The whole-heart report of a segmented cine as it is now (the user's corrections included).
 
     Every frame's segmentation is read on its frame's grid; the browser's current frame is read
     from its proxy nodes, which hold any edit not yet saved into the sequence.
@@ -141,9 +181,7 @@ def cine_measurements(browser: object, volume_sequence: object, segmentation_seq
         else:
             segmentation, volume = segmentation_sequence.GetDataNodeAtValue(value), volume_sequence.GetNthDataNode(index)
         labels.append(labels_from_segmentation(segmentation, volume, CARDIAC_LABELS))
-    lv_value = next(label.value for label in CARDIAC_LABELS if label.segment_id == "LV")
-    ed, es = find_ed_es([label_volume_ml(frame, lv_value) for frame in labels])
-    return {**cardiac_measurements(labels[ed], labels[es]), "ed_frame": ed, "es_frame": es}
+    return measure_function(labels)
 
 
 def table_measurements(table: object) -> dict[str, float | None]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from IDEALTrain.errors import IdealError
 
 from .corrections import SUFFIX, add_to_pool, export_correction, pool_count, safe_case_id
-from .measurements import cine_measurements, measurements_from_segmentations, update_measurements_table
+from .measurements import cine_report, flags_text, report_from_segmentations, update_measurements_table
 from .registry import ModelEntry, ModelRegistry, entry_key, select_entry
 from .segment_job import CINE, SegmentationJob, read_inputs
 from .uncertainty import slice_center_ras
@@ -53,6 +53,7 @@ class PanelState:
     next_review_slice: bool
     measurements: bool  # copy, save
     recompute: bool
+    quality: str = ""  # the QC flags of the measurements, shown beside the table
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SegmentPanelController:
         self.entries: list[ModelEntry] = []
         self.problems: list[str] = []
         self._closing: list[SegmentationJob] = []  # cancelled when the scene closed; polled until they end
+        self.report = None  # the latest measurement's whole-heart report (IDEALTrain CardiacReport): QC flags
 
     def warm_up(self) -> None:
         """Start a worker process in the background (torch is imported there), so Segment only hands files over."""
@@ -116,10 +118,14 @@ class SegmentPanelController:
             fraction=self.job.fraction if busy else 0.0,
             review=p.segmentation is not None and not busy,
             uncertainty=p.uncertaintyVolume is not None and not busy,
-            next_review_slice=p.uncertaintyVolume is not None and len(p.reviewSlices) > 0 and not busy,
+            next_review_slice=(p.uncertaintyVolume is not None or self._flagged()) and len(p.reviewSlices) > 0 and not busy,
             measurements=p.measurementsTable is not None,
             recompute=p.measurementsTable is not None and p.segmentation is not None and not busy,
+            quality=flags_text(self.report) if p.measurementsTable is not None else "",
         )
+
+    def _flagged(self) -> bool:
+        return self.report is not None and bool(self.report.flagged_slices())
 
     # -- segmenting -------------------------------------------------------------------------------
     def start(self, device: str = "auto", work_root: Path | None = None) -> None:
@@ -141,6 +147,7 @@ class SegmentPanelController:
 
     def scene_closing(self) -> None:
         """The scene is about to close: cancel the job and forget it (nothing will be added)."""
+        self.report = None
         if self.job is not None:
             self.job.cancel()
             self._closing.append(self.job)
@@ -192,7 +199,17 @@ class SegmentPanelController:
         p.reviewPosition = 0
         if outcome.table is not None:
             p.measurementsTable = outcome.table
+        self._show_report(getattr(outcome, "report", None))
         p.statusText = outcome.summary(entry)
+
+    def _show_report(self, report: object) -> None:
+        """Keep a measurement's QC flags for the panel; their slices go first in the slices to review."""
+        self.report = report
+        if report is None:
+            return
+        flagged = report.flagged_slices()
+        self.p.reviewSlices = flagged + [k for k in self.p.reviewSlices if k not in flagged]
+        self.p.reviewPosition = 0
 
     # -- reviewing --------------------------------------------------------------------------------
     def next_review_slice(self) -> tuple[int, tuple[float, float, float], str]:
@@ -269,13 +286,17 @@ class SegmentPanelController:
             raise IdealError("no measurements to recompute: segment an ED/ES pair or a cine first")
         browser = self.sequences_logic.GetFirstBrowserNodeForProxyNode(p.segmentation) if self.sequences_logic else None
         if browser is not None:
-            measured = cine_measurements(browser, browser.GetMasterSequenceNode(), browser.GetSequenceNode(p.segmentation))
+            report = cine_report(browser, browser.GetMasterSequenceNode(), browser.GetSequenceNode(p.segmentation))
+            measured = dict(report.measurements)
         elif p.esSegmentation is not None and p.esVolume is not None:
-            measured = measurements_from_segmentations(p.segmentation, p.inputVolume, p.esSegmentation, p.esVolume)
+            report = report_from_segmentations(p.segmentation, p.inputVolume, p.esSegmentation, p.esVolume)
+            measured = {k: v for k, v in report.measurements.items() if k not in ("ed_frame", "es_frame")}
         else:
             raise IdealError("measurements need an end-systolic segmentation, or a cine")
         update_measurements_table(p.measurementsTable, measured)
-        p.statusText = "Measurements recomputed from the corrected segmentations."
+        self.report = report
+        p.statusText = "Measurements recomputed from the corrected segmentations." + (
+            f" {len(report.flags)} QC flag(s) remain." if report.flags else " No QC flag.")
         return measured
 
 

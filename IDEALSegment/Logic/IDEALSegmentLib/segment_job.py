@@ -18,13 +18,14 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from IDEALTrain.errors import IdealError
+from IDEALTrain.evaluation.function import CardiacReport
 from IDEALTrain.io.volume_files import read_image, write_image
 
 from .cine import CineResult, add_frame_labels_to_scene, cine_of_proxy, frame_images
 from .folder_job import FolderJob
 from .inference import SegmentationResult, add_labels_to_scene, node_ids, remove_nodes_added_since
 from .jobs import JobChain
-from .measurements import measurements_from_segmentations, measurements_table
+from .measurements import measurements_table, report_from_segmentations
 from .registry import ModelEntry
 from .volumes import check_scalar_volume, image_from_volume, node_label
 from .worker import WorkerJob
@@ -87,6 +88,7 @@ class SegmentOutcome:
     cine: CineResult | None = None
     device: str = ""
     seconds: float = 0.0
+    report: CardiacReport | None = None  # whole-heart measurements and QC flags (pair, cine)
 
     def summary(self, entry: ModelEntry) -> str:
         """One status line: what ran where, how long, and the ED/ES frames of a cine."""
@@ -131,7 +133,10 @@ class SegmentationJob(FolderJob):
             except RuntimeError:
                 raise IdealError(f"the frames of {node_label(self.inputs.sequence)} do not share one voxel grid") from None
             sitk.WriteImage(joined, str(self.folder / "cine.nrrd"), useCompression=False)
-            return [["segment", "--input", str(self.folder / "cine.nrrd"), "--all-frames", "--output", str(self.folder / "labels.nrrd"), *common]]
+            step = ["segment", "--input", str(self.folder / "cine.nrrd"), "--all-frames", "--output", str(self.folder / "labels.nrrd")]
+            if self.with_uncertainty:  # per-frame maps, for the QC flags of the whole-heart measurement
+                step += ["--uncertainty", str(self.folder / "uncertainty.nrrd")]
+            return [step + common]
         steps = []
         for number, volume in enumerate(self.inputs.volumes()):
             write_image(image_from_volume(volume, allow_labelmap=False), self.folder / f"input{number}.nrrd")
@@ -161,8 +166,10 @@ class SegmentationJob(FolderJob):
         if self.inputs.kind == CINE:
             count = self.inputs.sequence.GetNumberOfDataNodes()
             labels = [read_image(self.folder / f"labels_frame{index:02d}.nrrd") for index in range(count)]
-            cine = add_frame_labels_to_scene(self.inputs.sequence, labels, self.entry, self.sequences_logic)
-            return SegmentOutcome(CINE, table=cine.table, cine=cine, device=device, seconds=seconds)
+            maps = [self.folder / f"uncertainty_frame{index:02d}.nrrd" for index in range(count)]
+            uncertainty = [read_image(path) for path in maps] if all(path.is_file() for path in maps) else None
+            cine = add_frame_labels_to_scene(self.inputs.sequence, labels, self.entry, self.sequences_logic, uncertainty=uncertainty)
+            return SegmentOutcome(CINE, table=cine.table, cine=cine, device=device, seconds=seconds, report=cine.report)
         scene = self.inputs.volume.GetScene()
         before = node_ids(scene)
         try:
@@ -175,11 +182,13 @@ class SegmentationJob(FolderJob):
                     volume, read_image(self.folder / f"labels{number}.nrrd"), uncertainty, self.entry,
                     str(event.get("device", device)), float(event.get("seconds", 0.0)), with_uncertainty=self.with_uncertainty,
                 ))
-            table = None
+            table = report = None
             if len(results) == 2:
-                measured = measurements_from_segmentations(results[0].segmentation, self.inputs.volume, results[1].segmentation, self.inputs.es_volume)
-                table = measurements_table(scene, measured, f"{self.inputs.volume.GetName()} measurements")
+                uncertainty_file = self.folder / "uncertainty0.nrrd"
+                report = report_from_segmentations(results[0].segmentation, self.inputs.volume, results[1].segmentation,
+                                                   self.inputs.es_volume, read_image(uncertainty_file) if uncertainty_file.exists() else None)
+                table = measurements_table(scene, report.measurements, f"{self.inputs.volume.GetName()} measurements")
         except BaseException:
             remove_nodes_added_since(scene, before)
             raise
-        return SegmentOutcome(self.inputs.kind, results, table, device=device, seconds=seconds)
+        return SegmentOutcome(self.inputs.kind, results, table, device=device, seconds=seconds, report=report)
