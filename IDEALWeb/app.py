@@ -98,7 +98,7 @@ class IDEALWebApp:
         s.update({
             "status": "Open a study from the data folder.", "error": "", "busy": False, "fraction": 0.0,
             "can_segment": False, "can_review": False, "can_uncertainty": False, "can_next_review": False,
-            "can_recompute": False, "table": [], "expert": "", "frames": 1, "frame": 0, "is_pair": False, "show_es": False,
+            "can_recompute": False, "table": [], "quality": "", "expert": "", "frames": 1, "frame": 0, "is_pair": False, "show_es": False,
             "seg_visible": True, "seg_opacity": 0.5, "unc_visible": False, "unc_opacity": 0.5, "review_text": "",
             "voxels": {}, "voxel_total": -1, "click_mode": False, "click_structure": 3, "click_positive": True,
             "can_click": False, "can_undo_click": False, "refine_text": "", "click_count": 0, "refine_busy": False,
@@ -166,6 +166,7 @@ class IDEALWebApp:
                     html.Td("{{ row.Measurement }}")
                     html.Td("{{ row.shown }}", style="text-align: right;")
                     html.Td("{{ row.Unit }}", style="padding-left: 6px;")
+            html.Div("{{ quality }}", v_if=("quality",), id="quality", classes="text-caption", style="white-space: pre-wrap;")
             html.Div("{{ expert }}", v_if=("expert",), classes="text-caption")
             v.VSelect(
                 label="Reviewed structures (none ticked: the edited ones)", items=("reviewable",), v_model=("reviewed", []), multiple=True,
@@ -479,7 +480,7 @@ class IDEALWebApp:
         s.busy, s.fraction = panel.busy, panel.fraction
         s.can_segment, s.can_review = panel.segment, panel.review
         s.can_uncertainty, s.can_next_review, s.can_recompute = panel.uncertainty, panel.next_review_slice, panel.recompute
-        s.table, s.expert = session.table(), session.expert()
+        s.table, s.expert, s.quality = session.table(), session.expert(), panel.quality
         add, undo, text = session.refine_state()
         s.can_click, s.can_undo_click, s.refine_text = add, undo, text
         s.refine_busy = session.refine.session is not None and session.refine.session.busy

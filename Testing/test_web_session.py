@@ -144,7 +144,9 @@ def test_segment_measure_edit_save_and_review_a_pair(folders, models):
     rows = session.table()
     exact = table_measurements(p.measurementsTable)
     assert {row["key"]: (float(row["exact"]) if row["exact"] else None) for row in rows} == exact
-    assert all(row["shown"] == f"{exact[row['key']]:.1f}" for row in rows if exact[row["key"]] is not None)
+    decimals = {key: 0 if key.endswith("_frame") else 1 for key in exact}  # frame indices are whole numbers
+    wrong = [(row["key"], row["shown"]) for row in rows if exact[row["key"]] is not None and row["shown"] != f"{exact[row['key']]:.{decimals[row['key']]}f}"]
+    assert not wrong
     labels = labels_from_segmentation(p.segmentation, p.inputVolume, CARDIAC_LABELS).array
     counts = session.voxel_counts()
     assert counts == {info.segment_id: int((labels == info.value).sum()) for info in CARDIAC_LABELS} and sum(counts.values()) > 0
@@ -165,7 +167,7 @@ def test_segment_measure_edit_save_and_review_a_pair(folders, models):
     assert len(cases) == 1 and cases[0]["case_id"] == "case1_ES" and cases[0]["reviewer"] == "tester" and path.is_file()
     session.showing_es = False
     assert session.add_to_pool() == 1
-    assert session.recompute() == exact
+    assert session.recompute() == {key: value for key, value in exact.items() if not key.endswith("_frame")}
     session.shutdown()
 
 
