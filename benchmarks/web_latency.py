@@ -1,6 +1,6 @@
 """How long the clinician waits in the browser: the web app (IDEALWeb) driven by headless Chromium through Playwright.
 
-The shipped sample (ED/ES pair, 9x256x256) and the shipped model on CPU, the app in a child process on
+The shipped sample (an ED/ES pair, 12x256x256 each) and the shipped model on CPU, the app in a child process on
 loopback, as ``idealsegment-web`` serves it. Each time runs from the browser event to the page showing
 its result (waits are for page conditions, never fixed sleeps):
 
