@@ -7,7 +7,6 @@ only under the data folder and written only under the output folder, symbolic li
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +44,6 @@ class ServePolicy:
             f"IDEALSegment web: serving http://{self.host}:{port}/ to the network; only browsers that open "
             f"http://{self.host}:{port}/?{TOKEN_PARAMETER}=<access token> may use it"
         )
-
-    def allows(self, token: str | None) -> bool:
-        """Whether a browser presenting ``token`` may use the app (loopback without a token: anyone local)."""
-        if self.token is None:
-            return is_loopback(self.host)
-        return token is not None and secrets.compare_digest(str(token), self.token)
 
 
 def serve_policy(host: str | None, port: int = 0, token: str | None = None) -> ServePolicy:
