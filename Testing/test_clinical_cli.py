@@ -203,7 +203,7 @@ def test_dicom_seg_refuses_sources_without_one_frame_of_reference(tmp_path, monk
 
     monkeypatch.setattr(predictor_module, "Predictor", no_network)  # the command line refuses before the network runs
     assert main(["segment", "--input", str(sample.dicom_dir), "--frame", "0", "--output", str(tmp_path / "x.dcm")]) == 2
-    assert "9 different FrameOfReferenceUIDs" in _error_line(capsys) and not (tmp_path / "x.dcm").exists()
+    assert f"{len(frame_files(sample.dicom_dir, None, 0))} different FrameOfReferenceUIDs" in _error_line(capsys) and not (tmp_path / "x.dcm").exists()
 
 
 def test_table_and_report_need_a_cine_or_pair(dicom_cases, tmp_path, capsys):
