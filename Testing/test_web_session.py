@@ -200,3 +200,18 @@ def test_a_dicom_cine_opens_as_a_sequence_split_by_phase(sunnybrook_dir, models,
     session.set_frame(7)
     shown = image_from_volume(study.volume)
     assert np.array_equal(shown.array, frames[7].array) and shown.same_grid(frames[7])
+
+
+def test_cancel_leaves_the_scene_as_it_was(folders, models):
+    session = new_session(folders, models)
+    session.open("single.nrrd")
+    before = session.scene.GetNumberOfNodes()
+    session.segment()
+    session.cancel()
+    deadline = time.monotonic() + 60
+    while session.panel.polling and time.monotonic() < deadline:
+        session.poll()
+        time.sleep(0.05)
+    assert not session.busy and session.panel.p.segmentation is None
+    assert session.scene.GetNumberOfNodes() == before and session.panel.p.statusText.startswith("Cancelled")
+    session.shutdown()
