@@ -18,7 +18,7 @@ import slicer
 import vtk
 from IDEALSegmentGui import common, sample_data
 from IDEALSegmentLib.registry import ModelRegistry, entry_key, select_entry
-from IDEALSegmentLib.trainer_panel import EncoderStart, TrainerPanelController
+from IDEALSegmentLib.trainer_panel import DATASET_COLUMNS, EncoderStart, TrainerPanelController, dataset_overview
 from slicer import vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -179,7 +179,7 @@ class IDEALTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.datasetSummaryLabel.text = "No reviewed cases yet: use IDEALSegment > Mark reviewed and add to training set."
             return
         self.ui.datasetSummaryLabel.text = summary
-        headers = ["Case", "Kind", "Reviewed slices", "Drafted by", "Reviewer", "Added"]
+        headers = list(DATASET_COLUMNS)
         table.setColumnCount(len(headers))
         table.setHorizontalHeaderLabels(headers)
         table.setRowCount(len(rows))
@@ -256,28 +256,7 @@ class IDEALTrainerLogic(ScriptedLoadableModuleLogic):
 
     def dataset(self, folder: Path) -> tuple:
         """(summary line, table rows) of a corrections data set; (None, []) when it has no manifest yet."""
-        from IDEALSegmentLib.corrections import MANIFEST_NAME, dataset_summary, read_manifest
-        from IDEALSegmentLib.retraining import estimate_text
-
-        if not (Path(folder) / MANIFEST_NAME).is_file():
-            return None, []
-        summary = dataset_summary(folder)
-        drafted = ", ".join(f"{name} ({count})" for name, count in summary["models"].items()) or "none"
-        line = (
-            f"{summary['cases']} reviewed case(s), {summary['reviewed_slices']} reviewed slice(s) recorded; "
-            f"{summary['unlabeled_volumes']} unlabelled volume(s) in the pool.\nDrafted by: {drafted}"
-        )
-        line += "\n" + estimate_text(summary["cases"], summary["unlabeled_volumes"], self.getParameterNode().iterations)
-        rows = []
-        for case in read_manifest(folder):
-            model, slices = case.get("model"), case.get("reviewed_slices")
-            rows.append([
-                case["case_id"], case["kind"],
-                "all" if slices is None and case["kind"] == "labeled" else ", ".join(map(str, slices or [])),
-                f"{model['model_id']} {model['model_version']}" if model else ("by hand" if case["kind"] == "labeled" else ""),
-                case.get("reviewer") or "", case.get("exported_at") or "",
-            ])
-        return line, rows
+        return dataset_overview(folder, self.getParameterNode().iterations)
 
     def currentModel(self, registry: ModelRegistry):
         """The model IDEALSegment uses (the user's last choice, else the default); None when none is installed."""

@@ -135,6 +135,7 @@ def test_register_brings_the_models_refinement_network_along(folders, tmp_path):
 
 def test_default_locations():
     assert SHIPPED_MODELS_DIR.parts[-3:] == ("IDEALSegment", "Resources", "Models")
+    assert ModelRegistry(shipped_dir=SHIPPED_MODELS_DIR).find(DEFAULT_MODEL_ID).source == "shipped"  # the model ships there
     assert default_user_dir().parts[-2:] == ("IDEALSegment", "Models")
 
 

@@ -332,11 +332,16 @@ class SegmentPanelController:
         return measured
 
 
-def table_text(table: object) -> str:
-    """A table node as tab-separated text with a header row (for the clipboard)."""
+def table_rows(table: object) -> tuple[list[str], list[list[str]]]:
+    """(column names, rows of cell texts) of a table node, as a panel shows it (Slicer's table view, the web table)."""
     contents = table.GetTable()
     columns = range(contents.GetNumberOfColumns())
-    lines = ["\t".join(contents.GetColumnName(c) for c in columns)]
-    for row in range(contents.GetNumberOfRows()):
-        lines.append("\t".join(contents.GetValue(row, c).ToString() for c in columns))
-    return "\n".join(lines) + "\n"
+    names = [contents.GetColumnName(c) for c in columns]
+    rows = [[contents.GetValue(row, c).ToString() for c in columns] for row in range(contents.GetNumberOfRows())]
+    return names, rows
+
+
+def table_text(table: object) -> str:
+    """A table node as tab-separated text with a header row (for the clipboard)."""
+    names, rows = table_rows(table)
+    return "\n".join("\t".join(cells) for cells in [names, *rows]) + "\n"

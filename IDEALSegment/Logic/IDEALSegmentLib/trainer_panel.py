@@ -16,9 +16,13 @@ from IDEALTrain.errors import IdealError
 
 from .comparison import BETTER, MIN_PATIENTS_FOR_VERDICT, TOO_FEW, comparison_from_table, comparison_table
 from .comparison_job import ComparisonJob
+from .corrections import MANIFEST_NAME, dataset_summary, read_manifest
 from .jobs import JobChain
 from .registry import ModelEntry, ModelRegistry
 from .retraining import estimate_text, prepare_run, training_plan
+
+#: The columns of :func:`dataset_overview`'s rows.
+DATASET_COLUMNS = ("Case", "Kind", "Reviewed slices", "Drafted by", "Reviewer", "Added")
 
 
 class EncoderStart(enum.Enum):
@@ -41,6 +45,21 @@ class EncoderStart(enum.Enum):
     def plan_name(self) -> str:
         """The name :func:`~.retraining.training_plan` uses for this start."""
         return "none" if self is EncoderStart.RANDOM else self.value
+
+
+@dataclass
+class Parameters:
+    """The IDEALTrainer parameter node's fields, as a plain object (the web app, tests, scripts)."""
+
+    encoderStart: EncoderStart = EncoderStart.CURRENT_MODEL
+    pretrainedEncoder: Path = Path()
+    pretrainIterations: int = 500
+    iterations: int = 200  # retraining.ContinueSettings.iterations
+    labelBudget: int = 0
+    runFolder: str = ""
+    newBundle: str = ""
+    comparisonTable: object = None
+    statusText: str = ""
 
 
 @dataclass
@@ -111,6 +130,29 @@ def advice(comparison) -> str:
     if verdict == TOO_FEW:
         return "Use this model anyway only if you checked its segmentations yourself; otherwise keep the current model and review more patients."
     return "Keeping the current model is advised."
+
+
+def dataset_overview(folder: Path, iterations: int) -> tuple[str | None, list[list[str]]]:
+    """(summary line, one row per case) of a corrections data set; (None, []) when it has no manifest yet."""
+    if not (Path(folder) / MANIFEST_NAME).is_file():
+        return None, []
+    summary = dataset_summary(folder)
+    drafted = ", ".join(f"{name} ({count})" for name, count in summary["models"].items()) or "none"
+    line = (
+        f"{summary['cases']} reviewed case(s), {summary['reviewed_slices']} reviewed slice(s) recorded; "
+        f"{summary['unlabeled_volumes']} unlabelled volume(s) in the pool.\nDrafted by: {drafted}"
+    )
+    line += "\n" + estimate_text(summary["cases"], summary["unlabeled_volumes"], iterations)
+    rows = []
+    for case in read_manifest(folder):
+        model, slices = case.get("model"), case.get("reviewed_slices")
+        rows.append([
+            case["case_id"], case["kind"],
+            "all" if slices is None and case["kind"] == "labeled" else ", ".join(map(str, slices or [])),
+            f"{model['model_id']} {model['model_version']}" if model else ("by hand" if case["kind"] == "labeled" else ""),
+            case.get("reviewer") or "", case.get("exported_at") or "",
+        ])
+    return line, rows
 
 
 class TrainerPanelController:
