@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IdealError
-from .dicom_series import read_header, read_slices
 from .image import Image
 
 SAMPLE_FOLDER = "SampleData"
@@ -108,6 +107,8 @@ def read_sample_phase(sample: Sample, phase: str, contoured_only: bool = False) 
     ``contoured_only`` the slices the expert drew (the grid of :func:`read_sample_labels`)."""
     if phase not in sample.phase_files:
         raise IdealError(f"the sample has phases ED and ES, not {phase!r}")
+    from .dicom_series import read_header, read_slices  # pydicom: not needed to find the models at Slicer's start-up
+
     files = sample.phase_files[phase]
     if contoured_only:
         contours = list((sample.root / "contourfiles").glob("*/i-contours"))
