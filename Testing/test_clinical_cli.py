@@ -265,35 +265,3 @@ def test_score_and_evaluate_help_describe_their_arguments(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for expected in texts:
             assert expected in text, (command, expected)
-
-
-def test_the_readme_command_line_path_runs_on_the_sample(tmp_path, capsys):
-    """The README's segment -> measure -> refine commands, verbatim, then measure on the corrected frame."""
-    import shlex
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = next(b for b in readme.split("```")[1::2] if "idealtrain measure --labels runs/case" in b)
-    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.startswith("idealtrain ")]
-    assert [c[1] for c in commands] == ["segment", "measure", "refine"]
-    run = tmp_path / "case"
-    # a positive LV click at the centre of the ES frame's LV, in voxel indices (the README's "space": "ijk")
-    (tmp_path / "clicks.json").write_text(json.dumps({"space": "ijk", "clicks": []}))
-    root = Path(__file__).resolve().parents[1]
-    for command in commands:
-        args = [str(tmp_path / "clicks.json") if a == "clicks.json" else
-                a.replace("runs/case", str(run)) if "runs/case" in a else
-                str(root / a) if a.startswith("IDEALSegment/") else a for a in command[1:]]
-        if command[1] == "refine":
-            labels = read_label(run / "case_frame01.seg.nrrd").array
-            k, j, i = (int(round(v)) for v in np.argwhere(labels == 3).mean(axis=0))
-            (tmp_path / "clicks.json").write_text(json.dumps(
-                {"space": "ijk", "clicks": [{"point": [i + 12, j, k], "label": 3, "positive": True}]}))
-        assert main([*args, "--device", "cpu"] if command[1] in ("segment", "refine") else args) == 0, command
-    printed = capsys.readouterr().out
-    assert printed.count("LV EF") == 2 and "refined" in printed
-    assert (run / "report.png").is_file() and (run / "table.csv").is_file()
-    fixed = read_label(run / "fixed_frame01.seg.nrrd")
-    assert fixed.array[k, j, i + 12] == 3
-    assert main(["measure", "--labels", str(run / "case_frame00.seg.nrrd"), str(run / "fixed_frame01.seg.nrrd")]) == 0
-    assert "LV EF" in capsys.readouterr().out

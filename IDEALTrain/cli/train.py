@@ -231,9 +231,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     """IDEAL two-stream finetuning (or the supervised-only baseline)."""
     from ..model.bundle import load_bundle
+    from ..model.registry import resolve_model
     from ..training.finetune import train_segmentation
     from ..training.selection import select_training_cases, selection_from_args
 
+    if args.init_from:  # a bundle path or an installed model's id, as --model takes
+        args.init_from = str(resolve_model(args.init_from, flag="--init-from"))
     output = _check_output(args)
     if args.pretrained and args.init_from:
         raise IdealError("--pretrained and --init-from both say where the network starts: choose one")
@@ -384,7 +387,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="pretrained-encoder bundle from idealtrain pretrain (default: random initialisation)")
     p.add_argument(
         "--init-from", metavar="BUNDLE",
-        help="start from this segmentation model's encoder and decoders (a second training cycle, or retraining on new cases); "
+        help="start from this segmentation model's encoder and decoders (a bundle folder or .zip, or an installed model's id such as "
+        "idealsegment-acdc; a second training cycle, or retraining on new cases); "
         "its architecture and preprocessing are kept",
     )
     p.add_argument(

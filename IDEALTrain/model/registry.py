@@ -357,9 +357,9 @@ def _bundle_paths(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() == ".zip"))
 
 
-def resolve_model(spec: str | Path | None, registry: ModelRegistry | None = None) -> Path:
-    """The bundle path a ``--model`` value names: a folder or .zip path, a model id (``idealsegment-acdc``,
-    newest version) or ``id@version``; None is the default model (:func:`default_entry`)."""
+def resolve_model(spec: str | Path | None, registry: ModelRegistry | None = None, flag: str = "--model") -> Path:
+    """The bundle path a ``--model`` (or ``--init-from``: ``flag``) value names: a folder or .zip path, a model id
+    (``idealsegment-acdc``, newest version) or ``id@version``; None is the default model (:func:`default_entry`)."""
     registry = registry if registry is not None else ModelRegistry()
     if spec is None:
         return registry.default().path
@@ -371,7 +371,7 @@ def resolve_model(spec: str | Path | None, registry: ModelRegistry | None = None
     if looks_like_path or not any(e.model_id == model_id for e in registry.entries()):
         installed = ", ".join(sorted({e.model_id for e in registry.entries()})) or "none"
         raise IdealError(
-            f"--model {text}: no such bundle folder or .zip, and no installed model of that id "
+            f"{flag} {text}: no such bundle folder or .zip, and no installed model of that id "
             f"(installed: {installed}; see idealtrain bundle list)"
         )
     return registry.find(model_id, version or None).path
