@@ -127,11 +127,16 @@ def shoot(page, name: str) -> None:
         page.screenshot(path=str(Path(SHOTS) / name))
 
 
+def labeled_cases(folder):
+    """The correction cases (Mark reviewed) of a training set folder, without its unlabelled pool."""
+    return [case for case in read_manifest(folder) if case["kind"] == "labeled"]
+
+
 def test_the_clinicians_loop_in_headless_chromium(app, tmp_path):
     server, output, banner = app
     assert banner == f"IDEALSegment web: serving {server.url} to this computer only (loopback)"
     cli = cli_measurements(tmp_path)
-    cases_before = len(read_manifest(output / "corrections"))
+    cases_before = len(labeled_cases(output / "corrections"))
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -211,7 +216,7 @@ def test_the_clinicians_loop_in_headless_chromium(app, tmp_path):
             # 5. Mark reviewed writes one correction case.
             page.click("#mark-reviewed-button")
             wait_text(page, "#status", "Added to the training set")
-            cases = read_manifest(output / "corrections")
+            cases = labeled_cases(output / "corrections")  # the reviewed scan also joins the unlabelled pool
             assert len(cases) == cases_before + 1
             new_case = cases[-1]
             assert new_case["case_id"] == "SCD0000101_ED" and new_case["kind"] == "labeled"

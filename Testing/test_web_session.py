@@ -163,10 +163,11 @@ def test_segment_measure_edit_save_and_review_a_pair(folders, models):
     with pytest.raises(IdealError, match="nothing reviewed"):  # nothing edited, nothing ticked
         session.mark_reviewed()
     path = session.mark_reviewed(["LV", "LV_Myocardium"])
-    cases = read_manifest(output.corrections)
+    cases = [case for case in read_manifest(output.corrections) if case["kind"] == "labeled"]
     assert len(cases) == 1 and cases[0]["case_id"] == "case1_ES" and cases[0]["reviewer"] == "tester" and path.is_file()
+    assert any(case["kind"] != "labeled" for case in read_manifest(output.corrections))  # its scan joined the pool
     session.showing_es = False
-    assert session.add_to_pool() == 1
+    assert session.add_to_pool() == 2  # the pool now holds the reviewed ES scan (added at Mark reviewed) and this ED one
     assert session.recompute() == {key: value for key, value in exact.items() if not key.endswith("_frame")}
     session.shutdown()
 
