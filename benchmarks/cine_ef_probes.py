@@ -104,9 +104,13 @@ def rv_base_case(ed_ref, es_ref, ed_pred, es_pred) -> dict | None:
                 w[1, base] = float(np.clip((drop - shrink) / (drop - keep), 0.0, 1.0))
                 grid[f"{keep}-{drop}"] = error(weights=w)
     expert_es = float(expert[1][base])
+    order = list(np.flatnonzero(expert[0] > 0))[:: 1 if from_base else -1]  # the expert's ED RV slices, base first
+    dropped = next((i for i, k in enumerate(order) if expert[1][k] > 0), len(order))  # left out at ES from the base
     return {"base_slice": base, "expert_ed_voxels": float(expert[0][base]), "expert_es_voxels": expert_es,
             "expert": "no RV at ED" if expert[0][base] == 0 else "keeps" if expert_es > 0 else "drops",
-            "model_es_voxels": float(rv[1, base]), "rest_shrink": float(1.0 - rv[1, rest].sum() / rv[0, rest].sum()),
+            "model_es_voxels": float(rv[1, base]),
+            "expert_basal_slices_left_out_at_es": int(dropped),
+            "of_them_model_labels_rv_at_es": int(sum(rv[1, k] > 0 for k in order[:dropped])), "rest_shrink": float(1.0 - rv[1, rest].sum() / rv[0, rest].sum()),
             "area_es_ed": float(rv[1, base] / rv[0, base]),
             "area_es_ed_below": float(rv[1, base + (1 if from_base else -1)] / max(1.0, rv[0, base + (1 if from_base else -1)])),
             "lv_counts_at_es": bool(counted[1, base]), "centroid_ratio_es_ed": _finite(ratio),
@@ -127,8 +131,11 @@ def _mean_abs(rows: list[dict], key: str, grid: bool = False) -> float:
 
 def rv_summary(rows: list[dict]) -> dict:
     keys = rows[0]["rv_ef_error"].keys()
+    left_out = [r["expert_basal_slices_left_out_at_es"] for r in rows]
     return {"patients": len(rows), "expert_drops": sum(r["expert"] == "drops" for r in rows),
             "expert_keeps": sum(r["expert"] == "keeps" for r in rows),
+            "patients_by_basal_rv_slices_left_out_at_es": {str(n): left_out.count(n) for n in sorted(set(left_out))},
+            "patients_where_model_labels_rv_on_a_left_out_slice": sum(r["of_them_model_labels_rv_at_es"] > 0 for r in rows),
             "mean_abs_rv_ef_error": {k: _mean_abs(rows, k) for k in keys},
             "shipped_weighting_grid": {k: _mean_abs(rows, k, grid=True) for k in rows[0]["rv_ef_error_grid"]}}
 
