@@ -43,6 +43,8 @@ def test_decide_does_not_help(bench):
     one_seed = bench.decide(random, {0: 0.60, 1: 0.59, 2: 0.69}, seeds)  # mean +0.027 but one seed better
     assert one_seed["verdict"] == "does not help" and one_seed["seeds_better"] == 1
     assert bench.decide(random, {0: 0.40, 1: 0.50, 2: 0.60}, seeds)["verdict"] == "does not help"
+    assert bench.decide(random, {0: 0.45, 1: 0.62, 2: 0.73}, seeds)["verdict"] == "does not help"  # a mean of exactly 0
+    assert bench.decide(random, {0: 0.52, 1: 0.62, 2: 0.72}, seeds)["verdict"] == "helps"  # exactly the margin
 
 
 def test_decide_waits_for_every_seed_and_scales_to_five(bench):

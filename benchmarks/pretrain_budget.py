@@ -317,7 +317,7 @@ def decide(baseline: dict[int, float], treated: dict[int, float], seeds: list[in
     n = len(seeds)
     if n < 3 or set(differences) != set(seeds):
         return result | {"verdict": "incomplete"}
-    wins, mean = result["seeds_better"], result["mean_difference"]
+    wins, mean = result["seeds_better"], round(result["mean_difference"], 9)  # 0.52 - 0.50 is 0.02, not 0.0199...
     if mean >= MARGIN and wins >= n - (n - 3) // 2:
         verdict = "helps"
     elif mean <= 0 or wins <= (n - 1) // 2:
@@ -333,7 +333,7 @@ def confirm(baseline: dict[int, float], treated: dict[int, float], seeds: list[i
     mean = statistics.fmean(differences.values()) if differences else None
     complete = set(differences) == set(seeds) and len(seeds) >= 3
     return {"per_seed_differences": {f"seed{s}": d for s, d in differences.items()}, "mean_difference": mean,
-            "verdict": ("passes" if mean >= 0 else "fails") if complete else "incomplete"}
+            "verdict": ("passes" if round(mean, 9) >= 0 else "fails") if complete else "incomplete"}
 
 
 def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
