@@ -87,6 +87,10 @@ def test_plan_finishes_each_seeds_pairs_first(bench):
     assert needs["3p-pretrained-lr0.01-seed2"] == ["encoder-seed2"] and needs["3p-random-lr0.01-seed2"] == []
     mix = bench.plan(bench.parse_arguments(["--pretrained-mix", "0.5", "--lrs", "0.03"]))
     assert [n for n, _ in mix][:3] == ["3p-random-lr0.03-seed0", "encoder-seed0", "3p-pretrained-mix0.5-lr0.03-seed0"]
+    decoder = bench.plan(bench.parse_arguments(["--decoder-pretraining", "2", "--lrs", "0.03", "--seeds", "4"]))
+    assert decoder == [("3p-random-lr0.03-seed4", []), ("encoder-decoder2-seed4", []),
+                       ("3p-pretrained-decoder2-lr0.03-seed4", ["encoder-decoder2-seed4"])]
+    assert bench.seed_of("encoder-decoder2-seed4") == 4 and bench.seed_of("encoder-seed12") == 12
 
 
 def test_the_benchmark_measures_the_trainers_pretrain_plan(bench, tmp_path):

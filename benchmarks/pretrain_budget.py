@@ -14,9 +14,12 @@ arms are compared on the *report* half, paired by seed (``decide``):
 - **in between**: otherwise; the rule asks for two more seeds (``--seeds 0 1 2 3 4``) on the deciding arms.
 
 With 7 labelled patients (``--patients 7``, the confirmation a "helps" asks for) the treated arm
-passes if the mean difference is >= 0 (``confirm``). ``--pretrained-mix W`` turns the pretrained
-arm into the fix ``pretrained-mixW`` (start from W x the pretrained + (1 - W) x the run's random
-encoder), judged by the same rule at the lr given by ``--lrs``.
+passes if the mean difference is >= 0 (``confirm``). The two fixes the issue names are judged by
+the same rule at the lr given by ``--lrs``: ``--pretrained-mix W`` turns the pretrained arm into
+``pretrained-mixW`` (start from W x the pretrained + (1 - W) x the run's random encoder), and
+``--decoder-pretraining N`` into ``pretrained-decoderN`` (Chaitanya-style: the dense loss with
+same-image negatives on the U-Net decoder after N blocks, 2 = quarter resolution, whose weights
+finetuning loads with the encoder; encoders ``encoder-decoderN-seedS``).
 
 Every run (and every seed's encoder) is a child process with one torch thread whose result is one
 JSON file under ``WORK/results``, written atomically; a run whose file exists is skipped, so the
@@ -62,6 +65,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=(RANDOM, PRETRAINED), default=[RANDOM, PRETRAINED])
     parser.add_argument("--pretrained-mix", type=float, default=1.0,
                         help="< 1: the pretrained arm starts from this share of the encoder (the fix; arm pretrained-mixW)")
+    parser.add_argument("--decoder-pretraining", type=int, default=0, metavar="N",
+                        help="> 0: the pretrained arm pretrains the U-Net decoder's first N blocks too (arm pretrained-decoderN)")
     parser.add_argument("--iterations", type=int, default=1000, help="finetuning iterations")
     parser.add_argument("--pretrain-iterations", type=int, default=500, help="the trainer plan's pretraining length")
     parser.add_argument("--size", type=int, default=128)
@@ -76,16 +81,22 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def arm_name(arm: str, mix: float) -> str:
-    return f"{PRETRAINED}-mix{mix:g}" if arm == PRETRAINED and mix < 1 else arm
+def arm_name(arm: str, mix: float = 1.0, decoder_blocks: int = 0) -> str:
+    if arm != PRETRAINED:
+        return arm
+    return arm + (f"-decoder{decoder_blocks}" if decoder_blocks else "") + (f"-mix{mix:g}" if mix < 1 else "")
 
 
 def run_name(patients: int, arm: str, lr: float, seed: int) -> str:
     return f"{patients}p-{arm}-lr{lr:g}-seed{seed}"
 
 
-def encoder_name(seed: int) -> str:
-    return f"encoder-seed{seed}"
+def encoder_name(seed: int, decoder_blocks: int = 0) -> str:
+    return f"encoder-decoder{decoder_blocks}-seed{seed}" if decoder_blocks else f"encoder-seed{seed}"
+
+
+def seed_of(task: str) -> int:
+    return int(task.rsplit("-seed", 1)[1])
 
 
 def budget(args: argparse.Namespace, keys: tuple[str, ...] = BUDGET_KEYS) -> dict:
@@ -99,10 +110,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     for seed in args.seeds:
         for lr in args.lrs:
             for arm in args.arms:
-                if arm == PRETRAINED and (encoder_name(seed), []) not in tasks:
-                    tasks.append((encoder_name(seed), []))
-                name = run_name(args.patients, arm_name(arm, args.pretrained_mix), lr, seed)
-                tasks.append((name, [encoder_name(seed)] if arm == PRETRAINED else []))
+                encoder = encoder_name(seed, args.decoder_pretraining)
+                if arm == PRETRAINED and (encoder, []) not in tasks:
+                    tasks.append((encoder, []))
+                name = run_name(args.patients, arm_name(arm, args.pretrained_mix, args.decoder_pretraining), lr, seed)
+                tasks.append((name, [encoder] if arm == PRETRAINED else []))
     return tasks
 
 
@@ -143,7 +155,8 @@ class LossRecorder:
 
 
 def train_encoder(args: argparse.Namespace, seed: int) -> dict:
-    """Pretrain one seed's encoder (the library defaults, as ``idealtrain pretrain`` and the trainer plan)."""
+    """Pretrain one seed's encoder (the library defaults, as ``idealtrain pretrain`` and the trainer plan; with
+    ``--decoder-pretraining N`` the dense loss moves to the decoder's N-th block, with same-image negatives)."""
     from acdc_ssl import preprocessing_plan
 
     from IDEALTrain.io.datasets import load_cases
@@ -154,12 +167,13 @@ def train_encoder(args: argparse.Namespace, seed: int) -> dict:
     cpu, wall = time.process_time(), time.perf_counter()
     everything = load_cases(f"ssl4mis:{args.data}:train_slices.list")
     config = PretrainConfig(iterations=args.pretrain_iterations, seed=seed, precision=args.precision,
+                            decoder_blocks=args.decoder_pretraining, same_image_negatives=args.decoder_pretraining > 0,
                             network=NetworkConfig(), preprocessing=preprocessing_plan(args))
     with LossRecorder() as losses:
         bundle = pretrain(everything, config, device="cpu")
-    path = Path(args.work) / "encoders" / f"seed{seed}"
+    path = Path(args.work) / "encoders" / encoder_name(seed, args.decoder_pretraining).removeprefix("encoder-")
     save_bundle(bundle, path, overwrite=True)
-    return {"task": encoder_name(seed), "seed": seed, "bundle": str(path), "slices": len(everything),
+    return {"task": encoder_name(seed, args.decoder_pretraining), "seed": seed, "bundle": str(path), "slices": len(everything),
             "iterations": args.pretrain_iterations, "cpu_seconds": time.process_time() - cpu,
             "wall_seconds": time.perf_counter() - wall, "final_loss": losses.mean("loss"),
             "recipe": bundle.training["recipe"]}
@@ -173,21 +187,21 @@ def train_run(args: argparse.Namespace, arm: str, lr: float, seed: int) -> dict:
     from IDEALTrain.io.datasets import load_cases
     from IDEALTrain.model.bundle import load_bundle
 
-    name = run_name(args.patients, arm_name(arm, args.pretrained_mix), lr, seed)
+    name = run_name(args.patients, arm_name(arm, args.pretrained_mix, args.decoder_pretraining), lr, seed)
     ssl = ssl_arguments(["--data", args.data, "--work", str(Path(args.work) / "runs" / name), "--iterations", str(args.iterations),
                          "--size", str(args.size), "--batch-size", str(args.batch_size), "--unlabeled-batch-size",
                          str(args.unlabeled_batch_size), "--lr", str(lr), "--pretrained-mix", str(args.pretrained_mix),
                          "--precision", args.precision, "--device", "cpu"])
     pretrained, encoder = None, None
     if arm == PRETRAINED:
-        encoder = json.loads((Path(args.results) / f"{encoder_name(seed)}.json").read_text())
+        encoder = json.loads((Path(args.results) / f"{encoder_name(seed, args.decoder_pretraining)}.json").read_text())
         pretrained = load_bundle(encoder["bundle"])
     val_cases = load_cases(f"ssl4mis:{args.data}:val.list", require_labels=True)
     cpu = time.process_time()
     with LossRecorder() as losses:
         run = train_and_score(ssl, args.patients, "ideal" if arm == PRETRAINED else "finetune-no-pretraining", seed, pretrained, val_cases)
     cpu = time.process_time() - cpu
-    return {"task": name, "arm": arm_name(arm, args.pretrained_mix), "lr": lr, "seed": seed, "budget": budget(args),
+    return {"task": name, "arm": arm_name(arm, args.pretrained_mix, args.decoder_pretraining), "lr": lr, "seed": seed, "budget": budget(args),
             "pretrained_mix": args.pretrained_mix if arm == PRETRAINED else None,
             "cpu_seconds": cpu, "encoder_cpu_seconds": encoder["cpu_seconds"] if encoder else 0.0,
             "final_supervised_loss": losses.mean("loss_supervised"), "final_loss": losses.mean("loss"), **run}
@@ -199,16 +213,16 @@ def run_task(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     task = args.task
-    if task.startswith("encoder-seed"):
-        result = train_encoder(args, int(task.removeprefix("encoder-seed")))
+    if task.startswith("encoder-"):
+        result = train_encoder(args, seed_of(task))
     else:
         for seed in args.seeds:
             for lr in args.lrs:
                 for arm in args.arms:
-                    if run_name(args.patients, arm_name(arm, args.pretrained_mix), lr, seed) == task:
+                    if run_name(args.patients, arm_name(arm, args.pretrained_mix, args.decoder_pretraining), lr, seed) == task:
                         result = train_run(args, arm, lr, seed)
                         break
-    result["budget"] = budget(args, ENCODER_KEYS if task.startswith("encoder-seed") else BUDGET_KEYS)
+    result["budget"] = budget(args, ENCODER_KEYS if task.startswith("encoder-") else BUDGET_KEYS)
     write_json(Path(args.results) / f"{task}.json", result)
     return 0
 
@@ -217,7 +231,7 @@ def child_command(args: argparse.Namespace, task: str) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--task", task, "--data", args.data, "--work", args.work,
                "--results", args.results, "--patients", str(args.patients), "--seeds", *map(str, args.seeds),
                "--lrs", *map(str, args.lrs), "--arms", *args.arms, "--pretrained-mix", str(args.pretrained_mix),
-               "--iterations", str(args.iterations), "--pretrain-iterations", str(args.pretrain_iterations),
+               "--decoder-pretraining", str(args.decoder_pretraining), "--iterations", str(args.iterations), "--pretrain-iterations", str(args.pretrain_iterations),
                "--size", str(args.size), "--batch-size", str(args.batch_size),
                "--unlabeled-batch-size", str(args.unlabeled_batch_size), "--precision", args.precision]
     return command
@@ -341,7 +355,7 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
     select half; the paired decision on the report half."""
     runs = {k: r for k, r in results.items() if r.get("task", k) == k and "per_volume" in r and r.get("budget", {}).get("patients") == args.patients}
     split = split_volumes(v for r in runs.values() for v in r["per_volume"])
-    arms = [RANDOM, arm_name(PRETRAINED, args.pretrained_mix)]
+    arms = [RANDOM, arm_name(PRETRAINED, args.pretrained_mix, args.decoder_pretraining)]
     table: dict = {}
     for run in runs.values():
         if run["arm"] not in arms:
@@ -372,7 +386,7 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
             "split": {h: sorted({v.split('_frame')[0] for v in split[h]}) for h in ("select", "report")},
             "table": table, "chosen_lr": chosen, "decision": decision,
             "encoders": {k: {"cpu_seconds": r["cpu_seconds"], "final_loss": r.get("final_loss")}
-                         for k, r in results.items() if k.startswith("encoder-seed")}}
+                         for k, r in results.items() if k.startswith("encoder-")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summarize_only and not (Path(args.data) / "train_slices.list").is_file():
         print(f"ACDC (SSL4MIS layout) not found at {args.data}: set IDEAL_DATA or pass --data", file=sys.stderr)
         return 2
-    if args.jobs < 1 or not 0 < args.pretrained_mix <= 1:
-        print("--jobs must be at least 1 and --pretrained-mix in (0, 1]", file=sys.stderr)
+    if args.jobs < 1 or not 0 < args.pretrained_mix <= 1 or args.decoder_pretraining < 0:
+        print("--jobs must be at least 1, --pretrained-mix in (0, 1] and --decoder-pretraining 0 or more", file=sys.stderr)
         return 2
     if differing := stale(load_results(args.results), args):
         print(f"{args.results} holds runs of this plan with another budget ({'; '.join(differing)}): "
