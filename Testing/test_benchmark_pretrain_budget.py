@@ -146,6 +146,9 @@ def test_summary_chooses_each_arms_lr_on_select_and_judges_on_report(bench, tmp_
     cell = summary["table"]["pretrained"]["0.01"]["seed0"]
     assert cell["charged_cpu_seconds"] == 800.0 and cell["report"]["classes"]["LV"]["hd95"] == 3.0
     json.dumps(summary)  # what --summary writes
+    table = bench.markdown(summary)
+    assert "| pretrained | 0.01 | 2 | 0.650 | 0.650 | 0.650 | 0.650 | 0.650 | 3.0 | 0.300 | 10.0 (13.3) |" in table
+    assert "seed2 +0.050" in table and "verdict: **helps**" in table
 
     (tmp_path / "3p-pretrained-lr0.03-seed2.json").unlink()  # a lr choice not final yet: no verdict
     assert bench.summarize(bench.load_results(tmp_path), args)["decision"]["verdict"] == "incomplete"

@@ -59,6 +59,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", help="the per-run result folder (default WORK/results)")
     parser.add_argument("--summary", help="write the table and the decision to this JSON file")
     parser.add_argument("--summarize-only", action="store_true", help="train nothing: summarise the result folder")
+    parser.add_argument("--markdown", action="store_true", help="print the table (per arm, lr and seed) as Markdown")
     parser.add_argument("--patients", type=int, default=3, help="labelled patients (3: stage 1; 7: the confirmation)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.01], help="finetuning learning rates, in run order")
@@ -389,6 +390,32 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
                          for k, r in results.items() if k.startswith("encoder-")}}
 
 
+def markdown(summary: dict) -> str:
+    """The summary as a Markdown table: one row per arm, lr and seed (report-half Dice and HD95 per class,
+    select-half Dice, final supervised loss, CPU minutes charged), then the decision with its per-seed differences."""
+    def number(value, digits: int = 3) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    rows = ["| arm | lr | seed | select Dice | report Dice | RV | Myo | LV | report HD95 | final sup. loss | CPU min (charged) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, by_lr in sorted(summary["table"].items(), key=lambda item: item[0] != RANDOM):
+        for lr, by_seed in sorted(by_lr.items()):
+            for seed, cell in sorted(by_seed.items()):
+                report = cell["report"]
+                classes = [report["classes"][c]["dice"] for c in report["classes"]]
+                rows.append(f"| {arm} | {lr} | {seed.removeprefix('seed')} | {number(cell['select']['dice'])} | "
+                            f"{number(report['dice'])} | " + " | ".join(number(c) for c in classes)
+                            + f" | {number(report['hd95'], 1)} | {number(cell['final_supervised_loss'])} | "
+                            f"{cell['cpu_seconds'] / 60:.1f} ({cell['charged_cpu_seconds'] / 60:.1f}) |")
+    decision = summary["decision"]
+    chosen = ", ".join(f"{arm} lr {c['lr']} (on seeds {c['chosen_on_seeds']}{'' if c['complete'] else ', not final'})"
+                       for arm, c in summary["chosen_lr"].items())
+    differences = ", ".join(f"{s} {d:+.3f}" for s, d in decision["per_seed_differences"].items()) or "none yet"
+    return "\n".join(rows + ["", f"Chosen on the select half: {chosen}.",
+                             f"Report half, treated - random at the chosen lrs, per seed: {differences}; "
+                             f"mean {number(decision['mean_difference'])}; verdict: **{decision['verdict']}**."])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.task:
@@ -407,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(load_results(args.results), args)
     if args.summary:
         write_json(Path(args.summary), summary)
-    print(json.dumps({"chosen_lr": summary["chosen_lr"], "decision": summary["decision"]}, indent=2))
+    print(markdown(summary) if args.markdown else json.dumps({"chosen_lr": summary["chosen_lr"], "decision": summary["decision"]}, indent=2))
     if failed:
         print(f"failed or not started: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
