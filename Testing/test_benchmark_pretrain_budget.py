@@ -154,6 +154,25 @@ def test_summary_chooses_each_arms_lr_on_select_and_judges_on_report(bench, tmp_
     assert bench.summarize(bench.load_results(tmp_path), args)["decision"]["verdict"] == "incomplete"
 
 
+def test_two_more_seeds_at_the_chosen_lrs_complete_an_in_between(bench, tmp_path):
+    runs = []
+    for seed in (0, 1, 2):  # pretrained better with 2 of 3 seeds: in between
+        runs += [_run(bench, "random", 0.03, seed, 0.60, 0.60), _run(bench, "random", 0.01, seed, 0.50, 0.50),
+                 _run(bench, "pretrained", 0.03, seed, 0.60, 0.59 if seed == 0 else 0.62), _run(bench, "pretrained", 0.01, seed, 0.5, 0.5)]
+    for run in runs:
+        bench.write_json(tmp_path / f"{run['task']}.json", run)
+    stage1 = bench.summarize(bench.load_results(tmp_path), bench.parse_arguments(["--results", str(tmp_path)]))
+    assert stage1["decision"]["verdict"] == "in between" and "2 more seeds" in stage1["decision"]["next"]
+    more = bench.parse_arguments(["--results", str(tmp_path), "--seeds", "0", "1", "2", "3", "4", "--lrs", "0.03"])
+    assert bench.summarize(bench.load_results(tmp_path), more)["decision"]["verdict"] == "incomplete"
+    for seed in (3, 4):
+        for run in (_run(bench, "random", 0.03, seed, 0.6, 0.60), _run(bench, "pretrained", 0.03, seed, 0.6, 0.65)):
+            bench.write_json(tmp_path / f"{run['task']}.json", run)
+    summary = bench.summarize(bench.load_results(tmp_path), more)
+    assert summary["chosen_lr"]["random"] == {"lr": 0.03, "chosen_on_seeds": [0, 1, 2], "complete": True}
+    assert summary["decision"]["seeds_better"] == 4 and summary["decision"]["verdict"] == "helps"  # mean +0.026, 4 of 5
+
+
 def test_resuming_with_another_budget_is_refused(bench, tmp_path):
     args = bench.parse_arguments(["--results", str(tmp_path)])
     bench.write_json(tmp_path / "3p-random-lr0.03-seed0.json", {"budget": bench.budget(args) | {"iterations": 600}})

@@ -372,8 +372,9 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
         select = {float(lr): {int(s.removeprefix("seed")): e["select"]["dice"] for s, e in by_seed.items()}
                   for lr, by_seed in table.get(arm, {}).items()}
         lr, on_seeds = choose_lr(select)
-        chosen[arm] = {"lr": lr, "chosen_on_seeds": on_seeds,
-                       "complete": lr is not None and all(set(v) >= set(args.seeds) for v in select.values()) and len(select) == len(args.lrs)}
+        final = (lr is not None and all(float(x) in select for x in args.lrs) and set(select[lr]) >= set(args.seeds)
+                 and len(on_seeds) >= min(3, len(args.seeds)))  # chosen on 3 seeds at least, and run with every seed
+        chosen[arm] = {"lr": lr, "chosen_on_seeds": on_seeds, "complete": final}
         by_seed = table.get(arm, {}).get(f"{lr:g}", {}) if lr is not None else {}
         report[arm] = {int(s.removeprefix("seed")): e["report"]["dice"] for s, e in by_seed.items()}
     rule = confirm if args.patients >= 7 else decide
