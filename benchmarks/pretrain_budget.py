@@ -23,7 +23,9 @@ finetuning loads with the encoder; encoders ``encoder-decoderN-seedS``).
 
 Every run (and every seed's encoder) is a child process with one torch thread whose result is one
 JSON file under ``WORK/results``, written atomically; a run whose file exists is skipped, so the
-same command resumes an interrupted benchmark (a stored run with another budget is refused).
+same command resumes an interrupted benchmark (a stored run with another budget is refused; an
+encoder whose bundle is missing, e.g. results copied from ``benchmarks/results/pretrain_budget``
+into a fresh WORK/results, is pretrained again).
 ``--jobs 2`` trains two at once. ``--summary`` writes the table and the decision as JSON.
 
     nice -n 10 python benchmarks/pretrain_budget.py --work runs/pretrain_budget \\
@@ -257,7 +259,8 @@ def schedule(args: argparse.Namespace) -> list[str]:
     logs = Path(args.work) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     environment = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = set(load_results(args.results))
+    done = {task for task, result in load_results(args.results).items()  # an encoder whose bundle is gone is pretrained again
+            if not task.startswith("encoder-") or Path(result.get("bundle", "")).is_dir()}
     waiting = [(task, needs) for task, needs in plan(args) if task not in done]
     running: dict[str, subprocess.Popen] = {}
     failed: list[str] = []
