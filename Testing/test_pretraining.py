@@ -107,3 +107,48 @@ def test_pretraining_variants_change_the_encoder_they_learn(unlabelled):
         pretrain(unlabelled, small_config(1, extra_dense_levels=(2,)), device="cpu")
     with pytest.raises(IdealError, match="outside the encoder"):
         pretrain(unlabelled, small_config(1, extra_dense_levels=(7,)), device="cpu")
+
+
+def test_decoder_pretraining_carries_its_blocks_into_finetuning(unlabelled, capsys, tmp_path):
+    """Issue 32's fix b (Chaitanya et al.'s local loss on the decoder): the dense loss on the U-Net decoder
+    after its first block learns, the bundle keeps exactly the blocks it trained, and finetuning starts them
+    pretrained in the network's U-Net decoder, wherever that decoder sits, mixed like the encoder."""
+    config = small_config(30, learning_rate=3e-3, decoder_blocks=1, same_image_negatives=True)
+    bundle = pretrain(unlabelled, config, device="cpu", progress_json=True)
+    losses = [json.loads(line)["loss_dense"] for line in capsys.readouterr().out.splitlines() if '"progress"' in line]
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
+    carried = sorted(name for name in bundle.weights if not name.startswith("encoder."))
+    assert carried and all(name.startswith(("decoders.0.reduce.0.", "decoders.0.blocks.0.")) for name in carried)
+    assert "decoders.0.blocks.0.0.weight" in carried and bundle.training["recipe"]["decoder_blocks"] == 1
+    loaded = load_bundle(save_bundle(bundle, tmp_path / "pre"))  # the card check accepts the carried blocks
+    assert set(loaded.weights) == set(bundle.weights)
+
+    torch.manual_seed(0)
+    network = SegmentationNetwork(NetworkConfig(base_channels=4, depth=3, decoders=("fpn", "unet")))
+    before = {k: v.clone() for k, v in network.decoders[1].state_dict().items()}
+    load_pretrained_encoder(network, loaded)
+    after = network.decoders[1].state_dict()
+    for name in carried:
+        assert torch.equal(after[name.removeprefix("decoders.0.")], loaded.weights[name]), name
+    assert torch.equal(after["blocks.1.0.weight"], before["blocks.1.0.weight"])  # not pretrained: its random start
+    assert torch.equal(after["classifier.weight"], before["classifier.weight"])
+
+    torch.manual_seed(0)
+    mixed = SegmentationNetwork(NetworkConfig(base_channels=4, depth=3, decoders=("fpn", "unet")))
+    load_pretrained_encoder(mixed, loaded, mix=0.5)
+    expected = 0.5 * loaded.weights["decoders.0.blocks.0.0.weight"] + 0.5 * before["blocks.0.0.weight"]
+    assert torch.allclose(mixed.decoders[1].state_dict()["blocks.0.0.weight"], expected)
+
+    with pytest.raises(IdealError, match="carries pretrained unet decoder blocks"):
+        load_pretrained_encoder(SegmentationNetwork(NetworkConfig(base_channels=4, depth=3, decoders=("fpn",))), loaded)
+    with pytest.raises(IdealError, match="decoder-blocks must be between 1 and 2"):
+        pretrain(unlabelled, small_config(1, decoder_blocks=3), device="cpu")
+    with pytest.raises(IdealError, match="leave --dense-level"):
+        pretrain(unlabelled, small_config(1, decoder_blocks=1, dense_level=1), device="cpu")
+
+
+def test_pretrain_command_line_takes_decoder_blocks():
+    from IDEALTrain.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--data", "folder:x", "--iterations", "1", "--out", "o", "--decoder-blocks", "2"])
+    assert args.decoder_blocks == 2

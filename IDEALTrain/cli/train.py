@@ -297,6 +297,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every, network=network, preprocessing=plan, optimizer=args.optimizer,
         weight_decay=args.weight_decay, dropout=not args.no_dropout, key_eval=args.key_eval,
         extra_dense_levels=tuple(args.extra_dense_levels), positive_radius=args.positive_radius, precision=args.precision,
+        decoder_blocks=args.decoder_blocks,
     )
     cases = [case for spec in args.data for case in load_cases(spec, default_list="train_slices.list")]
     bundle = pretrain(cases, config, device=args.device, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_json=args.progress_json)
@@ -379,6 +380,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                    help="more encoder levels for the dense loss, each with its own head (the loss is the mean over levels)")
     p.add_argument("--positive-radius", type=float, default=0.0,
                    help="same-image cells closer than this many feature cells are positives too (PixPro-style; 0: only the partner)")
+    p.add_argument("--decoder-blocks", type=int, default=0, metavar="N",
+                   help="decoder pretraining (Chaitanya et al.): the dense loss on the U-Net decoder after N blocks (2: quarter "
+                        "resolution), whose weights finetuning loads with the encoder; give --same-image-negatives as they did (default 0: off)")
     p.set_defaults(func=cmd_pretrain)
 
     p = commands.add_parser("finetune", help="IDEAL two-stream consistency finetuning (or --supervised-only, the baseline)")

@@ -93,9 +93,11 @@ class Bundle:
         network_class = RefinementNetwork if self.kind == "refinement" else SegmentationNetwork
         with torch.device("meta"):
             expected = network_class(self.network).state_dict()
-        if self.kind == "pretrained-encoder":
-            expected = {name: t for name, t in expected.items() if name.startswith("encoder.")}
-        missing = sorted(set(expected) - set(self.weights))
+        required = set(expected)
+        if self.kind == "pretrained-encoder":  # the encoder, and the decoder blocks that decoder pretraining trained
+            required = {name for name in expected if name.startswith("encoder.")}
+            expected = {name: t for name, t in expected.items() if name in required or name in self.weights}
+        missing = sorted(required - set(self.weights))
         unexpected = sorted(set(self.weights) - set(expected))
         if missing or unexpected:
             raise IdealError(

@@ -124,11 +124,16 @@ class UNetDecoder(nn.Module):
         self.classifier = nn.Conv2d(channels[0], config.num_classes, 3, padding=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.upsample(features))
+
+    def upsample(self, features: list[torch.Tensor], blocks: int | None = None) -> torch.Tensor:
+        """The expanding path's features after its first ``blocks`` blocks (all of them by default): after 2 of
+        a 5-level U-Net, quarter resolution, where decoder pretraining puts its dense loss."""
         x = features[-1]
-        for reduce, block, skip in zip(self.reduce, self.blocks, reversed(features[:-1])):
+        for reduce, block, skip in list(zip(self.reduce, self.blocks, reversed(features[:-1])))[:blocks]:
             x = F.interpolate(reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([skip, x], dim=1))
-        return self.classifier(x)
+        return x
 
 
 class FPNDecoder(nn.Module):

@@ -70,7 +70,35 @@ def load_pretrained_encoder(
     if rescale:
         weights = rescale_filters(weights, own)
     network.encoder.load_state_dict(weights)
+    load_pretrained_decoder_blocks(network, pretrained, mix, rescale)
     return norms | {"start": encoder_level_norms(network.encoder)}
+
+
+def load_pretrained_decoder_blocks(network: SegmentationNetwork, pretrained: Bundle, mix: float = 1.0, rescale: bool = False) -> list[str]:
+    """The decoder blocks a decoder-pretrained bundle carries (``decoders.I...``, I in the bundle's decoder
+    order), loaded into this network's decoder of the same kind, mixed or rescaled as the encoder; the
+    rest of that decoder keeps its random start. Returns the names loaded (none for an encoder-only bundle)."""
+    prefix = "decoders."
+    carried = {k: v for k, v in pretrained.weights.items() if k.startswith(prefix)}
+    by_decoder: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in carried.items():
+        index, rest = name[len(prefix):].split(".", 1)
+        kind = pretrained.network.decoders[int(index)]
+        if kind not in network.config.decoders:
+            raise IdealError(
+                f"pretrained bundle {pretrained.model_id} carries pretrained {kind} decoder blocks, but this run's "
+                f"decoders are {', '.join(network.config.decoders)}: add a {kind} decoder or use an encoder-only bundle"
+            )
+        by_decoder.setdefault(network.config.decoders.index(kind), {})[rest] = tensor
+    for index, weights in by_decoder.items():
+        decoder = network.decoders[index]
+        own = {k: v.clone() for k, v in decoder.state_dict().items()}
+        if mix != 1.0:
+            weights = {k: mix * v.float() + (1 - mix) * own[k] if v.is_floating_point() else v for k, v in weights.items()}
+        if rescale:
+            weights = rescale_filters(weights, own)
+        decoder.load_state_dict(own | weights)
+    return sorted(carried)
 
 
 def check_initial_model(initial: Bundle, config: NetworkConfig) -> None:

@@ -9,7 +9,9 @@ pixels and other images (optionally also a queue of past keys). An optional imag
 
 Each variant the review of issue 16 asked for is an option, measurable on its own: the optimiser
 (Adam, AdamW, SGD), dropout off, an eval-mode key encoder, the dense loss at extra levels, positives
-within a radius of the partner cell, the queue and the global term. The bundle card records each
+within a radius of the partner cell, the queue and the global term. Issue 32 adds decoder pretraining
+(``decoder_blocks``): the dense loss on the U-Net decoder's output after its first blocks, as Chaitanya
+et al.'s local loss, so the bundle carries those blocks too and finetuning starts them pretrained. The bundle card records each
 encoder level's weight norm at the random start and at the end, since SGD finetuning's effective
 step on a batch-normalised filter shrinks as its norm grows.
 """
@@ -28,7 +30,7 @@ from ..errors import IdealError
 from ..inference.predictor import resolve_device
 from ..io.datasets import Case
 from ..model.bundle import Bundle
-from ..model.networks import DenseProjectionHead, NetworkConfig, UNetEncoder, update_moving_average
+from ..model.networks import DenseProjectionHead, NetworkConfig, UNetDecoder, UNetEncoder, update_moving_average
 from ..model.preprocessing import Preprocessing
 from .contrastive import KeyQueue, ViewConfig, corresponding_points, dense_info_nce, global_info_nce, make_views
 from .distributed import setup_distributed
@@ -66,6 +68,7 @@ class PretrainConfig:
     extra_dense_levels: tuple[int, ...] = ()  # more levels with their own head; the dense loss is the mean over levels
     global_weight: float = 0.0  # weight of the optional image-level InfoNCE term
     frozen_levels: int = 0  # the finest N encoder levels keep their random start; only deeper ones learn
+    decoder_blocks: int = 0  # > 0: the dense loss on the U-Net decoder after this many blocks (Chaitanya et al.), which are kept too
     precision: str = "auto"  # "bf16" autocast + channels-last, "fp32", or "auto": bf16 where the device runs it natively
     seed: int = 0
     checkpoint_every: int = 500
@@ -103,7 +106,10 @@ class DenseEmbedder(nn.Module):
             )
         self.encoder.levels[: config.frozen_levels].requires_grad_(False)
         channels, dim = config.network.channels, config.network.projection_dim
-        self.head = DenseProjectionHead(channels[config.dense_level], dim)
+        self.decoder_blocks = config.decoder_blocks
+        self.decoder = decoder_to_pretrain(config)
+        dense_channels = channels[depth - 1 - self.decoder_blocks] if self.decoder is not None else channels[config.dense_level]
+        self.head = DenseProjectionHead(dense_channels, dim)
         self.extra_heads = nn.ModuleList([DenseProjectionHead(channels[level], dim) for level in self.extra_levels])
         if not config.dropout:
             for module in self.encoder.modules():
@@ -113,7 +119,37 @@ class DenseEmbedder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = self.encoder(x)
         extra = [head(features[level]) for head, level in zip(self.extra_heads, self.extra_levels)]
-        return [self.head(features[self.level]), *extra]
+        dense = self.decoder.upsample(features, self.decoder_blocks) if self.decoder is not None else features[self.level]
+        return [self.head(dense), *extra]
+
+    def pretrained_weights(self, network: NetworkConfig) -> dict[str, torch.Tensor]:
+        """What the bundle keeps: the encoder, and the decoder blocks the dense loss trained (named as in
+        the segmentation network of ``network``'s decoders, so finetuning loads them where they belong)."""
+        weights = {f"encoder.{name}": t for name, t in self.encoder.state_dict().items()}
+        if self.decoder is not None:
+            index = network.decoders.index("unet")
+            trained = tuple(f"{part}.{block}." for part in ("reduce", "blocks") for block in range(self.decoder_blocks))
+            weights |= {f"decoders.{index}.{name}": t for name, t in self.decoder.state_dict().items() if name.startswith(trained)}
+        return {name: t.detach().cpu().clone() for name, t in weights.items()}
+
+
+def decoder_to_pretrain(config: PretrainConfig) -> UNetDecoder | None:
+    """Decoder pretraining: the U-Net decoder whose first ``decoder_blocks`` blocks carry the dense loss
+    (the others, unused, do not learn), or None."""
+    if not config.decoder_blocks:
+        return None
+    depth = config.network.depth
+    if not 0 < config.decoder_blocks < depth:
+        raise IdealError(f"--decoder-blocks must be between 1 and {depth - 1} (the U-Net decoder's blocks), got {config.decoder_blocks}")
+    if "unet" not in config.network.decoders:
+        raise IdealError("decoder pretraining trains the U-Net decoder: the network needs a unet decoder")
+    if config.dense_level not in (-1, depth - 1):
+        raise IdealError("--decoder-blocks puts the dense loss on the decoder: leave --dense-level at the deepest level")
+    decoder = UNetDecoder(config.network)
+    decoder.requires_grad_(False)
+    for part in (decoder.reduce, decoder.blocks):
+        part[: config.decoder_blocks].requires_grad_(True)
+    return decoder
 
 
 def check_pretraining(cases: list[Case], config: PretrainConfig) -> None:
@@ -194,9 +230,10 @@ def pretrain(
     return Bundle(
         network=config.network,
         preprocessing=config.preprocessing,
-        weights={f"encoder.{name}": t.detach().cpu().clone() for name, t in query.encoder.state_dict().items()},
+        weights=query.pretrained_weights(config.network),
         kind="pretrained-encoder",
-        description="U-Net encoder pretrained with IDEAL's dense contrastive loss",
+        description="U-Net encoder pretrained with IDEAL's dense contrastive loss"
+        + (f" (and the first {config.decoder_blocks} U-Net decoder blocks, which carried it)" if config.decoder_blocks else ""),
         training={
             "method": "ideal-dense-contrastive-pretraining",
             "recipe": config.to_json(),
