@@ -235,8 +235,10 @@ def test_the_clinicians_loop_in_headless_chromium(app, tmp_path):
             page.wait_for_selector("#comparison tr:nth-child(2)", timeout=WAIT_MS)
             shoot(page, "web_retrained.png")
             page.click("#use-model-button")
-            page.wait_for_function(
-                "() => document.querySelector('#use-anyway-button') || document.querySelector('#status')", timeout=WAIT_MS
+            page.wait_for_function(  # the controller's question (a model not known to be better), or registered at once
+                "() => document.querySelector('#use-anyway-button')"
+                " || (document.querySelector('#train-status')?.textContent || '').includes('Registered')",
+                timeout=WAIT_MS,
             )
             if page.query_selector("#use-anyway-button"):
                 page.click("#use-anyway-button")
