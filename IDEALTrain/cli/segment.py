@@ -123,7 +123,8 @@ def cmd_measure(args: argparse.Namespace) -> None:
     for path, suffixes in ((args.out, (".csv", ".json")), (args.report, (".png", ".pdf"))):
         if path and Path(path).suffix.lower() not in suffixes:
             raise IdealError(f"{path}: write it as {' or '.join(suffixes)}")
-    from ..evaluation.table import format_table, measure, write_table
+    from ..evaluation.function import measure_function
+    from ..evaluation.table import format_table, write_table
 
     ed, es = args.ed, args.es
     for name, value in (("--ed", ed), ("--es", es)):
@@ -132,7 +133,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
     title = " ".join(args.labels) if len(args.labels) <= 2 else f"{args.labels[0]} ... ({len(args.labels)} frames)"
     hint = "choose another --out/--report or pass --overwrite"
     with OutputSet(outputs, args.overwrite, hint, inputs=[*args.labels, *(args.image or [])]) as run:
-        report = measure(labels, None, ed=ed, es=es)
+        report = measure_function(labels, None, ed=ed, es=es)
         if args.out:
             write_table(report, run.staged(args.out), source=title)
         if args.report:
@@ -172,11 +173,12 @@ def _dicom_seg_sources(args: argparse.Namespace, inputs: list[str], frames: list
 def _measurements(args, images, labels, uncertainties, pair: bool, title: str, staged) -> list[str]:
     """The measurement table (with QC flags) of a cine or pair as lines to print; --table / --report written to
     ``staged(path)``. A measurement that cannot be made is one note line, unless a table or report was asked for."""
-    from ..evaluation.table import format_table, measure, report_json, write_table
+    from ..evaluation.function import measure_function
+    from ..evaluation.table import format_table, write_table
 
     usable = uncertainties if all(u is not None for u in uncertainties) else None
     try:
-        report = measure(labels, usable, ed=0 if pair else None, es=1 if pair else None)
+        report = measure_function(labels, usable, ed=0 if pair else None, es=1 if pair else None)
     except IdealError as error:
         if args.table or args.report:
             raise
@@ -189,7 +191,7 @@ def _measurements(args, images, labels, uncertainties, pair: bool, title: str, s
         ed, es = _phases(report, pair)
         write_case_report(images, labels, report, staged(args.report), ed=ed, es=es, title=title)
     if args.progress_json:
-        return [json.dumps({"event": "measured", **report_json(report)})]
+        return [json.dumps({"event": "measured", **report.to_json()})]
     return [format_table(report, title=f"measurements of {title}:")]
 
 

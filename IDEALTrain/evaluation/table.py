@@ -1,31 +1,19 @@
 """The measurement table the command line prints and writes: volumes, EF, mass and the QC flags.
 
-The one call into the whole-heart measurement (:func:`measure`), shared by ``segment``, ``measure``,
+The whole-heart measurement (:func:`.function.measure_function`) as shown by ``segment``, ``measure``,
 ``--report`` and ``batch.py``; the formatting of its figures for people (:func:`format_table`) and
 files (:func:`write_table`).
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import IdealError
-from ..io.image import Image
 
 #: Units the table shows for a measurement key's last word.
 _UNITS = {"ml": "ml", "percent": "%", "g": "g", "mm": "mm", "ml_m2": "ml/m²"}
 _NAMES = {"lv": "LV", "rv": "RV", "ed": "ED", "es": "ES", "edv": "EDV", "esv": "ESV", "sv": "SV", "ef": "EF", "myocardial": "myocardial"}
-
-
-def measure(frames: Sequence[Image], uncertainty: Sequence[Image] | None = None, *, ed: int | None = None, es: int | None = None):
-    """The whole-heart measurement (:func:`.function.measure_function`) of a cine's label frames, or of an ED/ES
-    pair (``frames=[ed, es], ed=0, es=1``)."""
-    from .function import measure_function
-
-    if not frames:
-        raise IdealError("no label maps to measure")
-    return measure_function(list(frames), uncertainty, ed=ed, es=es)
 
 
 def _label(key: str) -> tuple[str, str]:
@@ -87,10 +75,6 @@ def format_table(report, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def report_json(report) -> dict:
-    """The report as a JSON-ready dict (plain numbers, undefined ones null)."""
-    return report.to_json()
-
 
 def write_table(report, path: str | Path, source: str = "") -> Path:
     """Write the table atomically: ``.csv`` (the whole-heart CSV schema: summary, frame, slice and flag rows) or
@@ -105,5 +89,5 @@ def write_table(report, path: str | Path, source: str = "") -> Path:
     if suffix == ".csv":
         return write_function_csv(report_rows(source, report), path)
     with atomic_path(path) as temp:
-        temp.write_text(json.dumps({"source": source, **report_json(report)}, indent=2))
+        temp.write_text(json.dumps({"source": source, **report.to_json()}, indent=2))
     return path
